@@ -1,0 +1,237 @@
+"""A memory-mapped GGUF reader that checks the file before anything is built from it.
+
+Metadata is parsed with ``struct`` straight from the map. Numeric arrays become numpy views and
+string arrays are walked once for their offsets and decoded only when read, so a header carrying a
+152k-token tokenizer opens in milliseconds. Tensor bytes are never copied: ``raw(name)`` is a torch
+view of the map.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import GGUFError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+# No real tensor comes near these; past them a header is damaged, not large.
+MAX_DIMS = 4
+MAX_ELEMENTS = 1 << 40
+
+# GGUF metadata value types -> struct codes (STRING = 8 and ARRAY = 9 are handled apart).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+          6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+
+class StringArray:
+    """A GGUF string array decoded on access; only the offsets are read when the file opens."""
+
+    def __init__(self, buf: memoryview, offsets: np.ndarray, lengths: np.ndarray):
+        self._buf, self._offsets, self._lengths = buf, offsets, lengths
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i: int) -> str:
+        start = int(self._offsets[i])
+        return bytes(self._buf[start:start + int(self._lengths[i])]).decode("utf-8", errors="replace")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+    def tolist(self) -> list[str]:
+        return list(self)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order (ggml stores ne0, the contiguous axis, first)
+    offset: int             # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class _Cursor:
+    """Reads little-endian GGUF fields from the map, turning a short read into a truncation error."""
+
+    def __init__(self, path: str, buf: memoryview):
+        self.path, self.buf, self.pos = path, buf, 0
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize("<" + fmt)
+        if self.pos + size > len(self.buf):
+            raise GGUFError(self.path, f"truncated header: it ends at byte {len(self.buf):,} while "
+                                       "metadata is still being read (incomplete download?)")
+        value = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.take("Q")
+        if self.pos + n > len(self.buf):
+            raise GGUFError(self.path, f"truncated header: a {n:,}-byte string runs past the end of the "
+                                       f"{len(self.buf):,}-byte file (incomplete download?)")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            return self.array()
+        raise GGUFError(self.path, f"corrupt header: unknown metadata value type {vtype} at byte {self.pos:,}")
+
+    def array(self) -> Any:
+        etype, count = self.take("I"), self.take("Q")
+        if etype in _NUMPY:
+            dtype = np.dtype(_NUMPY[etype]).newbyteorder("<")
+            end = self.pos + count * dtype.itemsize
+            if end > len(self.buf):
+                raise GGUFError(self.path, "truncated header: a metadata array runs past the end of the file")
+            arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
+            self.pos = end
+            return arr
+        if etype == _STRING:
+            return self._string_array(count)
+        return [self.value(etype) for _ in range(count)]
+
+    def _string_array(self, count: int) -> StringArray:
+        offsets = np.empty(count, dtype=np.int64)
+        lengths = np.empty(count, dtype=np.int64)
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack = struct.Struct("<Q").unpack_from
+        for i in range(count):
+            if pos + 8 > end:
+                raise GGUFError(self.path, "truncated header: a string array runs past the end of the file")
+            n = unpack(buf, pos)[0]
+            offsets[i], lengths[i] = pos + 8, n
+            pos += 8 + n
+        if pos > end:
+            raise GGUFError(self.path, "truncated header: a string array runs past the end of the file")
+        self.pos = pos
+        return StringArray(buf, offsets, lengths)
+
+
+class GGUFFile:
+    """An open GGUF file: ``metadata`` (key -> value) and ``tensors`` (name -> TensorInfo)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 24:
+                    raise GGUFError(self.path, f"not a GGUF file: only {size} bytes long")
+                # Copy-on-write: torch needs a writable buffer, and nothing is ever written back.
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise GGUFError(self.path, f"cannot be read: {e.strerror or e}") from e
+        self._buf = memoryview(self._map)
+        self.metadata: dict[str, Any] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._parse()
+
+    def _parse(self) -> None:
+        cur = _Cursor(self.path, self._buf)
+        magic = bytes(self._buf[:4])
+        if magic != GGUF_MAGIC:
+            kind = "a safetensors file" if self._looks_like_safetensors() else f"magic bytes {magic!r}"
+            raise GGUFError(self.path, f"not a GGUF file ({kind}, expected b'GGUF')")
+        cur.pos = 4
+        version = cur.take("I")
+        if version not in SUPPORTED_VERSIONS:
+            if version & 0xFFFFFF == 0 and (version >> 24) in (1, 2, 3):
+                raise GGUFError(self.path, "big-endian GGUF files are not supported")
+            raise GGUFError(self.path, f"unsupported GGUF version {version} (supported: 2 and 3)")
+        n_tensors, n_kv = cur.take("Q"), cur.take("Q")
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise GGUFError(self.path, f"corrupt header: claims {n_tensors:,} tensors and {n_kv:,} metadata keys")
+        for _ in range(n_kv):
+            key = cur.string()
+            self.metadata[key] = cur.value(cur.take("I"))
+        infos = [self._tensor_info(cur) for _ in range(n_tensors)]
+        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(self.path, f"corrupt header: general.alignment {alignment} is not a power of two")
+        data_start = -(-cur.pos // alignment) * alignment
+        self.data_offset = data_start
+        self._check_layout(infos, data_start)
+        self.tensors = {t.name: t for t in (
+            TensorInfo(t.name, t.qtype, t.shape, t.offset + data_start, t.nbytes) for t in infos)}
+
+    def _looks_like_safetensors(self) -> bool:
+        head = bytes(self._buf[8:10])
+        return head == b'{"'
+
+    def _tensor_info(self, cur: _Cursor) -> TensorInfo:
+        name = cur.string()
+        n_dims = cur.take("I")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFError(self.path, f"tensor {name!r}: corrupt header, {n_dims} dimensions")
+        dims = [cur.take("Q") for _ in range(n_dims)]
+        raw_type = cur.take("I")
+        offset = cur.take("Q")
+        n = int(np.prod(dims, dtype=np.float64))
+        if n > MAX_ELEMENTS or any(d > MAX_ELEMENTS for d in dims):
+            raise GGUFError(self.path, f"tensor {name!r}: absurd dimensions {dims} (corrupt header)")
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise GGUFError(self.path, f"tensor {name!r}: unknown quant type {raw_type} "
+                                       "(written by a newer or patched llama.cpp?)") from None
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        if dims[0] % block_size:
+            raise GGUFError(self.path, f"tensor {name!r}: row length {dims[0]} is not a multiple of "
+                                       f"{qtype.name}'s block size {block_size}")
+        return TensorInfo(name, qtype, tuple(reversed(dims)), offset, n // block_size * type_size)
+
+    def _check_layout(self, infos: list[TensorInfo], data_start: int) -> None:
+        size = len(self._buf)
+        ordered = sorted(infos, key=lambda t: t.offset)
+        for t, nxt in zip(ordered, ordered[1:]):
+            if t.offset + t.nbytes > nxt.offset:
+                raise GGUFError(self.path, f"tensor {t.name!r}: {t.qtype.name} {list(t.shape)} needs {t.nbytes:,} "
+                                           f"bytes but only {nxt.offset - t.offset:,} lie before the next tensor "
+                                           "(its size does not match its shape and type)")
+        if ordered:
+            last = ordered[-1]
+            end = data_start + last.offset + last.nbytes
+            if end > size:
+                raise GGUFError(self.path, f"truncated: the file is {size:,} bytes but its tensors need {end:,}; "
+                                           f"{end - size:,} bytes are missing (incomplete download? "
+                                           "download it again)")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    @property
+    def architecture(self) -> str | None:
+        arch = self.metadata.get("general.architecture")
+        return str(arch) if arch is not None else None
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as a uint8 view of the map (no copy)."""
+        t = self.tensors[name]
+        return torch.frombuffer(self._map, dtype=torch.uint8, count=t.nbytes, offset=t.offset)
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({os.path.basename(self.path)!r}, {len(self.tensors)} tensors)"

@@ -1,0 +1,69 @@
+"""Turning an open GGUF file into a torch state dict without copying its bytes.
+
+Float tensors become views of the map in their own dtype; the block types with a torch dequantizer
+become ``GGMLTensor``s and stay quantized; any other type the ``gguf`` package can read is converted
+once here, because dequantizing it per step on the CPU would stall every forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf import quants
+
+from .errors import GGUFError
+from .gguf_file import GGUFFile, TensorInfo
+from .quants import DEQUANTIZERS, FLOAT_TYPES
+from .tensor import GGMLTensor
+
+log = logging.getLogger(__name__)
+
+
+def tensor_from_file(gguf: GGUFFile, info: TensorInfo, convert_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    raw = gguf.raw(info.name)
+    if info.qtype in FLOAT_TYPES:
+        return raw.view(FLOAT_TYPES[info.qtype]).reshape(info.shape)
+    if info.qtype in DEQUANTIZERS:
+        return GGMLTensor(raw, info.qtype, info.shape)
+    rows = info.n_elements // info.shape[-1] if info.shape[-1] else 0
+    try:
+        values = quants.dequantize(raw.numpy().reshape(rows, -1), info.qtype)
+    except NotImplementedError:
+        raise GGUFError(gguf.path, f"tensor {info.name!r}: quant type {info.qtype.name} is not supported "
+                                   "(supported: F32, F16, BF16, Q4_0 to Q8_0, Q2_K to Q6_K, IQ4_NL, IQ4_XS, "
+                                   "and the other types gguf-py can read)") from None
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape).to(convert_dtype)
+
+
+def load_state_dict(gguf: GGUFFile, rename: Callable[[str], str | None] = lambda n: n,
+                    convert_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Every tensor under its renamed key (``rename`` returning None drops it)."""
+    sd: dict[str, torch.Tensor] = {}
+    converted: dict[str, int] = {}
+    for info in gguf.tensors.values():
+        key = rename(info.name)
+        if key is None:
+            continue
+        sd[key] = tensor_from_file(gguf, info, convert_dtype)
+        if info.qtype not in FLOAT_TYPES and info.qtype not in DEQUANTIZERS:
+            converted[info.qtype.name] = converted.get(info.qtype.name, 0) + 1
+    if converted:
+        kinds = ", ".join(f"{n} x{c}" for n, c in sorted(converted.items()))
+        log.warning("%s: %s tensors have no on-the-fly dequantizer; converted once to %s at load, "
+                    "which costs more memory than keeping them quantized", gguf.path, kinds, convert_dtype)
+    return sd
+
+
+def type_counts(gguf: GGUFFile) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for info in gguf.tensors.values():
+        counts[info.qtype.name] = counts.get(info.qtype.name, 0) + 1
+    return counts
+
+
+def quant_summary(gguf: GGUFFile) -> str:
+    """e.g. 'Q4_K x720, Q6_K x120, F32 x1093' for the log line a user reads after loading."""
+    return ", ".join(f"{n} x{c}" for n, c in sorted(type_counts(gguf).items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,1 @@
+"""ComfyUI node classes: thin wrappers that call ``loaders`` and hand ComfyUI its own objects."""

@@ -1,0 +1,37 @@
+"""The diffusion-model loader node: a GGUF file in, ComfyUI's MODEL out."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..loaders.diffusion import open_diffusion_model
+from ..loaders.file_kind import UNET_LOADER
+from .model import build_model_patcher
+
+
+class UnetLoaderGGUF(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QwenImageGGUFUnetLoader",
+            display_name=UNET_LOADER,
+            category="loaders/qwen-image gguf",
+            description="Loads a GGUF diffusion model (Qwen-Image, -2512, -Edit/-2509/-2511, Z-Image-Turbo) "
+                        "as a MODEL that every core node accepts. Weights stay quantized in memory and are "
+                        "dequantized layer by layer in bf16 (fp32 where bf16 is unsupported), never fp16.",
+            inputs=[
+                io.Combo.Input(
+                    "unet_name",
+                    options=folder_paths.get_filename_list("diffusion_models_gguf"),
+                    tooltip="A .gguf diffusion model from models/diffusion_models or models/unet, e.g. "
+                            "qwen-image-2512-Q4_K_M.gguf. Its size and variant are read from the file.",
+                ),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, unet_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models_gguf", unet_name)
+        return io.NodeOutput(build_model_patcher(open_diffusion_model(path)))

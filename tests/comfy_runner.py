@@ -1,0 +1,64 @@
+"""Runs API-format prompts through a real ComfyUI's executor, on the CPU, in a fresh process.
+
+Usage: python comfy_runner.py CONFIG.json, with CONFIG holding comfyui (the tree), custom_nodes (a
+folder of node packs loaded by ComfyUI's own custom-node loader), models (a folder with
+diffusion_models/, loras/, ... subfolders), output, and prompts (a list of API-format graphs).
+Prints one JSON line per prompt: {"index", "success", "error"}.
+"""
+
+import asyncio
+import json
+import os
+import sys
+
+
+def main() -> None:
+    cfg = json.load(open(sys.argv[1]))
+    comfy = cfg["comfyui"]
+    sys.argv = [sys.argv[0], "--cpu", "--output-directory", cfg["output"]]
+    sys.path.insert(0, comfy)
+    os.chdir(comfy)
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401  (parses the arguments above)
+    import folder_paths
+    for kind in ("diffusion_models", "loras", "text_encoders", "vae"):
+        folder_paths.add_model_folder_path(kind, os.path.join(cfg["models"], kind), is_default=True)
+    import execution
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    for name in sorted(os.listdir(cfg["custom_nodes"])):
+        path = os.path.join(cfg["custom_nodes"], name)
+        if not asyncio.run(nodes.load_custom_node(path)):
+            print(json.dumps({"load_failed": name}), flush=True)
+
+    class Server:
+        client_id = None
+        last_node_id = None
+
+        def send_sync(self, event, data, sid=None):
+            if event == "execution_error":
+                self.error = data
+
+        def queue_updated(self):
+            pass
+
+    server = Server()
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+    for i, prompt in enumerate(cfg["prompts"]):
+        server.error = None
+        valid = asyncio.run(execution.validate_prompt(str(i), prompt, None))
+        if not valid[0]:
+            print(json.dumps({"index": i, "success": False, "error": {"validation": valid[1], "nodes": valid[3]}}),
+                  flush=True)
+            continue
+        executor.execute(prompt, str(i), {}, valid[2])
+        errors = [data for event, data in executor.status_messages if event == "execution_error"]
+        print(json.dumps({"index": i, "success": executor.success, "error": server.error or (errors or [None])[0]},
+                         default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()

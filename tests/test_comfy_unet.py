@@ -1,0 +1,164 @@
+"""The diffusion-model loader in real ComfyUI: sampling matches ComfyUI's own model on the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file
+
+from comfy_env import requires_comfyui, run_prompts
+from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights,
+                               write_model, z_image_shapes)
+from loaders.diffusion import open_diffusion_model
+from loaders.writer import uniform_recipe, write_gguf
+
+pytestmark = requires_comfyui
+
+LORA_TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_v",
+                "transformer_blocks.1.img_mlp.net.2", "img_in")
+
+
+def write_lora(path, weights: dict, rank: int = 4, seed: int = 5) -> None:
+    rng = np.random.default_rng(seed)
+    lora = {}
+    for target in LORA_TARGETS:
+        out_f, in_f = weights[target + ".weight"].shape
+        lora[f"diffusion_model.{target}.lora_up.weight"] = (0.5 * rng.standard_normal((out_f, rank))).astype(np.float32)
+        lora[f"diffusion_model.{target}.lora_down.weight"] = (rng.standard_normal((rank, in_f)) / np.sqrt(in_f)).astype(np.float32)
+        lora[f"diffusion_model.{target}.alpha"] = np.array(float(rank), dtype=np.float32)
+    save_numpy(lora, str(path))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    dm = root / "diffusion_models"
+    (root / "loras").mkdir(parents=True)
+    dm.mkdir()
+    qwen = random_weights(qwen_image_shapes(**QWEN_IMAGE), seed=0)
+    write_model(dm / "qwen-tiny-Q4_K_M.gguf", qwen, qwen_image_recipe(), twin=str(dm / "qwen-tiny.safetensors"))
+    write_model(dm / "qwen-tiny-sdcpp.gguf", qwen, qwen_image_recipe(), arch=None, prefix="model.diffusion_model.")
+    marker = {"__index_timestep_zero__": np.zeros(1, dtype=np.float32)}
+    write_model(dm / "qwen-edit-2511-tiny.gguf", qwen, qwen_image_recipe(T.Q8_0), extra_tensors=marker,
+                twin=str(dm / "qwen-edit-2511-tiny.safetensors"))
+    zimg = random_weights(z_image_shapes(**Z_IMAGE), seed=1)
+    write_model(dm / "z-image-tiny-Q4_K.gguf", zimg, uniform_recipe(T.Q4_K), arch="lumina2",
+                twin=str(dm / "z-image-tiny.safetensors"))
+    write_lora(root / "loras" / "tiny-lora.safetensors", qwen)
+    write_gguf(dm / "Qwen2.5-VL-tiny-Q4_K_M.gguf", {"token_embd.weight": np.zeros((8, 256), np.float32),
+                                                     "blk.0.attn_q.weight": np.zeros((256, 256), np.float32)},
+               uniform_recipe(T.Q4_K), arch="qwen2vl")
+    return root
+
+
+def sampling_graph(loader: dict, out: str, width: int, lora: str | None = None) -> dict:
+    g = {"loader": loader,
+         "pos": {"class_type": "TestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": width}},
+         "neg": {"class_type": "TestConditioning", "inputs": {"seed": 2, "tokens": 6, "width": width}},
+         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+         "save": {"class_type": "TestSaveLatent", "inputs": {"samples": ["sampler", 0], "path": out}}}
+    model = ["loader", 0]
+    if lora:
+        g["lora"] = {"class_type": "LoraLoaderModelOnly",
+                     "inputs": {"model": model, "lora_name": lora, "strength_model": 1.0}}
+        model = ["lora", 0]
+    g["shift"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": model, "shift": 3.1}}
+    g["sampler"] = {"class_type": "KSampler", "inputs": {
+        "model": ["shift", 0], "seed": 7, "steps": 3, "cfg": 4.0, "sampler_name": "dpmpp_2m",
+        "scheduler": "karras", "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+        "denoise": 1.0}}
+    return g
+
+
+def gguf_loader(name: str) -> dict:
+    return {"class_type": "QwenImageGGUFUnetLoader", "inputs": {"unet_name": name}}
+
+
+def native_loader(models, gguf_name: str, twin: str, family: str) -> dict:
+    config = open_diffusion_model(str(models / "diffusion_models" / gguf_name)).unet_config
+    return {"class_type": "TestNativeUnetLoader",
+            "inputs": {"unet_name": twin, "family": family, "config_json": json.dumps(config)}}
+
+
+@pytest.fixture(scope="module")
+def latents(models, tmp_path_factory):
+    work = tmp_path_factory.mktemp("comfy")
+    cases = {
+        "qwen": (gguf_loader("qwen-tiny-Q4_K_M.gguf"), 256, None),
+        "qwen_native": (native_loader(models, "qwen-tiny-Q4_K_M.gguf", "qwen-tiny.safetensors", "qwen_image"), 256, None),
+        "qwen_lora": (gguf_loader("qwen-tiny-Q4_K_M.gguf"), 256, "tiny-lora.safetensors"),
+        "qwen_lora_native": (native_loader(models, "qwen-tiny-Q4_K_M.gguf", "qwen-tiny.safetensors", "qwen_image"),
+                             256, "tiny-lora.safetensors"),
+        "qwen_sdcpp": (gguf_loader("qwen-tiny-sdcpp.gguf"), 256, None),
+        "edit": (gguf_loader("qwen-edit-2511-tiny.gguf"), 256, None),
+        "edit_native": (native_loader(models, "qwen-edit-2511-tiny.gguf", "qwen-edit-2511-tiny.safetensors",
+                                      "qwen_image"), 256, None),
+        "zimage": (gguf_loader("z-image-tiny-Q4_K.gguf"), 256, None),
+        "zimage_native": (native_loader(models, "z-image-tiny-Q4_K.gguf", "z-image-tiny.safetensors", "z_image"),
+                          256, None),
+    }
+    prompts = [sampling_graph(loader, str(work / f"{name}.safetensors"), width, lora)
+               for name, (loader, width, lora) in cases.items()]
+    prompts.append({"loader": gguf_loader("Qwen2.5-VL-tiny-Q4_K_M.gguf"),
+                     "shift": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["loader", 0], "shift": 3.1}},
+                     "save": {"class_type": "TestSaveLatent", "inputs": {
+                         "samples": ["latent", 0], "path": str(work / "never.safetensors")}},
+                     "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+                     "sampler": {"class_type": "KSampler", "inputs": {
+                         "model": ["shift", 0], "seed": 7, "steps": 1, "cfg": 1.0, "sampler_name": "euler",
+                         "scheduler": "simple", "positive": ["pos", 0], "negative": ["pos", 0],
+                         "latent_image": ["latent", 0], "denoise": 1.0}},
+                     "pos": {"class_type": "TestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": 256}}})
+    prompts[-1]["save"]["inputs"]["samples"] = ["sampler", 0]
+    results = run_prompts(work, models, prompts)
+    out = {}
+    for name, result in zip(cases, results):
+        assert result["success"], f"{name}: {short_error(result['error'])}"
+        out[name] = load_file(str(work / f"{name}.safetensors"))["samples"]
+    out["wrong_kind"] = results[-1]
+    return out
+
+
+def short_error(error) -> str:
+    if not isinstance(error, dict) or "exception_message" not in error:
+        return str(error)[:3000]
+    return error["exception_message"] + "".join(error.get("traceback", [])[-4:])
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and torch.isfinite(a).all()
+    err = (a - b).abs().max().item()
+    assert err <= 1e-4 * max(1.0, b.abs().max().item()), f"max abs difference {err}"
+
+
+def test_gguf_sampling_matches_native(latents):
+    assert_close(latents["qwen"], latents["qwen_native"])
+
+
+def test_lora_matches_native_lora(latents):
+    assert_close(latents["qwen_lora"], latents["qwen_lora_native"])
+    assert (latents["qwen_lora"] - latents["qwen"]).abs().max() > 1e-2, "the LoRA changed nothing"
+
+
+def test_sdcpp_naming_matches(latents):
+    assert_close(latents["qwen_sdcpp"], latents["qwen_native"])
+
+
+def test_edit_2511_matches_native(latents):
+    assert_close(latents["edit"], latents["edit_native"])
+
+
+def test_z_image_matches_native(latents):
+    assert_close(latents["zimage"], latents["zimage_native"])
+
+
+def test_wrong_kind_file_gets_clear_error(latents):
+    result = latents["wrong_kind"]
+    assert not result["success"]
+    message = result["error"]["exception_message"]
+    assert "Qwen2.5-VL-tiny-Q4_K_M.gguf" in message and "language model" in message and "CLIP-VL" in message

@@ -1,0 +1,59 @@
+"""Every supported quant type dequantizes exactly as the gguf package's numpy reference."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from loaders.quants import DEQUANTIZERS
+from loaders.tensor import GGMLTensor, dequantize
+
+# Byte offsets of each type's f16 scale fields: random bytes there could be inf/NaN, so they are
+# overwritten with small finite values, as real files hold.
+F16_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "IQ4_NL": (0,), "IQ4_XS": (0,),
+}
+
+
+def random_blocks(qtype: GGMLQuantizationType, n_blocks: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype.name]:
+        scale = rng.uniform(-0.05, 0.05, size=n_blocks).astype(np.float16)
+        blocks[:, off:off + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
+def test_every_required_type_is_registered():
+    assert set(F16_FIELDS) == {q.name for q in DEQUANTIZERS}
+
+
+@pytest.mark.parametrize("name", sorted(F16_FIELDS))
+def test_dequantize_matches_gguf_reference(name):
+    qtype = GGMLQuantizationType[name]
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    rows, cols = 6, block_size * 4
+    blocks = random_blocks(qtype, rows * 4)
+    expected = quants.dequantize(blocks.reshape(rows, -1), qtype)
+    t = GGMLTensor(torch.from_numpy(blocks.copy()), qtype, (rows, cols))
+    got = dequantize(t, torch.float32)
+    assert got.shape == (rows, cols)
+    np.testing.assert_array_equal(got.numpy(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "IQ4_XS"])
+def test_float_conversion_dequantizes_and_moves_keep_bytes(name):
+    qtype = GGMLQuantizationType[name]
+    block_size, _ = GGML_QUANT_SIZES[qtype]
+    blocks = random_blocks(qtype, 8, seed=3)
+    t = GGMLTensor(torch.from_numpy(blocks.copy()), qtype, (2, block_size * 4))
+    expected = quants.dequantize(blocks.reshape(2, -1), qtype)
+    np.testing.assert_array_equal(t.to(torch.float32).numpy(), expected)
+    np.testing.assert_array_equal(t.float().numpy(), expected)
+    assert t.to(dtype=torch.bfloat16).dtype == torch.bfloat16
+    for moved in (t.to("cpu"), t.clone(), t.detach(), t.data, torch.nn.Parameter(t, requires_grad=False)):
+        assert isinstance(moved, GGMLTensor) and moved.qtype == qtype and moved.qshape == t.qshape
+    assert t.numel() * t.element_size() == blocks.nbytes
