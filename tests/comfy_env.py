@@ -36,6 +36,19 @@ requires_comfyui = pytest.mark.skipif(comfyui_missing_reason() is not None,
 
 def run_prompts(workdir: Path, models: Path, prompts: list[dict], timeout: int = 900) -> list[dict]:
     """Run API-format prompts in a fresh ComfyUI process with this package installed as a custom node."""
+    results = _run(workdir, models, {"prompts": prompts}, timeout)
+    if len([r for r in results if "index" in r]) != len(prompts):
+        raise AssertionError(f"ComfyUI answered {len(results)} of {len(prompts)} prompts: {results}")
+    return [r for r in results if "index" in r]
+
+
+def run_script(workdir: Path, models: Path, script: Path, timeout: int = 900, **params) -> dict:
+    """Run ``script``'s run(cfg) inside a started ComfyUI with this package loaded; returns its result."""
+    results = _run(workdir, models, {"script": str(script), **params}, timeout)
+    return next(r["script"] for r in results if "script" in r)
+
+
+def _run(workdir: Path, models: Path, job: dict, timeout: int) -> list[dict]:
     custom_nodes = workdir / "custom_nodes"
     custom_nodes.mkdir(parents=True, exist_ok=True)
     for name, target in ((PACKAGE_NAME, REPO), ("comfy_test_nodes", REPO / "tests" / "comfy_test_nodes")):
@@ -46,12 +59,12 @@ def run_prompts(workdir: Path, models: Path, prompts: list[dict], timeout: int =
     output.mkdir(exist_ok=True)
     config = workdir / "run.json"
     config.write_text(json.dumps({"comfyui": str(comfyui_path()), "custom_nodes": str(custom_nodes),
-                                  "models": str(models), "output": str(output), "prompts": prompts}))
+                                  "models": str(models), "output": str(output), **job}))
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "comfy_runner.py"), str(config)],
                           capture_output=True, text=True, timeout=timeout)
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or len([r for r in results if "index" in r]) != len(prompts):
+    if proc.returncode != 0:
         raise AssertionError(f"ComfyUI run failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     failed_loads = [r for r in results if "load_failed" in r]
     assert not failed_loads, f"custom nodes failed to load: {failed_loads}\n{proc.stderr[-8000:]}"
-    return [r for r in results if "index" in r]
+    return results

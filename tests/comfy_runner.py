@@ -3,7 +3,8 @@
 Usage: python comfy_runner.py CONFIG.json, with CONFIG holding comfyui (the tree), custom_nodes (a
 folder of node packs loaded by ComfyUI's own custom-node loader), models (a folder with
 diffusion_models/, loras/, ... subfolders), output, and prompts (a list of API-format graphs).
-Prints one JSON line per prompt: {"index", "success", "error"}.
+Prints one JSON line per prompt: {"index", "success", "error"}. With "script" (a Python file
+defining run(cfg) -> dict) it runs that instead, after the same start-up, and prints its result.
 """
 
 import asyncio
@@ -27,11 +28,17 @@ def main() -> None:
     import execution
     import nodes
 
+    import runpy
+
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     for name in sorted(os.listdir(cfg["custom_nodes"])):
         path = os.path.join(cfg["custom_nodes"], name)
         if not asyncio.run(nodes.load_custom_node(path)):
             print(json.dumps({"load_failed": name}), flush=True)
+
+    if "script" in cfg:
+        print(json.dumps({"script": runpy.run_path(cfg["script"])["run"](cfg)}, default=str), flush=True)
+        return
 
     class Server:
         client_id = None

@@ -162,3 +162,22 @@ def test_wrong_kind_file_gets_clear_error(latents):
     assert not result["success"]
     message = result["error"]["exception_message"]
     assert "Qwen2.5-VL-tiny-Q4_K_M.gguf" in message and "language model" in message and "CLIP-VL" in message
+
+
+def test_model_management_lifecycle(models, tmp_path):
+    from comfy_env import PACKAGE_NAME, REPO, run_script
+    r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "model_lifecycle.py",
+                   package=PACKAGE_NAME, gguf="qwen-tiny-Q4_K_M.gguf", twin="qwen-tiny.safetensors",
+                   lora="tiny-lora.safetensors")
+    tol = 1e-4
+    assert r["base"] < tol and r["clone"] < tol and r["after_unpatch"] < tol, r
+    assert r["lora_effect"] > 1e-2, r
+    assert r["lora_full"] < tol and r["lora_partial"] < tol, r
+    # Merged once at load for the patched layers only; back to quantized after unpatching; the per-layer
+    # (partial) path keeps everything quantized.
+    assert 0 < r["quantized_params_lora_merged"] < r["quantized_params"], r
+    assert r["quantized_params_after_unpatch"] == r["quantized_params"] == r["quantized_params_partial"], r
+    # ComfyUI's memory accounting sees the quantized bytes, not a dequantized size.
+    # (The model also holds a few small buffers of its own that are not in the file.)
+    assert r["file_tensor_bytes"] <= r["model_size"] < 1.01 * r["file_tensor_bytes"], r
+    assert r["model_size"] < r["native_size"] / 3, r

@@ -1,0 +1,119 @@
+"""Diffusion-model GGUFs: configs read from the weights, name maps, and wrong-kind files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from safetensors.numpy import load_file
+
+from loaders.diffusion import open_diffusion_model
+from loaders.errors import GGUFError
+from loaders.tensor import GGMLTensor, dequantize
+from loaders.writer import uniform_recipe, write_gguf
+from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model,
+                         z_image_shapes)
+
+
+@pytest.fixture(scope="module")
+def qwen_weights():
+    return random_weights(qwen_image_shapes(**QWEN_IMAGE), seed=0)
+
+
+@pytest.mark.parametrize("bulk", [T.Q4_K, T.Q8_0, T.BF16])
+def test_weights_decode_to_the_twin(tmp_path, qwen_weights, bulk):
+    chosen = write_model(tmp_path / "m.gguf", qwen_weights, qwen_image_recipe(bulk), twin=str(tmp_path / "m.st"))
+    if bulk == T.Q4_K:  # city96's Q4_K_M mix
+        assert chosen["transformer_blocks.1.attn.to_q.weight"] == T.Q4_K
+        assert chosen["transformer_blocks.1.attn.to_v.weight"] == T.Q6_K
+        assert chosen["transformer_blocks.0.attn.to_q.weight"] == T.Q5_K
+        assert chosen["img_in.weight"] == T.F32
+    dm = open_diffusion_model(str(tmp_path / "m.gguf"))
+    twin = load_file(str(tmp_path / "m.st"))
+    assert set(dm.state_dict) == set(twin)
+    for key, value in dm.state_dict.items():
+        if chosen[key] not in (T.F32, T.F16, T.BF16):
+            assert isinstance(value, GGMLTensor)
+        np.testing.assert_array_equal(dequantize(value, torch.float32).numpy(), twin[key], err_msg=key)
+
+
+def test_qwen_image_config_from_shapes(tmp_path, qwen_weights):
+    write_model(tmp_path / "m.gguf", qwen_weights, qwen_image_recipe())
+    dm = open_diffusion_model(str(tmp_path / "m.gguf"))
+    assert dm.family == "qwen_image" and dm.variant == "Qwen-Image"
+    assert dm.unet_config == {
+        "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 3,
+        "attention_head_dim": 64, "num_attention_heads": 4, "joint_attention_dim": 256,
+        "axes_dims_rope": (8, 28, 28)}
+
+
+def test_full_size_qwen_image_config_matches_comfyui_defaults():
+    shapes = qwen_image_shapes(layers=60, heads=24, head_dim=128, text_dim=3584, mlp=12288, in_channels=64,
+                               out_channels=16)
+    from loaders.diffusion import qwen_image_config
+    sd = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    config, _ = qwen_image_config(sd, "full.gguf")
+    assert config["num_layers"] == 60 and config["num_attention_heads"] == 24
+    assert config["attention_head_dim"] == 128 and config["joint_attention_dim"] == 3584
+    assert config["axes_dims_rope"] == (16, 56, 56)
+
+
+def test_edit_2511_marker(tmp_path, qwen_weights):
+    marker = {"__index_timestep_zero__": np.zeros(1, dtype=np.float32)}
+    write_model(tmp_path / "e.gguf", qwen_weights, qwen_image_recipe(), extra_tensors=marker)
+    dm = open_diffusion_model(str(tmp_path / "e.gguf"))
+    assert dm.variant == "Qwen-Image-Edit-2511"
+    assert dm.unet_config["default_ref_method"] == "index_timestep_zero"
+    assert "__index_timestep_zero__" not in dm.state_dict
+
+
+def test_sdcpp_prefix_and_no_architecture(tmp_path, qwen_weights):
+    write_model(tmp_path / "s.gguf", qwen_weights, qwen_image_recipe(), arch=None, prefix="model.diffusion_model.")
+    dm = open_diffusion_model(str(tmp_path / "s.gguf"))
+    assert dm.naming.startswith("stable-diffusion.cpp")
+    assert set(dm.state_dict) == set(qwen_weights)
+
+
+def test_z_image_config_and_original_names(tmp_path):
+    weights = random_weights(z_image_shapes(**Z_IMAGE), seed=1)
+    write_model(tmp_path / "z.gguf", weights, uniform_recipe(T.Q4_K), arch="lumina2")
+    dm = open_diffusion_model(str(tmp_path / "z.gguf"))
+    assert dm.family == "z_image"
+    c = dm.unet_config
+    assert (c["dim"], c["n_heads"], c["n_kv_heads"], c["n_layers"], c["cap_feat_dim"]) == (256, 4, 4, 3, 256)
+    assert int(c["ffn_dim_multiplier"] * c["dim"]) == Z_IMAGE["ffn"] and c["pad_tokens_multiple"] == 32
+    assert sum(c["axes_dims"]) == Z_IMAGE["head_dim"]
+
+    # Tongyi's original naming: q, k and v apart, fused here without leaving the quantized format.
+    original = {}
+    for key, value in weights.items():
+        if key.endswith("attention.qkv.weight"):
+            base = key[: -len("qkv.weight")]
+            for name, part in zip(("to_q", "to_k", "to_v"), np.split(value, 3)):
+                original[f"{base}{name}.weight"] = part
+            continue
+        key = key.replace("attention.q_norm.", "attention.norm_q.").replace("attention.k_norm.", "attention.norm_k.")
+        key = key.replace("attention.out.", "attention.to_out.0.").replace("x_embedder.", "all_x_embedder.2-1.")
+        original[key.replace("final_layer.", "all_final_layer.2-1.")] = value
+    write_model(tmp_path / "zo.gguf", original, uniform_recipe(T.Q4_K), arch="lumina2")
+    do = open_diffusion_model(str(tmp_path / "zo.gguf"))
+    assert set(do.state_dict) == set(dm.state_dict)
+    fused = do.state_dict["layers.0.attention.qkv.weight"]
+    assert isinstance(fused, GGMLTensor) and fused.qtype == T.Q4_K
+    for key in dm.state_dict:
+        assert torch.equal(dequantize(do.state_dict[key], torch.float32), dequantize(dm.state_dict[key], torch.float32))
+
+
+@pytest.mark.parametrize("arch, tensors, fragment", [
+    ("qwen2vl", {"token_embd.weight": (8, 256), "blk.0.attn_q.weight": (256, 256)}, "Qwen2.5-VL language model"),
+    ("clip", {"v.blk.0.attn_q.weight": (256, 256), "mm.0.weight": (256, 256)}, "mmproj vision projector"),
+    ("llama", {"token_embd.weight": (8, 256), "blk.0.attn_q.weight": (256, 256)}, "not a Qwen text encoder"),
+    ("flux", {"double_blocks.0.img_attn.qkv.weight": (256, 256)}, "architecture 'flux'"),
+])
+def test_wrong_kind_of_file(tmp_path, arch, tensors, fragment):
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, {k: np.zeros(v, np.float32) for k, v in tensors.items()}, uniform_recipe(T.Q8_0), arch=arch)
+    with pytest.raises(GGUFError) as info:
+        open_diffusion_model(str(path))
+    assert path.name in str(info.value) and fragment in str(info.value)

@@ -1,0 +1,158 @@
+"""The GGUF reader: metadata as the gguf package reads it, tensors as views, and every kind of bad file."""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFWriter, quants
+
+from loaders.errors import GGUFError
+from loaders.gguf_file import GGUFFile
+from loaders.state_dict import load_state_dict
+from loaders.tensor import GGMLTensor
+
+
+def _s(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def raw_gguf(tensors, data: bytes, version: int = 3, kv: bytes = b"", n_kv: int = 0) -> bytes:
+    """A GGUF built byte by byte, so each header field can be made wrong on purpose.
+    ``tensors`` holds (name, ggml-order dims, raw type, offset) tuples."""
+    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors), n_kv) + kv
+    for name, dims, qtype, offset in tensors:
+        head += _s(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        head += struct.pack("<IQ", qtype, offset)
+    head += b"\0" * (-len(head) % 32)
+    return head + data
+
+
+def write(tmp_path, content: bytes, name: str = "model.gguf"):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+def expect_error(path, *fragments: str) -> str:
+    with pytest.raises(GGUFError) as info:
+        GGUFFile(path)
+    message = str(info.value)
+    assert path.name in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_reads_metadata_like_gguf_reader(tmp_path):
+    path = tmp_path / "meta.gguf"
+    w = GGUFWriter(str(path), arch="qwen2vl")
+    w.add_uint32("qwen2vl.block_count", 28)
+    w.add_float32("qwen2vl.rope.freq_base", 1e6)
+    w.add_bool("flag", True)
+    w.add_array("qwen2vl.rope.dimension_sections", [16, 24, 24, 0])
+    tokens = [f"tok{i}" for i in range(5000)] + ["你好", "🙂"]
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.merges", ["a b", "Ġ t"])
+    w.add_tensor("blk.0.attn_q.weight", np.arange(64 * 32, dtype=np.float32).reshape(64, 32))
+    w.add_tensor("blk.0.attn_k.weight", np.ones((3, 32), dtype=np.float16))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+    f = GGUFFile(path)
+    ref = GGUFReader(str(path))
+    assert f.architecture == "qwen2vl"
+    assert f.get("qwen2vl.block_count") == 28 and f.get("flag") is True
+    assert f.get("qwen2vl.rope.freq_base") == pytest.approx(1e6)
+    assert list(f.get("qwen2vl.rope.dimension_sections")) == [16, 24, 24, 0]
+    assert f.get("tokenizer.ggml.tokens").tolist() == tokens
+    assert f.get("tokenizer.ggml.merges")[1] == "Ġ t"
+    for t in ref.tensors:
+        info = f.tensors[t.name]
+        assert info.shape == tuple(reversed([int(d) for d in t.shape]))
+        assert info.offset == t.data_offset and info.nbytes == t.n_bytes
+    q = f.raw("blk.0.attn_q.weight").view(torch.float32).reshape(64, 32)
+    assert torch.equal(q, torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32))
+
+
+def test_not_a_gguf(tmp_path):
+    expect_error(write(tmp_path, b"\x00" * 100), "not a GGUF file")
+    safetensors = struct.pack("<Q", 20) + b'{"__metadata__":{}}' + b" " * 20
+    expect_error(write(tmp_path, safetensors, "model.safetensors.gguf"), "not a GGUF file", "safetensors")
+    expect_error(write(tmp_path, b"GGUF", "tiny.gguf"), "not a GGUF file")
+
+
+@pytest.mark.parametrize("version", [1, 4, 99])
+def test_unsupported_version(tmp_path, version):
+    expect_error(write(tmp_path, raw_gguf([], b"", version=version)), f"unsupported GGUF version {version}")
+
+
+def test_big_endian(tmp_path):
+    content = b"GGUF" + struct.pack(">IQQ", 3, 0, 0)
+    expect_error(write(tmp_path, content), "big-endian")
+
+
+def test_truncated_download_says_how_much_is_missing(tmp_path):
+    data = bytes(34 * 4 * 2)  # two Q8_0 tensors of 4 blocks
+    full = raw_gguf([("a", [128], T.Q8_0, 0), ("b", [128], T.Q8_0, 160)], data + bytes(26))
+    expect_error(write(tmp_path, full[:-50]), "truncated", "bytes are missing", "incomplete download")
+    message = expect_error(write(tmp_path, full[:-50]), "truncated")
+    missing = (160 + 136) - (len(full) - 50 - (len(full) - len(data) - 26))
+    assert f"{missing:,} bytes are missing" in message
+
+
+def test_truncated_header(tmp_path):
+    full = raw_gguf([("a", [32], T.F32, 0)], bytes(128))
+    expect_error(write(tmp_path, full[:40]), "truncated header")
+
+
+def test_size_not_matching_shape_and_type(tmp_path):
+    # "a" claims 256 Q8_0 elements (272 bytes) but "b" starts 136 bytes after it.
+    content = raw_gguf([("a", [256], T.Q8_0, 0), ("b", [128], T.Q8_0, 136)], bytes(272))
+    expect_error(write(tmp_path, content), "'a'", "does not match its shape and type")
+
+
+def test_absurd_dimensions(tmp_path):
+    content = raw_gguf([("a", [1 << 45, 1 << 20], T.F32, 0)], bytes(64))
+    expect_error(write(tmp_path, content), "'a'", "absurd dimensions")
+    content = raw_gguf([("a", [32] * 7, T.F32, 0)], bytes(64))
+    expect_error(write(tmp_path, content), "'a'", "7 dimensions")
+
+
+def test_unknown_quant_type(tmp_path):
+    content = raw_gguf([("blk.0.ffn_up.weight", [32], 77, 0)], bytes(64))
+    expect_error(write(tmp_path, content), "'blk.0.ffn_up.weight'", "unknown quant type 77")
+
+
+def test_row_not_whole_blocks(tmp_path):
+    content = raw_gguf([("a", [100], T.Q4_K, 0)], bytes(256))
+    expect_error(write(tmp_path, content), "not a multiple", "block size 256")
+
+
+def test_other_types_are_converted_once_with_a_note(tmp_path, caplog):
+    qtype = T.TQ2_0  # no torch dequantizer: read once by gguf-py
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(4, type_size), dtype=np.uint8)
+    blocks[:, -2:] = np.full(4, 0.01, dtype=np.float16).view(np.uint8).reshape(4, 2)
+    data = blocks.tobytes() + bytes(-len(blocks.tobytes()) % 32)
+    content = raw_gguf([("w", [block_size * 2, 2], qtype, 0), ("q", [32], T.Q8_0, len(data))], data + bytes(34))
+    f = GGUFFile(write(tmp_path, content))
+    with caplog.at_level(logging.WARNING):
+        sd = load_state_dict(f)
+    assert "TQ2_0" in caplog.text and "memory" in caplog.text
+    expected = quants.dequantize(blocks.reshape(2, -1), qtype).astype(np.float32)
+    assert sd["w"].dtype == torch.bfloat16 and not isinstance(sd["w"], GGMLTensor)
+    assert torch.equal(sd["w"], torch.from_numpy(expected).to(torch.bfloat16))
+    assert isinstance(sd["q"], GGMLTensor)
+
+
+def test_quantized_tensors_are_views_of_the_file(tmp_path):
+    content = raw_gguf([("q", [64, 2], T.Q8_0, 0)], bytes(136))
+    f = GGUFFile(write(tmp_path, content))
+    t = load_state_dict(f)["q"]
+    assert isinstance(t, GGMLTensor) and t.qshape == (2, 64) and t.qtype == T.Q8_0
+    assert t.untyped_storage().data_ptr() == f.raw("q").untyped_storage().data_ptr()
