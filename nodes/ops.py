@@ -1,31 +1,20 @@
 """ComfyUI operations for models whose Linear weights are GGUF-quantized.
 
-The model's layers come from ComfyUI's own ``comfy/ldm`` classes; only the Linear op differs: its
-weight stays a ``GGMLTensor`` (quantized bytes) wherever ComfyUI moves it, and is dequantized to
-the input's dtype on the input's device when the layer runs, after which LoRA patches in
-``weight_function`` apply as they do to any other weight. Everything that is not quantized (norms,
-embeddings, the small F32 tensors of every GGUF) goes through ComfyUI's ordinary manual-cast path.
+The model's layers come from ComfyUI's own ``comfy/ldm`` classes; only the Linear op differs. Its
+weight stays a ``GGMLTensor`` (quantized bytes) wherever ComfyUI puts it: ComfyUI's cast machinery
+(offload streams, pinned memory, and the dynamic VRAM loader's page cache) moves the bytes as
+uint8, and the layer dequantizes them to the input's dtype on the input's device when it runs. LoRA
+patches then apply to the dequantized weight, as they do to any float weight. Everything that is
+not quantized (norms, the small F32 tensors of every GGUF) goes through ComfyUI's manual-cast path.
 """
 
 from __future__ import annotations
 
 import torch
 
-import comfy.model_management
 import comfy.ops
 
 from ..loaders.tensor import GGMLTensor, dequantize
-
-
-def _assign(module: torch.nn.Module, state_dict: dict, prefix: str, missing_keys: list) -> None:
-    """Take the loader's tensors as they are: copying into preallocated float weights would both
-    double the memory and turn quantized bytes into numbers."""
-    for name in ("weight", "bias"):
-        key = prefix + name
-        if key in state_dict:
-            setattr(module, name, torch.nn.Parameter(state_dict[key], requires_grad=False))
-        elif getattr(module, name, None) is not None:
-            missing_keys.append(key)
 
 
 class GGUFOps(comfy.ops.manual_cast):
@@ -33,24 +22,49 @@ class GGUFOps(comfy.ops.manual_cast):
         # The model's compute dtype, set by the loader: bf16, or fp32 where bf16 is unsupported.
         compute_dtype = torch.bfloat16
 
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            # The weights come from the file as they are: allocating float ones first would reserve
+            # the memory of the full-precision model.
+            torch.nn.Module.__init__(self)
+            self.in_features, self.out_features = in_features, out_features
+            self.weight, self.bias = None, None
+            self.expects_bias = bias
+
+        def reset_parameters(self):
+            return None
+
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
-            _assign(self, state_dict, prefix, missing_keys)
+            for name in ("weight", "bias"):
+                key = prefix + name
+                if key in state_dict:
+                    tensor = state_dict[key]
+                    setattr(self, name, torch.nn.Parameter(tensor, requires_grad=False))
+                    # ComfyUI's loaders stage each weight in this dtype: the file's own (uint8 bytes
+                    # for a quantized weight) so nothing is cast on the way to the device.
+                    setattr(self, f"{name}_comfy_model_dtype", tensor.dtype)
+                elif name == "weight" or self.expects_bias:
+                    missing_keys.append(key)
 
         def forward_comfy_cast_weights(self, input, *args, **kwargs):
             if not isinstance(self.weight, GGMLTensor):
                 return super().forward_comfy_cast_weights(input, *args, **kwargs)
-            device, dtype = input.device, input.dtype
-            non_blocking = comfy.model_management.device_supports_non_blocking(device)
-            weight = dequantize(self.weight.to(device, non_blocking=non_blocking), dtype)
-            for patch in self.weight_function:
-                weight = patch(weight)
-            bias = None
-            if self.bias is not None:
-                bias = self.bias.to(device=device, dtype=dtype, non_blocking=non_blocking)
-                for patch in self.bias_function:
-                    bias = patch(bias)
-            return torch.nn.functional.linear(input, weight, bias)
+            # ComfyUI's patch functions expect float weights: keep them away from the byte transfer.
+            patches = self.weight_function
+            lowvram_patch = getattr(self, "weight_lowvram_function", None)
+            self.weight_function, self.weight_lowvram_function = [], None
+            try:
+                raw, bias, offload = comfy.ops.cast_bias_weight(
+                    self, input, dtype=torch.uint8, bias_dtype=input.dtype, offloadable=True)
+            finally:
+                self.weight_function, self.weight_lowvram_function = patches, lowvram_patch
+            try:
+                weight = dequantize(_as_ggml(raw, self.weight), input.dtype)
+                for patch in ([lowvram_patch] if lowvram_patch is not None else []) + list(patches):
+                    weight = patch(weight)
+                return torch.nn.functional.linear(input, weight, bias)
+            finally:
+                comfy.ops.uncast_bias_weight(self, raw, bias, offload)
 
         def convert_weight(self, weight, inplace=False, **kwargs):
             return dequantize(weight, torch.float32) if isinstance(weight, GGMLTensor) else weight
@@ -62,4 +76,9 @@ class GGUFOps(comfy.ops.manual_cast):
             if return_weight:
                 return merged
             self.weight = torch.nn.Parameter(merged, requires_grad=False)
+            self.weight_comfy_model_dtype = merged.dtype
 
+
+def _as_ggml(raw: torch.Tensor, like: GGMLTensor) -> GGMLTensor:
+    """ComfyUI's transfer buffers hand back plain uint8 views; give them their quant type back."""
+    return raw if isinstance(raw, GGMLTensor) else GGMLTensor(raw, like.qtype, like.qshape)

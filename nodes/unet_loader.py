@@ -5,9 +5,8 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..loaders.diffusion import open_diffusion_model
 from ..loaders.file_kind import UNET_LOADER
-from .model import build_model_patcher
+from .model import load_gguf_unet
 
 
 class UnetLoaderGGUF(io.ComfyNode):
@@ -34,4 +33,4 @@ class UnetLoaderGGUF(io.ComfyNode):
     @classmethod
     def execute(cls, unet_name: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models_gguf", unet_name)
-        return io.NodeOutput(build_model_patcher(open_diffusion_model(path)))
+        return io.NodeOutput(load_gguf_unet(path))

@@ -13,15 +13,36 @@ import os
 import sys
 
 
+def start_gpu() -> None:
+    """What ComfyUI's main.py does before and after importing torch on an NVIDIA GPU: its allocator
+    settings, then its dynamic VRAM loader (comfy-aimdo) unless turned off."""
+    import cuda_malloc  # noqa: F401  (must come before torch)
+    import comfy_aimdo.control
+    from comfy.cli_args import args, enables_dynamic_vram
+    if not enables_dynamic_vram():
+        return
+    headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
+    comfy_aimdo.control.init(simple_vram_headroom=headroom, nvml_pressure=not args.disable_nvml_pressure)
+    import comfy.memory_management
+    import comfy.model_management
+    import comfy.model_patcher
+    devices = ((d.index, int(args.vram_headroom * 1024 ** 3)) for d in comfy.model_management.get_all_torch_devices())
+    if comfy_aimdo.control.init_devices(devices):
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+
+
 def main() -> None:
     cfg = json.load(open(sys.argv[1]))
     comfy = cfg["comfyui"]
-    sys.argv = [sys.argv[0], "--cpu", "--output-directory", cfg["output"]]
+    sys.argv = [sys.argv[0], "--output-directory", cfg["output"], *cfg.get("args", ["--cpu"])]
     sys.path.insert(0, comfy)
     os.chdir(comfy)
     import comfy.options
     comfy.options.enable_args_parsing()
     import comfy.cli_args  # noqa: F401  (parses the arguments above)
+    if "--cpu" not in sys.argv:
+        start_gpu()
     import folder_paths
     for kind in ("diffusion_models", "loras", "text_encoders", "vae"):
         folder_paths.add_model_folder_path(kind, os.path.join(cfg["models"], kind), is_default=True)

@@ -53,8 +53,9 @@ class TestNativeUnetLoader:
         config.set_inference_dtype(dtype, None)
         config.custom_operations = comfy.ops.manual_cast
         model = config.get_model(sd, "")
-        model.load_model_weights(sd, "")
-        return (comfy.model_patcher.ModelPatcher(model, load_device, comfy.model_management.unet_offload_device()),)
+        patcher = comfy.model_patcher.CoreModelPatcher(model, load_device, comfy.model_management.unet_offload_device())
+        model.load_model_weights(sd, "", assign=patcher.is_dynamic())
+        return (patcher,)
 
 
 class TestSaveLatent:

@@ -1,0 +1,23 @@
+"""On an NVIDIA GPU with ComfyUI: our model under ComfyUI's dynamic VRAM loader (skipped elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_env import PACKAGE_NAME, REPO, requires_comfyui, run_script
+from test_comfy_unet import models  # noqa: F401  (the tiny-model fixture)
+
+pytestmark = [requires_comfyui, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+
+def test_dynamic_vram_matches_native(models, tmp_path):  # noqa: F811
+    r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "gpu_dynamic_vram.py", args=[],
+                   package=PACKAGE_NAME, gguf="qwen-tiny-Q4_K_M.gguf", twin="qwen-tiny.safetensors",
+                   lora="tiny-lora.safetensors")
+    assert r["aimdo_enabled"] and r["patcher"] == "ModelPatcherDynamic", r
+    assert r["dtype"] == "torch.bfloat16" and r["finite"], r
+    # Same bf16 weights on both sides: only kernel-order rounding differs.
+    assert r["base"] < 1e-2 and r["lora"] < 1e-2 and r["lora_again"] < 1e-2 and r["after_lora"] < 1e-2, r
+    assert r["lora_effect"] > 5e-2, r
+    assert r["quantized_params"] > 0, r
