@@ -42,12 +42,14 @@ def _bits(qh: torch.Tensor, width: int, group: int) -> torch.Tensor:
     return (qh >> _const(shifts, torch.uint8, qh.device, (1, len(shifts), 1))) & ((1 << width) - 1)
 
 
-def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpack the 12-byte field of Q4_K/Q5_K into 8 six-bit scales and 8 six-bit mins."""
-    d, m, m_d = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: the (n, 8, 1) scale and min of each 32-element sub-block, from d, dmin and the
+    12-byte field packing 8 six-bit scales and 8 six-bit mins."""
+    d, m, m_d = blocks[:, 4:8], blocks[:, 8:12], blocks[:, 12:16]
     sc = torch.cat((d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
     mn = torch.cat((m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)), dim=-1)
-    return sc, mn
+    n = blocks.shape[0]
+    return (_f16(blocks, 0) * sc.float()).reshape(n, 8, 1), (_f16(blocks, 2) * mn.float()).reshape(n, 8, 1)
 
 
 def _iq4_lookup(codes: torch.Tensor) -> torch.Tensor:
@@ -154,10 +156,7 @@ class Q4_K(QuantType, qtype=GGMLQuantizationType.Q4_K):
     @classmethod
     def dequantize_blocks(cls, blocks):
         n = blocks.shape[0]
-        d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-        sc, mn = _k_scale_min(blocks[:, 4:16])
-        dl = (d * sc.float()).reshape(n, 8, 1)
-        ml = (dmin * mn.float()).reshape(n, 8, 1)
+        dl, ml = _k_scales(blocks)
         q = _nibbles(blocks[:, 16:], 32).reshape(n, 8, 32).float()
         return (dl * q - ml).reshape(n, QK_K)
 
@@ -166,10 +165,7 @@ class Q5_K(QuantType, qtype=GGMLQuantizationType.Q5_K):
     @classmethod
     def dequantize_blocks(cls, blocks):
         n = blocks.shape[0]
-        d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-        sc, mn = _k_scale_min(blocks[:, 4:16])
-        dl = (d * sc.float()).reshape(n, 8, 1)
-        ml = (dmin * mn.float()).reshape(n, 8, 1)
+        dl, ml = _k_scales(blocks)
         ql = _nibbles(blocks[:, 48:], 32).reshape(n, 8, 32)
         qh = _bits(blocks[:, 16:48], 1, 32).reshape(n, 8, 32)
         q = (ql | (qh << 4)).float()

@@ -58,6 +58,7 @@ def main() -> None:
             print(json.dumps({"load_failed": name}), flush=True)
 
     if "script" in cfg:
+        sys.path.insert(0, os.path.dirname(cfg["script"]))
         print(json.dumps({"script": runpy.run_path(cfg["script"])["run"](cfg)}, default=str), flush=True)
         return
 

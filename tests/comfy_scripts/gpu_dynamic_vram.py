@@ -1,31 +1,16 @@
 """Runs inside a started ComfyUI on an NVIDIA GPU (see comfy_runner.py): our MODEL under ComfyUI's
 dynamic VRAM loader, against ComfyUI's own model on the twin weights, with and without a LoRA."""
 
-import json
-import os
-import sys
-
 import torch
 
 import comfy.memory_management
 import comfy.model_management as mm
 import comfy.sd
-import comfy.utils
-import folder_paths
-
-
-def loaded_module(cfg, name):
-    return sys.modules[os.path.join(cfg["custom_nodes"], name).replace(".", "_x_")]
+from script_helpers import ours_and_native
 
 
 def run(cfg):
-    pkg = loaded_module(cfg, cfg["package"])
-    test_nodes = loaded_module(cfg, "comfy_test_nodes")
-    path = folder_paths.get_full_path_or_raise("diffusion_models", cfg["gguf"])
-    ours = pkg.nodes.model.load_gguf_unet(path)
-    config = pkg.loaders.diffusion.open_diffusion_model(path).unet_config
-    native = test_nodes.TestNativeUnetLoader().load(cfg["twin"], "qwen_image", json.dumps(config))[0]
-    lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", cfg["lora"]))
+    ours, native, lora, _ = ours_and_native(cfg)
     device = mm.get_torch_device()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 1, 16, 16, generator=g).to(device)

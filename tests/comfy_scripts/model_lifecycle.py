@@ -5,31 +5,15 @@ fully loaded, with a LoRA merged at load, with the LoRA applied per layer in a p
 load, after unpatching, and on a clone; and reports the memory ComfyUI accounts for the model.
 """
 
-import json
-import os
-import sys
-
 import torch
 
 import comfy.model_management as mm
 import comfy.sd
-import comfy.utils
-import folder_paths
-
-
-def loaded_module(cfg, name):
-    """A custom-node module as ComfyUI's loader registered it (under its path)."""
-    return sys.modules[os.path.join(cfg["custom_nodes"], name).replace(".", "_x_")]
+from script_helpers import ours_and_native
 
 
 def run(cfg):
-    pkg = loaded_module(cfg, cfg["package"])
-    test_nodes = loaded_module(cfg, "comfy_test_nodes")
-    gguf_path = folder_paths.get_full_path_or_raise("diffusion_models", cfg["gguf"])
-    dm = pkg.loaders.diffusion.open_diffusion_model(gguf_path)
-    ours = pkg.nodes.model.build_model_patcher(dm)
-    native = test_nodes.TestNativeUnetLoader().load(cfg["twin"], "qwen_image", json.dumps(dm.unet_config))[0]
-    lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", cfg["lora"]))
+    ours, native, lora, dm = ours_and_native(cfg)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 1, 8, 8, generator=g)  # Wan-style latents carry a time axis
