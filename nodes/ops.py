@@ -17,11 +17,43 @@ import comfy.ops
 from ..loaders.tensor import GGMLTensor, dequantize
 
 
-class GGUFOps(comfy.ops.manual_cast):
-    class Linear(comfy.ops.manual_cast.Linear):
-        # The model's compute dtype, set by the loader: bf16, or fp32 where bf16 is unsupported.
-        compute_dtype = torch.bfloat16
+class FileWeights:
+    """Weights taken from the loader's state dict as they are (quantized or float, no copy)."""
+    # The model's compute dtype, set by the loader: bf16, or fp32 where bf16 is unsupported.
+    compute_dtype = torch.bfloat16
+    expects_bias = False
 
+    def reset_parameters(self):
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("weight", "bias"):
+            key = prefix + name
+            if key in state_dict:
+                tensor = state_dict[key]
+                setattr(self, name, torch.nn.Parameter(tensor, requires_grad=False))
+                # ComfyUI's loaders stage each weight in this dtype: the file's own (uint8 bytes for a
+                # quantized weight) so nothing is cast on the way to the device.
+                setattr(self, f"{name}_comfy_model_dtype", tensor.dtype)
+            elif name == "weight" or self.expects_bias:
+                missing_keys.append(key)
+
+    def convert_weight(self, weight, inplace=False, **kwargs):
+        return dequantize(weight, torch.float32) if isinstance(weight, GGMLTensor) else weight
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        """Keep a LoRA-merged weight in the compute dtype, computed once when ComfyUI patches the
+        model (the quantized original stays in ComfyUI's backup and comes back on unpatch)."""
+        merged = weight.to(self.compute_dtype if isinstance(self.weight, GGMLTensor) else self.weight.dtype)
+        if return_weight:
+            return merged
+        self.weight = torch.nn.Parameter(merged, requires_grad=False)
+        self.weight_comfy_model_dtype = merged.dtype
+
+
+class GGUFOps(comfy.ops.manual_cast):
+    class Linear(FileWeights, comfy.ops.manual_cast.Linear):
         def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
             # The weights come from the file as they are: allocating float ones first would reserve
             # the memory of the full-precision model.
@@ -29,22 +61,6 @@ class GGUFOps(comfy.ops.manual_cast):
             self.in_features, self.out_features = in_features, out_features
             self.weight, self.bias = None, None
             self.expects_bias = bias
-
-        def reset_parameters(self):
-            return None
-
-        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                  unexpected_keys, error_msgs):
-            for name in ("weight", "bias"):
-                key = prefix + name
-                if key in state_dict:
-                    tensor = state_dict[key]
-                    setattr(self, name, torch.nn.Parameter(tensor, requires_grad=False))
-                    # ComfyUI's loaders stage each weight in this dtype: the file's own (uint8 bytes
-                    # for a quantized weight) so nothing is cast on the way to the device.
-                    setattr(self, f"{name}_comfy_model_dtype", tensor.dtype)
-                elif name == "weight" or self.expects_bias:
-                    missing_keys.append(key)
 
         def forward_comfy_cast_weights(self, input, *args, **kwargs):
             if not isinstance(self.weight, GGMLTensor):
@@ -66,17 +82,26 @@ class GGUFOps(comfy.ops.manual_cast):
             finally:
                 comfy.ops.uncast_bias_weight(self, raw, bias, offload)
 
-        def convert_weight(self, weight, inplace=False, **kwargs):
-            return dequantize(weight, torch.float32) if isinstance(weight, GGMLTensor) else weight
+    class Embedding(FileWeights, comfy.ops.manual_cast.Embedding):
+        def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
+                     scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None):
+            torch.nn.Module.__init__(self)
+            self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+            self.padding_idx, self.max_norm, self.norm_type = padding_idx, max_norm, norm_type
+            self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
+            self.weight, self.bias = None, None
 
-        def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
-            """Keep a LoRA-merged weight in the compute dtype, computed once when ComfyUI patches the
-            model (the quantized original stays in ComfyUI's backup and comes back on unpatch)."""
-            merged = weight.to(self.compute_dtype if isinstance(self.weight, GGMLTensor) else self.weight.dtype)
-            if return_weight:
-                return merged
-            self.weight = torch.nn.Parameter(merged, requires_grad=False)
-            self.weight_comfy_model_dtype = merged.dtype
+        def forward_comfy_cast_weights(self, input, out_dtype=None):
+            if not isinstance(self.weight, GGMLTensor):
+                return super().forward_comfy_cast_weights(input, out_dtype=out_dtype)
+            # Rows are whole quant blocks: gather the tokens' rows where the table lives and
+            # dequantize just those, instead of a float copy of the whole table.
+            ids = input.reshape(-1).to(self.weight.device)
+            with torch._C.DisableTorchFunctionSubclass():
+                rows = self.weight[ids]
+            values = dequantize(GGMLTensor(rows, self.weight.qtype, (ids.numel(), self.embedding_dim)),
+                                out_dtype or self.compute_dtype)
+            return values.to(input.device).reshape(*input.shape, self.embedding_dim)
 
 
 def _as_ggml(raw: torch.Tensor, like: GGMLTensor) -> GGMLTensor:

@@ -75,7 +75,7 @@ def random_weights(shapes: dict, seed: int) -> dict[str, np.ndarray]:
     out = {}
     for name, shape in shapes.items():
         if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm_q.weight", "norm_k.weight",
-                          "_q.weight", "_k.weight", "cap_embedder.0.weight")) and len(shape) == 1:
+                          "_q.weight", "_k.weight", "cap_embedder.0.weight", "ln_q.weight")) and len(shape) == 1:
             out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         elif len(shape) == 1 or name.endswith("pad_token"):
             out[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)

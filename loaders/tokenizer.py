@@ -1,0 +1,55 @@
+"""Rebuilding a Hugging Face ``tokenizers`` BPE tokenizer from a GGUF's own tokenizer metadata.
+
+llama.cpp stores the byte-level vocabulary (``tokenizer.ggml.tokens``, in id order), the token
+types and the merges; with the pre-tokenizer regex named by ``tokenizer.ggml.pre`` that is all a
+byte-level BPE needs, so the ids come from the file the user loaded rather than a bundled copy.
+"""
+
+from __future__ import annotations
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from .errors import GGUFError
+from .gguf_file import GGUFFile
+
+# tokenizer.ggml.pre -> the split regex of that model family's pre-tokenizer.
+PRE_TOKENIZERS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+# llama.cpp token types
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+
+
+def has_tokenizer(gguf: GGUFFile) -> bool:
+    return gguf.get("tokenizer.ggml.tokens") is not None and gguf.get("tokenizer.ggml.merges") is not None
+
+
+def build_tokenizer(gguf: GGUFFile) -> Tokenizer:
+    model = gguf.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFError(gguf.path, f"tokenizer model {model!r} is not a byte-level BPE (expected 'gpt2')")
+    pre = str(gguf.get("tokenizer.ggml.pre", "qwen2"))
+    if pre not in PRE_TOKENIZERS:
+        raise GGUFError(gguf.path, f"tokenizer pre-tokenizer {pre!r} is not supported "
+                                   f"(supported: {', '.join(PRE_TOKENIZERS)})")
+    tokens = gguf.get("tokenizer.ggml.tokens").tolist()
+    types = gguf.get("tokenizer.ggml.token_type")
+    types = [NORMAL] * len(tokens) if types is None else [int(t) for t in types]
+    merges = [tuple(m.split(" ", 1)) for m in gguf.get("tokenizer.ggml.merges")]
+    vocab = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (NORMAL, CONTROL, USER_DEFINED)}
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    # Added tokens are matched whole before BPE; control ones are "special" (skipped when decoding).
+    added = sorted((i, t, k) for i, (t, k) in enumerate(zip(tokens, types)) if k in (CONTROL, USER_DEFINED))
+    for _, text, kind in added:
+        token = AddedToken(text, special=kind == CONTROL, normalized=False, lstrip=False, rstrip=False,
+                           single_word=False)
+        tok.add_special_tokens([token]) if kind == CONTROL else tok.add_tokens([token])
+    return tok

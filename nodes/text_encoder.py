@@ -1,0 +1,165 @@
+"""Building ComfyUI's CLIP (tokenizer + text encoder) from a GGUF text encoder read by ``loaders``.
+
+ComfyUI's own Qwen text-encoder classes do the encoding (templates, image tokens, the vision
+tower), so CLIPTextEncode and the Qwen-Image edit nodes behave as with native files. Three things
+are ours: the sizes come from the file (ComfyUI's classes fix the 7B / 4B sizes), the weights stay
+quantized (GGUFOps), and the tokenizer is the GGUF's own when it carries one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+import comfy.model_management
+import comfy.sd
+import comfy.sd1_clip
+import comfy.text_encoders.llama as llama
+import comfy.text_encoders.qwen_image as qwen_image
+import comfy.text_encoders.qwen_vl as qwen_vl
+import comfy.text_encoders.z_image as z_image
+import folder_paths
+from comfy.supported_models_base import ClipTarget
+
+from ..loaders.errors import GGUFError
+from ..loaders.file_kind import CLIP_LOADER
+from ..loaders.tensor import logical_shape
+from ..loaders.text_encoder import TextEncoder
+from ..loaders.tokenizer import build_tokenizer, has_tokenizer
+from .ops import FileWeights, GGUFOps
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How ComfyUI encodes with one language-model family (names and settings of its own classes)."""
+    name: str                     # ComfyUI's key for the encoder ("qwen25_7b")
+    te: type                      # ComfyUI's text-encoder model class
+    tokenizer: type               # ComfyUI's tokenizer wrapper class
+    transformer: type             # ComfyUI's transformer class
+    config: type                  # its config dataclass
+    layer: str
+    layer_idx: int | None
+    pad_token: int = 151643
+
+
+FAMILIES = {
+    "qwen25vl": Family("qwen25_7b", qwen_image.QwenImageTEModel, qwen_image.QwenImageTokenizer,
+                       llama.Qwen25_7BVLI, llama.Qwen25_7BVLI_Config, "last", None),
+    "qwen3": Family("qwen3_4b", z_image.ZImageTEModel, z_image.ZImageTokenizer,
+                    llama.Qwen3_4B, llama.Qwen3_4BConfig, "hidden", -2),
+}
+
+# Config values ComfyUI's config classes hold as plain class attributes (not constructor fields).
+_CLASS_LEVEL = ("head_dim", "qkv_bias", "rope_dims", "q_norm", "k_norm")
+
+
+def _llm_config(family: Family, te: TextEncoder):
+    fields = {f.name for f in dataclasses.fields(family.config)}
+    config = family.config(**{k: v for k, v in te.config.items() if k in fields})
+    values = dict(te.config, q_norm="gemma3" if te.config["qk_norm"] else None)
+    values["k_norm"] = values["q_norm"]
+    for key in _CLASS_LEVEL:
+        if key in values:
+            setattr(config, key, values[key])
+    return config
+
+
+def _transformer_class(family: Family, te: TextEncoder) -> type:
+    vision, llm_path = te.vision, te.llm_path
+
+    class GGUFTransformer(family.transformer):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            config = _llm_config(family, te)
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+            if vision is not None:
+                self.visual = qwen_vl.Qwen2VLVisionTransformer(
+                    hidden_size=vision.hidden_size, output_hidden_size=vision.output_hidden_size,
+                    intermediate_size=vision.intermediate_size, num_heads=vision.num_heads,
+                    num_layers=vision.num_layers, patch_size=vision.patch_size,
+                    spatial_merge_size=vision.spatial_merge_size, device=device, dtype=dtype, ops=operations)
+                self.visual.fullatt_block_indexes = list(vision.fullatt_block_indexes)
+
+        def preprocess_embed(self, embed, device):
+            if embed["type"] == "image" and vision is None:
+                raise GGUFError(llm_path, "this prompt has images (an edit node), which need the vision tower: "
+                                          f"choose the mmproj file in the '{CLIP_LOADER}' node "
+                                          "(e.g. mmproj-F16.gguf from the same repository as the language model)")
+            return super().preprocess_embed(embed, device)
+
+    return GGUFTransformer
+
+
+def _clip_model_class(family: Family, transformer: type) -> type:
+    class GGUFClipModel(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", layer=family.layer, layer_idx=family.layer_idx, dtype=None,
+                     attention_mask=True, model_options={}):
+            super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=dtype,
+                             special_tokens={"pad": family.pad_token}, layer_norm_hidden_state=False,
+                             model_class=transformer, enable_attention_masks=attention_mask,
+                             return_attention_masks=attention_mask, model_options=model_options)
+    return GGUFClipModel
+
+
+def _tokenizer_class(family: Family, te: TextEncoder) -> type:
+    fast = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(te.tokenizer_gguf))
+    hidden = te.config["hidden_size"]
+
+    class FromGGUF:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            return fast
+
+    class GGUFTokenizer(comfy.sd1_clip.SDTokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(None, pad_with_end=False, embedding_directory=embedding_directory,
+                             embedding_size=hidden, embedding_key=family.name, tokenizer_class=FromGGUF,
+                             has_start_token=False, has_end_token=False, pad_to_max_length=False,
+                             max_length=99999999, min_length=1, pad_token=family.pad_token,
+                             tokenizer_data=tokenizer_data)
+    return GGUFTokenizer
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device runs it well, else fp32 (Qwen models are trained in bf16; fp16 can overflow)."""
+    return torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float32
+
+
+def build_clip(te: TextEncoder) -> comfy.sd.CLIP:
+    family = FAMILIES[te.family]
+    load_device = comfy.model_management.text_encoder_device()
+    dtype = compute_dtype(load_device)
+    model_options = {
+        "custom_operations": GGUFOps,
+        "dtype": dtype,
+        f"{family.name}_class": _clip_model_class(family, _transformer_class(family, te)),
+    }
+    tokenizer_data = {}
+    if has_tokenizer(te.tokenizer_gguf):
+        tokenizer_data[f"{family.name}_tokenizer_class"] = _tokenizer_class(family, te)
+        log.info("GGUF text encoder %s: using the tokenizer stored in the GGUF", te.llm_path)
+    else:
+        log.info("GGUF text encoder %s: no tokenizer in the file, using ComfyUI's bundled Qwen tokenizer",
+                 te.llm_path)
+    params = sum(logical_shape(t).numel() for t in te.state_dict.values())
+    clip = comfy.sd.CLIP(ClipTarget(family.tokenizer, family.te), embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                         tokenizer_data=tokenizer_data, parameters=params, model_options=model_options)
+    missing, unexpected = clip.load_sd(dict(te.state_dict))
+    missing = [k for k in missing if not k.endswith("logit_scale") and "lm_head" not in k]
+    if missing:
+        raise GGUFError(te.llm_path if not any(k.startswith("visual.") for k in missing) else te.mmproj_path,
+                        f"tensors missing for this model: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for module in clip.cond_stage_model.modules():
+        if isinstance(module, FileWeights):
+            module.compute_dtype = dtype
+    vision = "no vision tower" if te.vision is None else f"vision tower from {te.mmproj_path}"
+    log.info("GGUF text encoder %s: %s, %d layers, hidden %d, %s; computing in %s; weights %s", te.llm_path,
+             te.family, te.config["num_hidden_layers"], te.config["hidden_size"], vision, dtype, te.summary)
+    return clip

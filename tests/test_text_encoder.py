@@ -1,0 +1,116 @@
+"""Text-encoder and mmproj GGUFs read by the library: names, configs, and every mismatch between files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from safetensors.numpy import load_file
+
+from loaders.errors import GGUFError
+from loaders.gguf_file import GGUFFile
+from loaders.tensor import GGMLTensor, dequantize
+from loaders.text_encoder import open_text_encoder
+from loaders.tokenizer import build_tokenizer
+from loaders.writer import write_gguf
+from tiny_models import QWEN_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model
+from tiny_text_encoders import QWEN3, QWEN25VL, VISION, write_llm, write_mmproj
+
+SMALL_VOCAB = 1024
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("te")
+    write_llm(d / "qwen25vl.gguf", "qwen2vl", dict(QWEN25VL, vocab=SMALL_VOCAB), None, d / "qwen25vl.st")
+    write_llm(d / "qwen3.gguf", "qwen3", dict(QWEN3, vocab=SMALL_VOCAB), None, d / "qwen3.st")
+    write_mmproj(d / "mmproj-F16.gguf", VISION, QWEN25VL["hidden"], d / "mmproj.st")
+    write_mmproj(d / "mmproj-old.gguf", VISION, QWEN25VL["hidden"], None, old_metadata=True)
+    write_mmproj(d / "mmproj-Q8_0.gguf", VISION, QWEN25VL["hidden"], d / "mmproj-q8.st", qtype=T.Q8_0)
+    write_mmproj(d / "mmproj-other-size.gguf", VISION, 512, None)
+    write_model(d / "qwen-image.gguf", random_weights(qwen_image_shapes(**QWEN_IMAGE), 0), qwen_image_recipe())
+    return d
+
+
+def assert_matches_twin(sd: dict, twin: dict) -> None:
+    assert set(sd) == set(twin), set(sd) ^ set(twin)
+    for key, value in sd.items():
+        np.testing.assert_array_equal(dequantize(value, torch.float32).numpy(), twin[key], err_msg=key)
+
+
+def test_qwen25vl_with_mmproj(files):
+    te = open_text_encoder(str(files / "qwen25vl.gguf"), str(files / "mmproj-F16.gguf"))
+    assert te.family == "qwen25vl"
+    c = te.config
+    assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"]) == (256, 2, 4, 2)
+    assert (c["head_dim"], c["intermediate_size"], c["vocab_size"]) == (64, 512, SMALL_VOCAB)
+    assert c["qkv_bias"] and not c["qk_norm"] and c["rope_dims"] == [8, 12, 12]
+    v = te.vision
+    assert (v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size, v.output_hidden_size) == (128, 2, 2, 256, 256)
+    assert v.fullatt_block_indexes == [1]
+    # The token table stays quantized; q/k/v of the vision tower are fused.
+    assert isinstance(te.state_dict["model.embed_tokens.weight"], GGMLTensor)
+    twin = {**load_file(str(files / "qwen25vl.st")), **load_file(str(files / "mmproj.st"))}
+    assert_matches_twin(te.state_dict, twin)
+
+
+def test_old_mmproj_metadata_and_q8_0(files):
+    old = open_text_encoder(str(files / "qwen25vl.gguf"), str(files / "mmproj-old.gguf"))
+    assert old.vision.fullatt_block_indexes == [1]
+    q8 = open_text_encoder(str(files / "qwen25vl.gguf"), str(files / "mmproj-Q8_0.gguf"))
+    twin = {**load_file(str(files / "qwen25vl.st")), **load_file(str(files / "mmproj-q8.st"))}
+    assert_matches_twin(q8.state_dict, twin)
+
+
+def test_qwen3(files):
+    te = open_text_encoder(str(files / "qwen3.gguf"))
+    assert te.family == "qwen3" and te.vision is None
+    assert te.config["qk_norm"] and not te.config["qkv_bias"] and te.config["head_dim"] == 64
+    assert_matches_twin(te.state_dict, load_file(str(files / "qwen3.st")))
+
+
+def expect(files, llm, mmproj, *fragments):
+    with pytest.raises(GGUFError) as info:
+        open_text_encoder(str(files / llm), None if mmproj is None else str(files / mmproj))
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
+def test_mmproj_of_another_model_size(files):
+    expect(files, "qwen25vl.gguf", "mmproj-other-size.gguf", "mmproj-other-size.gguf", "qwen25vl.gguf",
+           "width 512", "hidden size 256")
+
+
+def test_files_swapped(files):
+    expect(files, "mmproj-F16.gguf", None, "mmproj-F16.gguf", "mmproj vision projector", "language model")
+    expect(files, "qwen25vl.gguf", "qwen3.gguf", "qwen3.gguf", "Qwen3 language model", "mmproj", "qwen25vl.gguf")
+
+
+def test_diffusion_model_given(files):
+    expect(files, "qwen-image.gguf", None, "qwen-image.gguf", "Qwen-Image diffusion model", "UNet")
+
+
+def test_truncated_mmproj(files, tmp_path):
+    data = (files / "mmproj-F16.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(GGUFError) as info:
+        open_text_encoder(str(files / "qwen25vl.gguf"), str(tmp_path / "cut.gguf"))
+    assert "cut.gguf" in str(info.value) and "1,000 bytes are missing" in str(info.value)
+
+
+def test_tokenizer_rebuilt_from_metadata(tmp_path):
+    # A byte-level vocabulary of the 256 byte symbols, two merges and two special tokens.
+    symbols = [chr(c) for c in range(ord("!"), ord("~") + 1)] + [chr(c) for c in range(ord("¡"), ord("¬") + 1)]
+    symbols += [chr(c) for c in range(ord("®"), ord("ÿ") + 1)]
+    symbols += [chr(256 + i) for i in range(256 - len(symbols))]
+    tokens = symbols + ["he", "Ġhe", "<|im_start|>", "<think>"]
+    types = [1] * (len(symbols) + 2) + [3, 4]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": ["h e", "Ġ he"]}
+    write_gguf(tmp_path / "tok.gguf", {"token_embd.weight": np.zeros((len(tokens), 32), np.float32)},
+               lambda n, s: T.F32, arch="qwen2", metadata=meta)
+    tok = build_tokenizer(GGUFFile(tmp_path / "tok.gguf"))
+    ids = tok.encode("<|im_start|>he he<think>").ids
+    assert ids == [tokens.index("<|im_start|>"), tokens.index("he"), tokens.index("Ġhe"), tokens.index("<think>")]
+    assert tok.decode(ids, skip_special_tokens=True) == "he he<think>"
