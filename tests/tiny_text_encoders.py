@@ -20,7 +20,7 @@ from loaders.writer import uniform_recipe, write_gguf
 from tiny_models import decoded, random_weights
 
 QWEN25VL = dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, intermediate=512, vocab=152064)
-QWEN3 = dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, intermediate=512, vocab=151936)
+QWEN3 = dict(hidden=256, layers=3, heads=4, kv_heads=2, head_dim=64, intermediate=512, vocab=151936)
 VISION = dict(hidden=128, layers=2, heads=2, intermediate=256, patch=14)
 
 # Hugging Face block names -> llama.cpp's, as llama.cpp's converter writes them.

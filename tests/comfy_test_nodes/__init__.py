@@ -74,3 +74,90 @@ class TestSaveLatent:
 
 NODE_CLASS_MAPPINGS = {"TestConditioning": TestConditioning, "TestNativeUnetLoader": TestNativeUnetLoader,
                        "TestSaveLatent": TestSaveLatent}
+
+
+class TestNativeClipLoader:
+    """The reference text encoder: a Hugging Face-named safetensors file through ComfyUI's own CLIP,
+    text-encoder classes, ordinary ops and bundled tokenizer. Only the sizes are changed, by
+    setting the values ComfyUI's classes fix for the full-size models while they are built."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (folder_paths.get_filename_list("text_encoders"),),
+                             "family": (["qwen25vl", "qwen3"],), "config_json": ("STRING", {"default": "{}"}),
+                             "vision_json": ("STRING", {"default": ""})}}
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, clip_name, family, config_json, vision_json):
+        import dataclasses
+        import comfy.sd
+        import comfy.text_encoders.llama as llama
+        import comfy.text_encoders.qwen_image as qwen_image
+        import comfy.text_encoders.qwen_vl as qwen_vl
+        import comfy.text_encoders.z_image as z_image
+        from comfy.supported_models_base import ClipTarget
+
+        config = json.loads(config_json)
+        vision = json.loads(vision_json) if vision_json else None
+        name, config_cls, target = {
+            "qwen25vl": ("qwen25_7b", llama.Qwen25_7BVLI_Config,
+                         ClipTarget(qwen_image.QwenImageTokenizer, qwen_image.QwenImageTEModel)),
+            "qwen3": ("qwen3_4b", llama.Qwen3_4BConfig, ClipTarget(z_image.ZImageTokenizer, z_image.ZImageTEModel)),
+        }[family]
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        # Read again whenever the model runs, so these stay set in this (test-only) process.
+        config_cls.head_dim, config_cls.qkv_bias = config["head_dim"], config["qkv_bias"]
+        config_cls.rope_dims = config.get("rope_dims", config_cls.rope_dims)
+        original_vision = qwen_vl.Qwen2VLVisionTransformer
+
+        class TinyVision(original_vision):
+            def __init__(self, hidden_size, output_hidden_size, device=None, dtype=None, ops=None, **kwargs):
+                super().__init__(hidden_size=vision["hidden_size"], output_hidden_size=output_hidden_size,
+                                 intermediate_size=vision["intermediate_size"], num_heads=vision["num_heads"],
+                                 num_layers=vision["num_layers"], device=device, dtype=dtype, ops=ops)
+                self.fullatt_block_indexes = vision["fullatt_block_indexes"]
+
+        if vision:
+            qwen_vl.Qwen2VLVisionTransformer = TinyVision
+        try:
+            sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("text_encoders", clip_name))
+            options = {f"{name}_model_config": {k: v for k, v in config.items() if k in fields},
+                       "dtype": torch.float32}
+            clip = comfy.sd.CLIP(target, state_dict=[sd], model_options=options,
+                                 parameters=sum(t.numel() for t in sd.values()))
+        finally:
+            qwen_vl.Qwen2VLVisionTransformer = original_vision
+        return (clip,)
+
+
+class TestImage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 64}),
+                             "height": ("INT", {"default": 64})}}
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, seed, width, height):
+        g = torch.Generator().manual_seed(seed)
+        return (torch.rand(1, height, width, 3, generator=g),)
+
+
+class TestSaveConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "path": ("STRING", {"default": ""})}}
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = "testing"
+
+    def save(self, conditioning, path):
+        save_file({"cond": conditioning[0][0].float().contiguous()}, path)
+        return {}
+
+
+NODE_CLASS_MAPPINGS.update({"TestNativeClipLoader": TestNativeClipLoader, "TestImage": TestImage,
+                            "TestSaveConditioning": TestSaveConditioning})

@@ -1,0 +1,130 @@
+"""The text-encoder loader in real ComfyUI: conditioning matches ComfyUI's own encoder on the same weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from safetensors.torch import load_file
+
+from comfy_env import PACKAGE_NAME, REPO, comfyui_path, requires_comfyui, run_prompts, run_script
+from loaders.text_encoder import open_text_encoder
+from tiny_text_encoders import QWEN3, QWEN25VL, VISION, write_llm, write_mmproj
+
+pytestmark = requires_comfyui
+
+PROMPT = "A red fox 🦊 在雪地里奔跑, 35mm photo"
+EDIT = "把天空变成紫色 and add a moon"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("te_models")
+    te = root / "text_encoders"
+    te.mkdir()
+    tokenizer = comfyui_path() / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    write_llm(te / "Qwen2.5-VL-tiny-Q4_K_M.gguf", "qwen2vl", QWEN25VL, tokenizer, te / "llm.st")
+    write_mmproj(te / "mmproj-F16.gguf", VISION, QWEN25VL["hidden"], te / "vision.st")
+    twin = {**load_numpy(str(te / "llm.st")), **load_numpy(str(te / "vision.st"))}
+    save_numpy(twin, str(te / "qwen25vl-tiny.safetensors"))
+    write_llm(te / "Qwen2.5-VL-tiny-notok.gguf", "qwen2", QWEN25VL, None, None)
+    write_llm(te / "Qwen3-tiny-Q4_K_M.gguf", "qwen3", QWEN3, tokenizer, te / "qwen3-tiny.safetensors")
+    for name in ("llm.st", "vision.st"):
+        (te / name).unlink()
+    return root
+
+
+def gguf_clip(llm: str, mmproj: str = "none") -> dict:
+    return {"class_type": "QwenImageGGUFClipLoader", "inputs": {"clip_name": llm, "mmproj_name": mmproj}}
+
+
+def native_clip(models, llm: str, twin: str, family: str, mmproj: str | None = None) -> dict:
+    te = open_text_encoder(str(models / "text_encoders" / llm),
+                           None if mmproj is None else str(models / "text_encoders" / mmproj))
+    vision = json.dumps(dataclasses.asdict(te.vision)) if te.vision else ""
+    return {"class_type": "TestNativeClipLoader", "inputs": {
+        "clip_name": twin, "family": family, "config_json": json.dumps(te.config), "vision_json": vision}}
+
+
+def encode_graph(loader: dict, out: str, images: int = 0, text: str = PROMPT) -> dict:
+    g = {"clip": loader, "save": {"class_type": "TestSaveConditioning", "inputs": {"conditioning": ["enc", 0], "path": out}}}
+    if images == 0:
+        g["enc"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": text}}
+        return g
+    g["enc"] = {"class_type": "TextEncodeQwenImageEditPlus", "inputs": {"clip": ["clip", 0], "prompt": EDIT}}
+    for i in range(images):
+        g[f"img{i}"] = {"class_type": "TestImage", "inputs": {"seed": i, "width": 56 + 28 * i, "height": 56}}
+        g["enc"]["inputs"][f"image{i + 1}"] = [f"img{i}", 0]
+    return g
+
+
+@pytest.fixture(scope="module")
+def conds(models, tmp_path_factory):
+    work = tmp_path_factory.mktemp("clip_run")
+    qwen = gguf_clip("Qwen2.5-VL-tiny-Q4_K_M.gguf", "mmproj-F16.gguf")
+    qwen_native = native_clip(models, "Qwen2.5-VL-tiny-Q4_K_M.gguf", "qwen25vl-tiny.safetensors", "qwen25vl",
+                              "mmproj-F16.gguf")
+    z = gguf_clip("Qwen3-tiny-Q4_K_M.gguf")
+    z_native = native_clip(models, "Qwen3-tiny-Q4_K_M.gguf", "qwen3-tiny.safetensors", "qwen3")
+    cases = {
+        "text": (qwen, 0), "text_native": (qwen_native, 0),
+        "edit1": (qwen, 1), "edit1_native": (qwen_native, 1),
+        "edit2": (qwen, 2), "edit2_native": (qwen_native, 2),
+        "bundled_tokenizer": (gguf_clip("Qwen2.5-VL-tiny-notok.gguf"), 0),
+        "zimage": (z, 0), "zimage_native": (z_native, 0),
+    }
+    prompts = [encode_graph(loader, str(work / f"{name}.st"), images) for name, (loader, images) in cases.items()]
+    prompts.append(encode_graph(gguf_clip("Qwen2.5-VL-tiny-Q4_K_M.gguf"), str(work / "never.st"), images=1))
+    prompts.append(encode_graph(gguf_clip("Qwen2.5-VL-tiny-Q4_K_M.gguf", "Qwen3-tiny-Q4_K_M.gguf"),
+                                str(work / "never.st")))
+    results = run_prompts(work, models, prompts)
+    out = {}
+    for name, result in zip(cases, results):
+        assert result["success"], f"{name}: {result['error'] and (result['error'].get('exception_type'), result['error'].get('exception_message'), result['error'].get('traceback', [])[-3:])}"
+        out[name] = load_file(str(work / f"{name}.st"))["cond"]
+    out["no_mmproj"], out["swapped"] = results[-2], results[-1]
+    return out
+
+
+def assert_close(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    rel = ((a - b).norm() / b.norm()).item()
+    assert torch.isfinite(a).all() and rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("case", ["text", "edit1", "edit2", "zimage"])
+def test_conditioning_matches_native(conds, case):
+    assert_close(conds[case], conds[f"{case}_native"])
+
+
+def test_images_change_the_conditioning(conds):
+    assert conds["edit1"].shape[1] > conds["text"].shape[1]
+    assert conds["edit2"].shape[1] > conds["edit1"].shape[1]
+
+
+def test_without_tokenizer_uses_bundled_one(conds):
+    # Same weights but another file: the bundled tokenizer gives the same ids, so the same conditioning.
+    assert conds["bundled_tokenizer"].shape == conds["text"].shape
+
+
+def test_edit_without_mmproj_says_what_is_needed(conds):
+    r = conds["no_mmproj"]
+    assert not r["success"]
+    message = r["error"]["exception_message"]
+    assert "mmproj" in message and "Qwen2.5-VL-tiny-Q4_K_M.gguf" in message
+
+
+def test_wrong_file_as_mmproj(conds):
+    message = conds["swapped"]["error"]["exception_message"]
+    assert "Qwen3-tiny-Q4_K_M.gguf" in message and "not an mmproj" in message
+
+
+def test_gguf_tokenizer_ids_equal_bundled(models, tmp_path):
+    r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "tokenizer_ids.py", package=PACKAGE_NAME,
+                   gguf=str(models / "text_encoders" / "Qwen2.5-VL-tiny-Q4_K_M.gguf"),
+                   corpora=[str(REPO / "tests" / "data" / "prompts.txt"),
+                            str(REPO / "tests" / "data" / "tokenizer_corpus.txt")])
+    assert r["texts"] > 20 and r["tokens"] > 1000 and r["mismatches"] == [], r
