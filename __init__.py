@@ -4,12 +4,14 @@ from comfy_api.latest import ComfyExtension, io
 
 from .nodes import folders
 from .nodes.clip_loader import ClipLoaderGGUF
+from .nodes.guard import NaNGuard
 from .nodes.unet_loader import UnetLoaderGGUF
+from .nodes.vae import VAEDecodeChecked, VAELoaderGGUF
 
 
 class QwenImageGGUFExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [UnetLoaderGGUF, ClipLoaderGGUF]
+        return [UnetLoaderGGUF, ClipLoaderGGUF, VAELoaderGGUF, VAEDecodeChecked, NaNGuard]
 
 
 async def comfy_entrypoint() -> QwenImageGGUFExtension:

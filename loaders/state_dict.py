@@ -22,12 +22,29 @@ from .tensor import GGMLTensor
 log = logging.getLogger(__name__)
 
 
+ORIG_SHAPE_KEY = "comfy.gguf.orig_shape.{}"
+
+
+def logical_shape_of(gguf: GGUFFile, info: TensorInfo) -> tuple[int, ...]:
+    """The tensor's shape for the model: ComfyUI-GGUF's converter stores some tensors reshaped (more
+    than 4 dimensions, or rows that do not fill a quant block) and records the original shape."""
+    orig = gguf.get(ORIG_SHAPE_KEY.format(info.name))
+    if orig is None:
+        return info.shape
+    shape = tuple(int(d) for d in orig)
+    if int(np.prod(shape, dtype=np.int64)) != info.n_elements:
+        raise GGUFError(gguf.path, f"tensor {info.name!r}: its recorded original shape {list(shape)} does not hold "
+                                   f"its {info.n_elements:,} elements")
+    return shape
+
+
 def tensor_from_file(gguf: GGUFFile, info: TensorInfo, convert_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     raw = gguf.raw(info.name)
+    shape = logical_shape_of(gguf, info)
     if info.qtype in FLOAT_TYPES:
-        return raw.view(FLOAT_TYPES[info.qtype]).reshape(info.shape)
+        return raw.view(FLOAT_TYPES[info.qtype]).reshape(shape)
     if info.qtype in DEQUANTIZERS:
-        return GGMLTensor(raw, info.qtype, info.shape)
+        return GGMLTensor(raw, info.qtype, shape, stored_shape=info.shape)
     rows = info.n_elements // info.shape[-1] if info.shape[-1] else 0
     try:
         values = quants.dequantize(raw.numpy().reshape(rows, -1), info.qtype)
@@ -35,7 +52,7 @@ def tensor_from_file(gguf: GGUFFile, info: TensorInfo, convert_dtype: torch.dtyp
         raise GGUFError(gguf.path, f"tensor {info.name!r}: quant type {info.qtype.name} is not supported "
                                    "(supported: F32, F16, BF16, Q4_0 to Q8_0, Q2_K to Q6_K, IQ4_NL, IQ4_XS, "
                                    "and the other types gguf-py can read)") from None
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape).to(convert_dtype)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape).to(convert_dtype)
 
 
 def load_state_dict(gguf: GGUFFile, rename: Callable[[str], str | None] = lambda n: n,

@@ -25,12 +25,15 @@ class GGMLTensor(torch.Tensor):
     qshape: torch.Size
 
     @staticmethod
-    def __new__(cls, raw: torch.Tensor, qtype: GGMLQuantizationType, shape) -> "GGMLTensor":
+    def __new__(cls, raw: torch.Tensor, qtype: GGMLQuantizationType, shape, stored_shape=None) -> "GGMLTensor":
+        """``shape`` is the weight's logical shape; ``stored_shape`` the one its blocks are laid out in
+        when the file reshaped it (ComfyUI-GGUF's converter does, recording the original)."""
         qcls = DEQUANTIZERS[qtype]
+        stored = tuple(stored_shape or shape)
         rows = 1
-        for dim in shape[:-1]:
+        for dim in stored[:-1]:
             rows *= dim
-        raw = raw.reshape(rows, shape[-1] // qcls.block_size * qcls.type_size)
+        raw = raw.reshape(rows, stored[-1] // qcls.block_size * qcls.type_size)
         t = torch.Tensor._make_subclass(cls, raw, False)
         t.qtype, t.qshape = qtype, torch.Size(shape)
         return t

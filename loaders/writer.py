@@ -9,7 +9,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFWriter
 
+from .gguf_file import MAX_DIMS
 from .quantize import quantize
+from .state_dict import ORIG_SHAPE_KEY
 
 Recipe = Callable[[str, tuple[int, ...]], T]
 
@@ -69,11 +71,16 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], recip
     chosen = {}
     for name, array in tensors.items():
         qtype = recipe(name, tuple(array.shape))
+        if array.ndim > MAX_DIMS:
+            # GGUF holds at most 4 dimensions: store it flattened with its shape, as ComfyUI-GGUF does.
+            writer.add_array(ORIG_SHAPE_KEY.format(name), [int(d) for d in array.shape])
+            array = array.reshape(array.shape[0], -1)
         data = encode(array, qtype)
         if qtype in (T.F32, T.F16):
             writer.add_tensor(name, data)
         else:
-            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+            # GGUFWriter reads the element shape off the byte shape: keep every axis but the last.
+            writer.add_tensor(name, data, raw_shape=(*array.shape[:-1], data.shape[-1]), raw_dtype=qtype)
         chosen[name] = qtype
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import folder_paths
 
-GGUF_FOLDERS = {"diffusion_models_gguf": "diffusion_models", "text_encoders_gguf": "text_encoders"}
+# our key -> (the core key whose folders it shares, the extensions it lists)
+GGUF_FOLDERS = {
+    "diffusion_models_gguf": ("diffusion_models", {".gguf"}),
+    "text_encoders_gguf": ("text_encoders", {".gguf"}),
+    "vae_gguf": ("vae", {".gguf", ".safetensors", ".sft"}),
+}
 
 
 def register() -> None:
-    for key, core in GGUF_FOLDERS.items():
+    for key, (core, extensions) in GGUF_FOLDERS.items():
         paths = folder_paths.folder_names_and_paths[core][0]
-        folder_paths.folder_names_and_paths[key] = (paths, {".gguf"})
+        folder_paths.folder_names_and_paths[key] = (paths, extensions)

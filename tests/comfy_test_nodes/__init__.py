@@ -161,3 +161,50 @@ class TestSaveConditioning:
 
 NODE_CLASS_MAPPINGS.update({"TestNativeClipLoader": TestNativeClipLoader, "TestImage": TestImage,
                             "TestSaveConditioning": TestSaveConditioning})
+
+
+class TestLatent:
+    """A random 16-channel Qwen-Image style latent (with its time axis)."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 16}),
+                             "height": ("INT", {"default": 16})}}
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, seed, width, height):
+        g = torch.Generator().manual_seed(seed)
+        return ({"samples": torch.randn(1, 16, 1, height, width, generator=g)},)
+
+
+class TestSaveImage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "path": ("STRING", {"default": ""})}}
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = "testing"
+
+    def save(self, images, path):
+        save_file({"images": images.float().contiguous()}, path)
+        return {}
+
+
+class TestForceDtype:
+    """Makes a model compute in the given dtype (fp16 reproduces the overflow users hit)."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "dtype": (["float16", "bfloat16", "float32"],)}}
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "force"
+    CATEGORY = "testing"
+
+    def force(self, model, dtype):
+        model.model.manual_cast_dtype = getattr(torch, dtype)
+        return (model,)
+
+
+NODE_CLASS_MAPPINGS.update({"TestLatent": TestLatent, "TestSaveImage": TestSaveImage,
+                            "TestForceDtype": TestForceDtype})

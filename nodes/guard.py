@@ -1,0 +1,102 @@
+"""A guard for any MODEL: a sampling step whose output holds NaN or inf is redone in fp32, and only
+if that fails too does sampling stop, with an error that names the step, the sigma and the cause,
+instead of running on to a black image."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+import comfy.ops
+import comfy.patcher_extension
+from comfy_api.latest import io
+
+from ..loaders.health import nonfinite_tensors
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEY = "qwen_image_gguf_nan_guard"
+
+
+class NonFiniteModelOutput(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def compute_in_fp32(model):
+    """Run ``model`` (a ComfyUI BaseModel) in fp32: inputs cast to fp32 and every layer casting its
+    weights to them, whatever dtype it normally computes in."""
+    layers = [m for m in model.modules() if isinstance(m, comfy.ops.CastWeightBiasOp)]
+    saved = (model.manual_cast_dtype, [m.comfy_cast_weights for m in layers])
+    model.manual_cast_dtype = torch.float32
+    for m in layers:
+        m.comfy_cast_weights = True
+    try:
+        yield
+    finally:
+        model.manual_cast_dtype = saved[0]
+        for m, value in zip(layers, saved[1]):
+            m.comfy_cast_weights = value
+
+
+def _step(sigma: torch.Tensor, transformer_options: dict) -> str:
+    sigmas = transformer_options.get("sample_sigmas")
+    s = float(sigma.flatten()[0])
+    if sigmas is None or len(sigmas) < 2:
+        return f"sigma {s:.4g}"
+    index = int((sigmas.float().cpu() - s).abs().argmin())
+    return f"step {index + 1} of {len(sigmas) - 1} (sigma {s:.4g})"
+
+
+def _cause(model, dtype: torch.dtype) -> str:
+    bad = nonfinite_tensors(model.diffusion_model.named_parameters())
+    if bad:
+        listed = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        return f"the model file holds NaN/inf weights ({listed}): it is damaged, download it again"
+    if dtype == torch.float16:
+        return "fp16 compute overflows Qwen-Image; run it in bf16 or fp32"
+    return ("the inputs are not finite or a LoRA / patch makes the weights overflow "
+            "(try without LoRAs, or check the conditioning and latent)")
+
+
+def guard_apply_model(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+    out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if torch.isfinite(out).all():
+        return out
+    model = executor.class_obj
+    dtype = model.get_dtype_inference()
+    where = _step(t, transformer_options)
+    log.warning("NaN guard: model output at %s holds NaN/inf in %s; redoing the step in fp32", where, dtype)
+    with compute_in_fp32(model):
+        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if torch.isfinite(out).all():
+        return out
+    raise NonFiniteModelOutput(f"NaN guard: the model output at {where} holds NaN/inf, also when recomputed in "
+                               f"fp32 (it computed in {dtype}). Likely cause: {_cause(model, dtype)}.")
+
+
+def add_guard(model):
+    guarded = model.clone()
+    guarded.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, guard_apply_model)
+    return guarded
+
+
+class NaNGuard(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QwenImageGGUFNaNGuard",
+            display_name="NaN Guard",
+            category="advanced/model",
+            description="Checks every sampling step: an output holding NaN or inf is recomputed in fp32; if that "
+                        "fails too, sampling stops with an error naming the step, the sigma and the likely "
+                        "cause, instead of producing a black image. Costs one isfinite check per step.",
+            inputs=[io.Model.Input("model")],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        return io.NodeOutput(add_guard(model))

@@ -1,0 +1,174 @@
+"""The VAE loader and decode nodes, and a ComfyUI VAE that never hands back a black image.
+
+``GuardedVAE`` is ComfyUI's own VAE with two additions that every node using it gets (VAEDecode,
+VAEEncode, TextEncodeQwenImageEdit's reference latents): it tiles by itself when the work would
+not fit in free memory, and it redoes a decode or encode in fp32 when the result holds NaN or inf,
+failing with a clear error if that does not help either.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.sd
+import folder_paths
+from comfy_api.latest import io
+
+from ..loaders.errors import GGUFError
+from ..loaders.vae import LATENT_FORMATS, open_vae
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TILE = 512
+
+
+class GuardedVAE(comfy.sd.VAE):
+    family = None
+    path = ""
+    tile_size = DEFAULT_TILE
+
+    def _tile_args(self, tile_size: int) -> dict:
+        scale = self.spacial_compression_decode()
+        tile = max(8, tile_size // scale)
+        return {"tile_x": tile, "tile_y": tile, "overlap": tile // 4}
+
+    def _fits(self, memory: float) -> bool:
+        # Loading asks ComfyUI to make room first (it offloads other models); only what still does
+        # not fit after that is worth tiling.
+        comfy.model_management.load_models_gpu([self.patcher], memory_required=memory,
+                                               force_full_load=self.disable_offload)
+        return memory <= comfy.model_management.get_free_memory(self.device)
+
+    def _encode_shape(self, pixels: torch.Tensor) -> tuple:
+        """The input shape ComfyUI's encode sizes its memory by (video VAEs add a time axis)."""
+        b, h, w, c = pixels.shape
+        if self.latent_dim == 3:
+            return (1, c, b, h, w) if not self.not_video else (b, c, 1, h, w)
+        return (b, c, h, w)
+
+    def _fp32(self, run):
+        """Run again with the VAE in fp32 (fp16 overflow is the usual cause of NaN)."""
+        dtype = self.vae_dtype
+        self.vae_dtype = torch.float32
+        self.first_stage_model.to(torch.float32)
+        try:
+            return run()
+        finally:
+            self.vae_dtype = dtype
+            self.first_stage_model.to(dtype)
+
+    def _guard(self, what: str, run):
+        out = run()
+        if torch.isfinite(out).all():
+            return out
+        log.warning("%s: the %s holds NaN/inf in %s; redoing it in fp32", self.path, what, self.vae_dtype)
+        out = self._fp32(run)
+        if not torch.isfinite(out).all():
+            raise GGUFError(self.path, f"the VAE {what} holds NaN/inf even in fp32: the latent itself is not "
+                                       "finite (see the sampler's output) or this VAE file is damaged")
+        return out
+
+    def check_latent(self, samples: torch.Tensor) -> None:
+        if samples.shape[1] != self.latent_channels:
+            raise GGUFError(self.path, f"this VAE decodes {self.latent_channels}-channel latents but the latent "
+                                       f"has {samples.shape[1]} channels: VAE and model do not belong together")
+
+    def decode(self, samples_in, vae_options={}):
+        self.check_latent(samples_in)
+        spatial = samples_in.shape[-2:]
+        if not self._fits(self.memory_used_decode(samples_in.shape, self.vae_dtype)):
+            size = f"{spatial[-1] * self.spacial_compression_decode()}x{spatial[-2] * self.spacial_compression_decode()}"
+            log.info("%s: a %s decode would not fit in free memory; decoding in %d px tiles", self.path, size,
+                     self.tile_size)
+            return self._guard("decode", lambda: self.decode_tiled(samples_in, **self._tile_args(self.tile_size)))
+        return self._guard("decode", lambda: super(GuardedVAE, self).decode(samples_in, vae_options))
+
+    def encode(self, pixel_samples):
+        if not self._fits(self.memory_used_encode(self._encode_shape(pixel_samples), self.vae_dtype)):
+            log.info("%s: an encode of %s would not fit in free memory; encoding in %d px tiles", self.path,
+                     tuple(pixel_samples.shape[1:3]), self.tile_size)
+            tile = self.tile_size
+            return self._guard("encode", lambda: self.encode_tiled(pixel_samples, tile_x=tile, tile_y=tile,
+                                                                   overlap=tile // 8))
+        return self._guard("encode", lambda: super(GuardedVAE, self).encode(pixel_samples))
+
+
+def load_vae(path: str, tile_size: int = DEFAULT_TILE) -> GuardedVAE:
+    family, sd = open_vae(path)
+    vae = GuardedVAE(sd=sd)
+    vae.throw_exception_if_invalid()
+    vae.family, vae.path, vae.tile_size = family, path, tile_size
+    log.info("VAE %s: %s, for %s", path, family.description, family.used_by)
+    return vae
+
+
+def check_pair(vae, model) -> None:
+    """Raise if ``vae`` cannot decode latents of ``model`` (for instance the Flux VAE on Qwen-Image)."""
+    latent_format = type(model.model.latent_format).__name__
+    wanted = LATENT_FORMATS.get(latent_format)
+    family = getattr(vae, "family", None)
+    if wanted is None or family is None or family is wanted:
+        return
+    raise GGUFError(getattr(vae, "path", None), f"this is {family.description}, for {family.used_by}, but the model "
+                                                f"makes {wanted.used_by} latents, which need {wanted.description} "
+                                                f"({wanted.file_hint})")
+
+
+class VAELoaderGGUF(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QwenImageGGUFVAELoader",
+            display_name="Load Qwen-Image VAE",
+            category="loaders/qwen-image gguf",
+            description="Loads the Qwen-Image VAE (qwen_image_vae.safetensors, or the same weights as GGUF) or "
+                        "the Flux VAE for Z-Image. Decodes tile by themselves when the image would not fit in "
+                        "free memory, and NaN/inf results are redone in fp32 instead of saving a black image.",
+            inputs=[
+                io.Combo.Input("vae_name", options=folder_paths.get_filename_list("vae_gguf"),
+                               tooltip="From models/vae: qwen_image_vae.safetensors (Qwen-Image, -Edit), "
+                                       "ae.safetensors (Z-Image), or a .gguf of either."),
+                io.Int.Input("tile_size", default=DEFAULT_TILE, min=128, max=4096, step=32, advanced=True,
+                             tooltip="Tile size in pixels for decodes and encodes that would not fit in free "
+                                     "memory. Lower it if a large image still runs out of memory."),
+            ],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae_name: str, tile_size: int = DEFAULT_TILE) -> io.NodeOutput:
+        return io.NodeOutput(load_vae(folder_paths.get_full_path_or_raise("vae_gguf", vae_name), tile_size))
+
+
+class VAEDecodeChecked(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QwenImageGGUFVAEDecode",
+            display_name="VAE Decode (checked)",
+            category="latent/qwen-image gguf",
+            description="VAEDecode that first checks the VAE belongs to the model's latents (connect the model), "
+                        "tiles when the image would not fit in free memory, and never returns NaN as a black image.",
+            inputs=[
+                io.Latent.Input("samples"),
+                io.Vae.Input("vae"),
+                io.Model.Input("model", optional=True,
+                               tooltip="The model that made the latent: lets the node refuse a VAE of another "
+                                       "family (e.g. the Flux VAE on a Qwen-Image latent) before decoding."),
+            ],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae, model=None) -> io.NodeOutput:
+        if model is not None:
+            check_pair(vae, model)
+        latent = samples["samples"]
+        images = vae.decode(latent)
+        if images.ndim == 5:  # video-capable VAEs return frames: a batch of images here
+            images = images.reshape(-1, *images.shape[-3:])
+        return io.NodeOutput(images)
+
