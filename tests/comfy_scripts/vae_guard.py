@@ -53,7 +53,7 @@ def run(cfg):
         reference = comfy.sd.VAE(sd=dict(sd), dtype=torch.float32).decode(latent)
         result["guarded_vs_fp32"] = (out - reference).abs().max().item()
 
-        sd["decoder.conv1.weight"][0, 0, 0, 0, 0] = float("nan")
+        sd["decoder.conv1.weight"][0] = float("nan")
         broken = vae_nodes.GuardedVAE(sd=dict(sd), dtype=torch.float16)
         broken.path = "broken.safetensors"
         try:
