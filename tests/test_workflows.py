@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -197,3 +199,122 @@ def test_edit_inputs_ship_with_the_package():
         for node in load(path)["nodes"]:
             if node["type"] == "LoadImage":
                 assert node["widgets_values"][0] in INPUT_IMAGES
+
+
+# --- in a real browser: ComfyUI's own front end, served by the real server --------------------------
+
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+def browser_missing_reason() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install selenium)"
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return "headless Chromium is not installed (apt-get install chromium chromium-driver)"
+    return None
+
+
+def ui_for_fixtures(ui: dict) -> dict:
+    """The UI preset pointing at the tiny fixtures (widgets and download entries), small and quick."""
+    ui = copy.deepcopy(ui)
+    for node in ui["nodes"]:
+        values = node.get("widgets_values") or []
+        node["widgets_values"] = [FIXTURES.get(v, v) if isinstance(v, str) else v for v in values]
+        for model in node.get("properties", {}).get("models", []):
+            model["name"] = FIXTURES.get(model["name"], model["name"])
+        if node["type"] == "EmptySD3LatentImage":
+            node["widgets_values"][:2] = [64, 64]
+        if node["type"] == "KSampler":
+            node["widgets_values"][2] = 2
+    return ui
+
+
+@pytest.fixture(scope="module")
+def browser(server, tmp_path_factory):
+    reason = browser_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1600,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium")
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver.set_script_timeout(120)
+    driver.get(server.url)
+    deadline = time.time() + 120
+    while time.time() < deadline and not driver.execute_script("return !!(window.app && window.app.graph)"):
+        time.sleep(1)
+    assert driver.execute_script("return !!(window.app && window.app.graph)"), "the front end did not start"
+    time.sleep(3)
+    close_dialogs(driver)  # a new user's first visit opens the template browser
+    ARTIFACTS.mkdir(exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+DIALOGS = "[role=dialog], .p-dialog, .p-dialog-mask, .comfy-modal, .p-toast-message-error"
+
+
+def visible_dialogs(driver) -> list[str]:
+    return driver.execute_script(
+        f"return [...document.querySelectorAll('{DIALOGS}')]"
+        ".filter(e => e.getClientRects().length > 0 && getComputedStyle(e).visibility !== 'hidden')"
+        ".map(e => e.innerText.slice(0, 300))")
+
+
+def close_dialogs(driver) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+    for _ in range(3):
+        if not visible_dialogs(driver):
+            return
+        ActionChains(driver).send_keys(Keys.ESCAPE).perform()
+        time.sleep(0.5)
+    assert not visible_dialogs(driver), visible_dialogs(driver)
+
+
+def load_in_browser(driver, ui: dict) -> str:
+    return driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "window.app.loadGraphData(arguments[0]).then(() => done('ok'), e => done('error: ' + e));", ui)
+
+
+@pytest.mark.parametrize("path", presets(), ids=lambda p: p.stem)
+def test_preset_loads_in_the_browser(browser, path):
+    assert load_in_browser(browser, ui_for_fixtures(load(path))) == "ok"
+    time.sleep(1.5)
+    count = browser.execute_script("return window.app.graph.nodes.length")
+    assert count == len(load(path)["nodes"])
+    browser.save_screenshot(str(ARTIFACTS / f"{path.stem}.png"))
+    dialogs = visible_dialogs(browser)
+    assert not dialogs, dialogs
+    body = browser.execute_script("return document.body.innerText").lower()
+    assert "missing node" not in body and "missing models" not in body
+
+
+def test_queue_from_the_page_produces_an_image(browser, server):
+    before = set(server.get("/history"))
+    assert load_in_browser(browser, ui_for_fixtures(load(WORKFLOWS / "qwen_image_2512_t2i_20steps.json"))) == "ok"
+    answer = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "window.app.queuePrompt(0, 1).then(r => done('queued'), e => done('error: ' + e));")
+    assert answer == "queued"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        new = {k: v for k, v in server.get("/history").items() if k not in before}
+        done = [v for v in new.values() if v.get("status", {}).get("completed")]
+        if done:
+            images = [i for out in done[0]["outputs"].values() for i in out.get("images", [])]
+            assert images and (server.workdir / "output" / images[0]["filename"]).exists()
+            browser.save_screenshot(str(ARTIFACTS / "queued_from_page.png"))
+            return
+        errors = [v for v in new.values() if v.get("status", {}).get("status_str") == "error"]
+        assert not errors, json.dumps(errors[0]["status"])[:2000]
+        time.sleep(1)
+    raise AssertionError("the queued prompt did not finish")
