@@ -9,6 +9,9 @@ code that calls ``.to(torch.float32)`` on a weight receives values, never reinte
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from gguf import GGMLQuantizationType
 
@@ -76,12 +79,29 @@ def _conversion_target(func, args, kwargs) -> tuple[torch.device | None, torch.d
     return device, dtype
 
 
+@functools.lru_cache(maxsize=1)
+def _cuda_kernels():
+    """The Triton kernels, where Triton can run (CUDA); None elsewhere or when switched off."""
+    if os.environ.get("QWEN_GGUF_TORCH_DEQUANT") == "1" or not torch.cuda.is_available():
+        return None
+    try:
+        from . import triton_dequant
+    except ImportError:
+        return None
+    return triton_dequant
+
+
 def dequantize(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight as a ``dtype`` tensor of its logical shape, computed on the tensor's device."""
+    """The weight as a ``dtype`` tensor of its logical shape, computed on the tensor's device
+    (one Triton kernel on CUDA, the torch dequantizers elsewhere; both give the same bits)."""
     if not isinstance(t, GGMLTensor):
         return t.to(dtype)
     qcls = DEQUANTIZERS[t.qtype]
     with torch._C.DisableTorchFunctionSubclass():
+        if t.is_cuda:
+            kernels = _cuda_kernels()
+            if kernels is not None and t.qtype in kernels.KERNEL_TYPES:
+                return kernels.dequantize_cuda(t.contiguous(), t.qtype, t.qshape, dtype)
         values = qcls.dequantize_blocks(t.reshape(-1, qcls.type_size))
         return values.reshape(t.qshape).to(dtype)
 

@@ -57,3 +57,22 @@ def test_float_conversion_dequantizes_and_moves_keep_bytes(name):
     for moved in (t.to("cpu"), t.clone(), t.detach(), t.data, torch.nn.Parameter(t, requires_grad=False)):
         assert isinstance(moved, GGMLTensor) and moved.qtype == qtype and moved.qshape == t.qshape
     assert t.numel() * t.element_size() == blocks.nbytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(F16_FIELDS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype):
+    from loaders import triton_dequant
+    qtype = GGMLQuantizationType[name]
+    block_size, _ = GGML_QUANT_SIZES[qtype]
+    rows, cols = 37, block_size * 9
+    blocks = torch.from_numpy(random_blocks(qtype, rows * 9, seed=11)).cuda()
+    t = GGMLTensor(blocks, qtype, (rows, cols))
+    got = triton_dequant.dequantize_cuda(t.contiguous(), qtype, (rows, cols), dtype)
+    cls = DEQUANTIZERS[qtype]
+    with torch._C.DisableTorchFunctionSubclass():
+        expected = cls.dequantize_blocks(blocks.reshape(-1, cls.type_size)).reshape(rows, cols).to(dtype)
+    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(dequantize(t, dtype), got)

@@ -1,0 +1,69 @@
+"""Each Triton dequant kernel's throughput against the GPU's copy bandwidth, measured in the same run,
+with the torch path (the same math as 15-25 small torch ops) alongside. Needs a CUDA GPU:
+
+    python bench/dequant_bandwidth.py [rows cols]
+
+Bytes counted per kernel: the quantized bytes read plus the bf16 bytes written, as for the copy
+(bytes read + bytes written). Times are medians of triton.testing.do_bench.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton.testing
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from loaders.quants import DEQUANTIZERS  # noqa: E402
+from loaders.triton_dequant import KERNEL_TYPES, dequantize_cuda  # noqa: E402
+
+# Byte offsets of each type's f16 scales, set to small finite values (random bytes could be inf/NaN).
+F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q2_K: (80, 82),
+              T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
+
+
+def random_blocks(qtype: T, n_blocks: int, device: str = "cuda") -> torch.Tensor:
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = torch.randint(0, 256, (n_blocks, type_size), dtype=torch.uint8, device=device)
+    scale = (torch.rand(n_blocks, device=device) * 0.01).to(torch.float16).view(torch.uint8).reshape(n_blocks, 2)
+    for off in F16_FIELDS[qtype]:
+        blocks[:, off:off + 2] = scale
+    return blocks
+
+
+def main() -> None:
+    rows, cols = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (12288, 3072 * 4)
+    n = rows * cols
+    src = torch.empty(n * 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    copy_bw = 2 * src.numel() / copy_ms / 1e6
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"copy bandwidth (read + write of {src.numel() / 1e9:.2f} GB): {copy_bw:.0f} GB/s")
+    print(f"weight {rows}x{cols} ({n / 1e6:.0f}M elements) to bf16\n")
+    print("| type | triton ms | GB/s | % of copy | torch path ms | speed-up |")
+    print("|---|---|---|---|---|---|")
+    worst = 1.0
+    for qtype in sorted(KERNEL_TYPES, key=int):
+        qcls = DEQUANTIZERS[qtype]
+        blocks = random_blocks(qtype, n // qcls.block_size)
+        ms = triton.testing.do_bench(lambda: dequantize_cuda(blocks, qtype, (rows, cols), torch.bfloat16),
+                                     return_mode="median")
+        with torch._C.DisableTorchFunctionSubclass():
+            torch_ms = triton.testing.do_bench(lambda: qcls.dequantize_blocks(blocks).to(torch.bfloat16),
+                                               return_mode="median")
+        gbs = (blocks.numel() + 2 * n) / ms / 1e6
+        worst = min(worst, gbs / copy_bw)
+        print(f"| {qtype.name} | {ms:.3f} | {gbs:.0f} | {100 * gbs / copy_bw:.0f}% | {torch_ms:.3f} | {torch_ms / ms:.1f}x |")
+    print(f"\nslowest kernel: {100 * worst:.0f}% of copy bandwidth (target >= 85%)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    np.random.seed(0)
+    main()
