@@ -29,12 +29,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="1024,1328")
     parser.add_argument("--layers", type=int, default=60)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--cpu", action="store_true", help="a smoke run of this script on the CPU (no figures)")
     a = parser.parse_args()
     sys.path.insert(0, str(REPO / "tests"))
     from comfy_env import PACKAGE_NAME, run_script
     work = Path(tempfile.mkdtemp())
     (work / "models").mkdir()
-    result = run_script(work, work / "models", REPO / "bench" / "qwen_step_inside.py", timeout=3000, args=[],
+    result = run_script(work, work / "models", REPO / "bench" / "qwen_step_inside.py", timeout=3000,
+                        args=["--cpu"] if a.cpu else [], device="cpu" if a.cpu else "cuda",
                         package=PACKAGE_NAME, steps=a.steps, sizes=[int(s) for s in a.sizes.split(",")],
                         layers=a.layers, repo=str(REPO))
     if a.out:

@@ -29,8 +29,11 @@ class PeakVRAM:
 
     def poll(self):
         while self.running:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout.split()
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True).stdout.split()
+            except FileNotFoundError:  # no NVIDIA driver: nothing to read
+                return
             if out:
                 self.peak = max(self.peak, int(out[0]))
             time.sleep(0.1)
@@ -41,25 +44,28 @@ class PeakVRAM:
 
 
 def random_weights(cfg, pkg):
+    sys.path.insert(0, cfg["repo"])
     sys.path.insert(0, cfg["repo"] + "/tests")
     sys.path.insert(0, cfg["repo"] + "/bench")
     from tiny_models import qwen_image_shapes
     from dequant_bandwidth import random_blocks
     from gguf import GGMLQuantizationType as T
-    recipe = pkg.loaders.writer.city96_recipe(T.Q4_K, cfg["layers"])
+    from loaders.writer import city96_recipe
+    recipe = city96_recipe(T.Q4_K, cfg["layers"])
     GGMLTensor = pkg.loaders.tensor.GGMLTensor
     shapes = qwen_image_shapes(layers=cfg["layers"], heads=24, head_dim=128, text_dim=3584, mlp=12288,
                                in_channels=64, out_channels=16)
     ours, native = {}, {}
-    g = torch.Generator(device="cuda").manual_seed(0)
+    device = cfg.get("device", "cuda")
+    g = torch.Generator(device=device).manual_seed(0)
     for name, shape in shapes.items():
         qtype = recipe(name, shape)
         if qtype == T.F32:
-            w = (torch.randn(shape, device="cuda", generator=g) * (0.02 if len(shape) > 1 else 1.0)).float()
+            w = (torch.randn(shape, device=device, generator=g) * (0.02 if len(shape) > 1 else 1.0)).float()
             ours[name], native[name] = w.cpu(), w.to(torch.bfloat16).cpu()
             continue
         qcls = pkg.loaders.quants.DEQUANTIZERS[qtype]
-        blocks = random_blocks(qtype, shape[0] * shape[1] // qcls.block_size)
+        blocks = random_blocks(qtype, shape[0] * shape[1] // qcls.block_size, device)
         t = GGMLTensor(blocks, qtype, shape)
         native[name] = pkg.loaders.tensor.dequantize(t, torch.bfloat16).cpu()
         ours[name] = GGMLTensor(blocks.cpu(), qtype, shape)
@@ -85,14 +91,16 @@ def seconds_per_step(model, size, steps):
     stamps = []
 
     def callback(step, x0, x, total):
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
     comfy.sample.sample(model, noise, 2, 4.0, "dpmpp_2m", "karras", cond, uncond, latent, callback=callback,
                         disable_pbar=True, seed=0)  # warm-up: load, compile, allocate
     stamps.clear()
     with PeakVRAM() as peak:
-        torch.cuda.synchronize()
+        callback(0, None, None, steps)
+        stamps.clear()
         stamps.append(time.perf_counter())
         out = comfy.sample.sample(model, noise, steps, 4.0, "dpmpp_2m", "karras", cond, uncond, latent,
                                   callback=callback, disable_pbar=True, seed=0)
@@ -105,7 +113,6 @@ def run(cfg):
     from script_helpers import loaded_module
     pkg = loaded_module(cfg, cfg["package"])
     ours_sd, native_sd = random_weights(cfg, pkg)
-    torch.cuda.empty_cache()
     rows = []
     dm = pkg.loaders.diffusion.DiffusionModel("random-full-size.gguf", "qwen_image", "Qwen-Image",
                                               pkg.loaders.diffusion.qwen_image_config(ours_sd, "random")[0],
@@ -116,9 +123,9 @@ def run(cfg):
         for size in cfg["sizes"]:
             s, peak = seconds_per_step(model, size, cfg["steps"])
             rows.append({"model": name, "size": size, "s_per_step": s, "peak_vram_gb": peak})
-            print(rows[-1], flush=True)
+            print("step timing:", rows[-1], flush=True)
         mm.unload_all_models()
         del model
         mm.soft_empty_cache()
-    return {"rows": rows, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    return {"rows": rows, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
             "comfyui": comfyui_version.__version__, "dynamic_vram": comfy.memory_management.aimdo_enabled}

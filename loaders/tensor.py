@@ -92,18 +92,22 @@ def _cuda_kernels():
 
 
 def dequantize(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight as a ``dtype`` tensor of its logical shape, computed on the tensor's device
-    (one Triton kernel on CUDA, the torch dequantizers elsewhere; both give the same bits)."""
+    """The weight as a ``dtype`` tensor of its logical shape, computed on the tensor's device."""
     if not isinstance(t, GGMLTensor):
         return t.to(dtype)
-    qcls = DEQUANTIZERS[t.qtype]
     with torch._C.DisableTorchFunctionSubclass():
-        if t.is_cuda:
-            kernels = _cuda_kernels()
-            if kernels is not None and t.qtype in kernels.KERNEL_TYPES:
-                return kernels.dequantize_cuda(t.contiguous(), t.qtype, t.qshape, dtype)
-        values = qcls.dequantize_blocks(t.reshape(-1, qcls.type_size))
-        return values.reshape(t.qshape).to(dtype)
+        return dequantize_bytes(t, t.qtype, t.qshape, dtype)
+
+
+def dequantize_bytes(raw: torch.Tensor, qtype: GGMLQuantizationType, shape, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize plain uint8 block bytes (one Triton kernel on CUDA, the torch dequantizers elsewhere;
+    both give the same bits). The per-layer path calls this directly, without a tensor subclass."""
+    if raw.is_cuda:
+        kernels = _cuda_kernels()
+        if kernels is not None and qtype in kernels.KERNEL_TYPES:
+            return kernels.dequantize_cuda(raw.contiguous(), qtype, shape, dtype)
+    qcls = DEQUANTIZERS[qtype]
+    return qcls.dequantize_blocks(raw.reshape(-1, qcls.type_size)).reshape(shape).to(dtype)
 
 
 def logical_shape(t: torch.Tensor) -> torch.Size:

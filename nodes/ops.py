@@ -14,7 +14,7 @@ import torch
 
 import comfy.ops
 
-from ..loaders.tensor import GGMLTensor, dequantize
+from ..loaders.tensor import GGMLTensor, dequantize, dequantize_bytes
 
 
 class FileWeights:
@@ -75,7 +75,8 @@ class GGUFOps(comfy.ops.manual_cast):
             finally:
                 self.weight_function, self.weight_lowvram_function = patches, lowvram_patch
             try:
-                weight = dequantize(_as_ggml(raw, self.weight), input.dtype)
+                with torch._C.DisableTorchFunctionSubclass():
+                    weight = dequantize_bytes(raw, self.weight.qtype, self.weight.qshape, input.dtype)
                 for patch in ([lowvram_patch] if lowvram_patch is not None else []) + list(patches):
                     weight = patch(weight)
                 return torch.nn.functional.linear(input, weight, bias)
@@ -103,7 +104,3 @@ class GGUFOps(comfy.ops.manual_cast):
                                 out_dtype or self.compute_dtype)
             return values.to(input.device).reshape(*input.shape, self.embedding_dim)
 
-
-def _as_ggml(raw: torch.Tensor, like: GGMLTensor) -> GGMLTensor:
-    """ComfyUI's transfer buffers hand back plain uint8 views; give them their quant type back."""
-    return raw if isinstance(raw, GGMLTensor) else GGMLTensor(raw, like.qtype, like.qshape)
