@@ -158,6 +158,23 @@ def loaders(g: Graph, unet: str, clip: str, mmproj: str, vae: str, x: int = 0, y
     return guard, clip_node, vae_node
 
 
+def prompt_pair(g: Graph, clip: dict, group: str) -> tuple[dict, dict]:
+    g.group(group, 400, -60, 460, 560, "#8A8")
+    pos = g.add("CLIPTextEncode", (420, 0), (420, 220), title="Positive prompt", text=PROMPT_T2I)
+    neg = g.add("CLIPTextEncode", (420, 260), (420, 160), title="Negative prompt", text=NEGATIVE_ZH)
+    g.connect(clip, 0, pos, "clip")
+    g.connect(clip, 0, neg, "clip")
+    return pos, neg
+
+
+def ksampler(g: Graph, pos: tuple[int, int], model: dict, positive: dict, negative: dict, latent: dict,
+             size: tuple[int, int] = (340, 270), cfg: float = 4.0, **widgets) -> dict:
+    sampler = g.add("KSampler", pos, size, seed=42, cfg=cfg, denoise=1.0, **widgets)
+    for src, name in ((model, "model"), (positive, "positive"), (negative, "negative"), (latent, "latent_image")):
+        g.connect(src, 0, sampler, name)
+    return sampler
+
+
 def decode_and_save(g: Graph, sampler: dict, vae: dict, model: dict, prefix: str, x: int, y: int) -> dict:
     decode = g.add("QwenImageGGUFVAEDecode", (x, y), (260, 80))
     g.connect(sampler, 0, decode, "samples")
@@ -172,19 +189,13 @@ def qwen_t2i(info: dict, steps: int) -> dict:
     g = Graph(info)
     guard, clip, vae = loaders(g, "qwen-image-2512-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf",
                                "mmproj-F16.gguf", "qwen_image_vae.safetensors")
-    g.group("2. Prompt", 400, -60, 460, 560, "#8A8")
-    pos = g.add("CLIPTextEncode", (420, 0), (420, 220), title="Positive prompt", text=PROMPT_T2I)
-    neg = g.add("CLIPTextEncode", (420, 260), (420, 160), title="Negative prompt", text=NEGATIVE_ZH)
-    g.connect(clip, 0, pos, "clip")
-    g.connect(clip, 0, neg, "clip")
+    pos, neg = prompt_pair(g, clip, "2. Prompt")
     g.group(f"3. Sampling: DPM++ 2M Karras, {steps} steps", 880, -60, 380, 560, "#b58b2a")
     shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.1)
     g.connect(guard, 0, shift, "model")
     latent = g.add("EmptySD3LatentImage", (900, 100), (340, 110), width=1328, height=1328, batch_size=1)
-    sampler = g.add("KSampler", (900, 250), (340, 270), seed=42, control_after_generate="randomize", steps=steps,
-                    cfg=4.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
-    for src, name in ((shift, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
-        g.connect(src, 0, sampler, name)
+    sampler = ksampler(g, (900, 250), shift, pos, neg, latent, control_after_generate="randomize", steps=steps,
+                       sampler_name="dpmpp_2m", scheduler="karras")
     g.group("4. Decode and save", 1280, -60, 640, 900, "#a1309b")
     decode_and_save(g, sampler, vae, guard, f"qwen-image-2512-{steps}steps", 1300, 0)
     g.add("MarkdownNote", (-20, 520), (380, 300), text=RESOLUTIONS_NOTE)
@@ -226,10 +237,8 @@ def qwen_edit(info: dict, images: int) -> dict:
     encode = g.add("VAEEncode", (1340, 420), (340, 50))
     g.connect(scaled, 0, encode, "pixels")
     g.connect(vae, 0, encode, "vae")
-    sampler = g.add("KSampler", (1340, 500), (340, 270), seed=42, control_after_generate="randomize", steps=40,
-                    cfg=4.0, sampler_name="euler", scheduler="simple", denoise=1.0)
-    for src, name in ((norm, "model"), (refs[0], "positive"), (refs[1], "negative"), (encode, "latent_image")):
-        g.connect(src, 0, sampler, name)
+    sampler = ksampler(g, (1340, 500), norm, refs[0], refs[1], encode, control_after_generate="randomize", steps=40,
+                       sampler_name="euler", scheduler="simple")
     g.group("4. Decode and save", 1720, -60, 640, 900, "#a1309b")
     decode_and_save(g, sampler, vae, guard, f"qwen-image-edit-2511-{images}img", 1740, 0)
     g.add("MarkdownNote", (-20, 520), (380, 320), text=(
@@ -252,10 +261,8 @@ def z_image(info: dict) -> dict:
     shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.0)
     g.connect(guard, 0, shift, "model")
     latent = g.add("EmptySD3LatentImage", (900, 100), (340, 110), width=1024, height=1024, batch_size=1)
-    sampler = g.add("KSampler", (900, 250), (340, 270), seed=42, control_after_generate="randomize", steps=8,
-                    cfg=1.0, sampler_name="res_multistep", scheduler="simple", denoise=1.0)
-    for src, name in ((shift, "model"), (pos, "positive"), (zero, "negative"), (latent, "latent_image")):
-        g.connect(src, 0, sampler, name)
+    sampler = ksampler(g, (900, 250), shift, pos, zero, latent, control_after_generate="randomize", steps=8,
+                       cfg=1.0, sampler_name="res_multistep", scheduler="simple")
     g.group("4. Decode and save", 1280, -60, 640, 900, "#a1309b")
     decode_and_save(g, sampler, vae, guard, "z-image-turbo", 1300, 0)
     g.add("MarkdownNote", (-20, 520), (380, 260), text=(
@@ -268,11 +275,7 @@ def step_comparison(info: dict) -> dict:
     g = Graph(info)
     guard, clip, vae = loaders(g, "qwen-image-2512-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf", "none",
                                "qwen_image_vae.safetensors")
-    g.group("2. One prompt, one seed", 400, -60, 460, 560, "#8A8")
-    pos = g.add("CLIPTextEncode", (420, 0), (420, 220), title="Positive prompt", text=PROMPT_T2I)
-    neg = g.add("CLIPTextEncode", (420, 260), (420, 160), title="Negative prompt", text=NEGATIVE_ZH)
-    g.connect(clip, 0, pos, "clip")
-    g.connect(clip, 0, neg, "clip")
+    pos, neg = prompt_pair(g, clip, "2. One prompt, one seed")
     shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.1)
     g.connect(guard, 0, shift, "model")
     latent = g.add("EmptySD3LatentImage", (900, 100), (340, 110), width=1024, height=1024, batch_size=1)
@@ -280,11 +283,8 @@ def step_comparison(info: dict) -> dict:
     labelled = []
     for i, steps in enumerate((20, 40, 60)):
         y = 250 + 280 * i
-        sampler = g.add("KSampler", (900, y), (340, 262), title=f"KSampler {steps} steps", seed=42,
-                        control_after_generate="fixed", steps=steps, cfg=4.0, sampler_name="dpmpp_2m",
-                        scheduler="karras", denoise=1.0)
-        for src, name in ((shift, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
-            g.connect(src, 0, sampler, name)
+        sampler = ksampler(g, (900, y), shift, pos, neg, latent, (340, 262), title=f"KSampler {steps} steps",
+                           control_after_generate="fixed", steps=steps, sampler_name="dpmpp_2m", scheduler="karras")
         decode = g.add("QwenImageGGUFVAEDecode", (1260, y), (260, 80))
         g.connect(sampler, 0, decode, "samples")
         g.connect(vae, 0, decode, "vae")
