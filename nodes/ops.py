@@ -4,7 +4,7 @@ The model's layers come from ComfyUI's own ``comfy/ldm`` classes; only the Linea
 weight stays a ``GGMLTensor`` (quantized bytes) wherever ComfyUI puts it: ComfyUI's cast machinery
 (offload streams, pinned memory, and the dynamic VRAM loader's page cache) moves the bytes as
 uint8, and the layer dequantizes them to the input's dtype on the input's device when it runs. LoRA
-patches then apply to the dequantized weight, as they do to any float weight. Everything that is
+patches then apply to the dequantized weight (plain LoRAs in low-rank form, see lora.py). Everything that is
 not quantized (norms, the small F32 tensors of every GGUF) goes through ComfyUI's manual-cast path.
 """
 
@@ -15,6 +15,7 @@ import torch
 import comfy.ops
 
 from ..loaders.tensor import GGMLTensor, dequantize, dequantize_bytes
+from .lora import apply_patches
 
 
 class FileWeights:
@@ -77,8 +78,7 @@ class GGUFOps(comfy.ops.manual_cast):
             try:
                 with torch._C.DisableTorchFunctionSubclass():
                     weight = dequantize_bytes(raw, self.weight.qtype, self.weight.qshape, input.dtype)
-                for patch in ([lowvram_patch] if lowvram_patch is not None else []) + list(patches):
-                    weight = patch(weight)
+                weight = apply_patches(weight, ([lowvram_patch] if lowvram_patch is not None else []) + list(patches))
                 return torch.nn.functional.linear(input, weight, bias)
             finally:
                 comfy.ops.uncast_bias_weight(self, raw, bias, offload)

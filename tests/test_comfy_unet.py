@@ -172,7 +172,12 @@ def test_model_management_lifecycle(models, tmp_path):
     tol = 1e-4
     assert r["base"] < tol and r["clone"] < tol and r["after_unpatch"] < tol, r
     assert r["lora_effect"] > 1e-2, r
-    assert r["lora_full"] < tol and r["lora_partial"] < tol, r
+    assert r["lora_full"] < tol and r["lora_partial"] < tol and r["lora_partial_again"] < tol, r
+    # The per-layer LoRA runs from its cached low-rank form, never ComfyUI's from-scratch patch math...
+    assert r["lora_partial_full_patch_calls"] == 0, r
+    # ... which still serves the patch kinds that have no low-rank form.
+    assert r["diff_patch_effect"] > 1e-2 and r["diff_patch_partial"] < tol, r
+    assert r["diff_patch_full_patch_calls"] > 0, r
     # Merged once at load for the patched layers only; back to quantized after unpatching; the per-layer
     # (partial) path keeps everything quantized.
     assert 0 < r["quantized_params_lora_merged"] < r["quantized_params"], r

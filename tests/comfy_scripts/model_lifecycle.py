@@ -2,13 +2,16 @@
 
 Compares one denoising forward of the GGUF model with ComfyUI's own model on the twin weights:
 fully loaded, with a LoRA merged at load, with the LoRA applied per layer in a partial (lowvram)
-load, after unpatching, and on a clone; and reports the memory ComfyUI accounts for the model.
+load (in low-rank form, and a full-difference patch through ComfyUI's math), after unpatching, and on
+a clone; and reports the memory ComfyUI accounts for the model.
 """
 
 import torch
 
 import comfy.model_management as mm
+import comfy.lora
 import comfy.sd
+import comfy.utils
 from script_helpers import ours_and_native
 
 
@@ -29,6 +32,19 @@ def run(cfg):
         if load.get("full_load"):
             patcher.unpatch_model(device)
         return out
+
+    def count_calls(module, name):
+        """Counts calls of module.name(patches, weight, key, ...) on quantized weights until .pop(),
+        which restores it and returns the count. (Float layers keep ComfyUI's own patching.)"""
+        original, counter = getattr(module, name), [0]
+        quantized = {k for k, v in ours.model.state_dict().items() if type(v).__name__ == "GGMLTensor"}
+
+        def counted(patches, weight, key, *args, **kwargs):
+            counter[0] += key in quantized
+            return original(patches, weight, key, *args, **kwargs)
+
+        setattr(module, name, counted)
+        return type("Count", (), {"pop": lambda self: (setattr(module, name, original), counter[0])[1]})()
 
     def diff(a, b):
         return (a - b).abs().max().item()
@@ -53,12 +69,31 @@ def run(cfg):
     result["quantized_params_after_unpatch"] = n_quantized(lora_ours)
     result["after_unpatch"] = diff(forward(ours, full_load=True), base_native)
 
-    # A budget of one byte: every Linear runs through the cast path with its LoRA per layer.
+    # A budget of one byte: every Linear runs through the cast path with its LoRA per layer, in
+    # low-rank form: ComfyUI's from-scratch patch math (calculate_weight) must not run, on any forward.
+    calls = count_calls(comfy.lora, "calculate_weight")
     partial = forward(lora_ours, lowvram_model_memory=1)
+    partial_again = lora_ours.model.apply_model(x, sigma, c_crossattn=context)
     result["lora_partial"] = diff(partial, ref)
+    result["lora_partial_again"] = diff(partial_again, ref)
+    result["lora_partial_full_patch_calls"] = calls.pop()
     result["quantized_params_partial"] = n_quantized(lora_ours)
     lora_ours.partially_unload(mm.unet_offload_device(), memory_to_free=1 << 40)
     lora_ours.detach()
+
+    # A patch kind with no low-rank form (a full weight difference) goes through ComfyUI's own math.
+    key = next(k for k in lora_ours.get_key_patches() if k.endswith("img_mlp.net.0.proj.weight"))
+    delta = torch.randn(comfy.utils.get_attr(native.model, key).shape, generator=g) * 0.05
+    diff_native, diff_ours = native.clone(), ours.clone()
+    for patcher in (diff_native, diff_ours):
+        patcher.add_patches({key: (delta,)}, 1.0)
+    diff_ref = forward(diff_native, full_load=True)
+    calls = count_calls(comfy.lora, "calculate_weight")
+    result["diff_patch_partial"] = diff(forward(diff_ours, lowvram_model_memory=1), diff_ref)
+    result["diff_patch_effect"] = diff(diff_ref, base_native)
+    result["diff_patch_full_patch_calls"] = calls.pop()
+    diff_ours.partially_unload(mm.unet_offload_device(), memory_to_free=1 << 40)
+    diff_ours.detach()
 
     clone = ours.clone()
     result["clone"] = diff(forward(clone, full_load=True), base_native)
