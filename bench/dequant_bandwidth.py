@@ -1,7 +1,9 @@
 """Each Triton dequant kernel's throughput against the GPU's copy bandwidth, measured in the same run,
 with the torch path (the same math as 15-25 small torch ops) alongside. Needs a CUDA GPU:
 
-    python bench/dequant_bandwidth.py [rows cols]
+    python bench/dequant_bandwidth.py [--sweep] [rows cols]
+
+``--sweep`` also times other tile shapes (blocks per program, warps) per type, to choose TILES.
 
 Bytes counted per kernel: the quantized bytes read plus the bf16 bytes written, as for the copy
 (bytes read + bytes written). Times are medians of triton.testing.do_bench.
@@ -20,7 +22,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loaders.quants import DEQUANTIZERS  # noqa: E402
-from loaders.triton_dequant import KERNEL_TYPES, dequantize_cuda  # noqa: E402
+from loaders.triton_dequant import KERNEL_TYPES, TILES, Tile, dequantize_cuda  # noqa: E402
 
 # Byte offsets of each type's f16 scales, set to small finite values (random bytes could be inf/NaN).
 F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q2_K: (80, 82),
@@ -36,8 +38,24 @@ def random_blocks(qtype: T, n_blocks: int, device: str = "cuda") -> torch.Tensor
     return blocks
 
 
+def sweep(qtype: T, blocks: torch.Tensor, shape: tuple[int, int], copy_bw: float) -> None:
+    nsub = TILES[qtype].nsub
+    results = []
+    for per_program in (256, 512, 1024, 2048, 4096, 8192):
+        for warps in (2, 4, 8):
+            n_blocks = max(1, per_program // DEQUANTIZERS[qtype].block_size)
+            tile = Tile(nsub, n_blocks, warps)
+            ms = triton.testing.do_bench(lambda: dequantize_cuda(blocks, qtype, shape, torch.bfloat16, tile),
+                                         return_mode="median")
+            results.append(((blocks.numel() + 2 * shape[0] * shape[1]) / ms / 1e6 / copy_bw, tile))
+    results.sort(key=lambda r: -r[0])
+    print(f"  sweep {qtype.name}: " + ", ".join(f"{t.blocks}x{t.num_warps}w {100 * f:.0f}%" for f, t in results[:4]))
+
+
 def main() -> None:
-    rows, cols = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (12288, 3072 * 4)
+    do_sweep = "--sweep" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--sweep"]
+    rows, cols = (int(args[0]), int(args[1])) if len(args) > 1 else (12288, 3072 * 4)
     n = rows * cols
     src = torch.empty(n * 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -60,6 +78,8 @@ def main() -> None:
         gbs = (blocks.numel() + 2 * n) / ms / 1e6
         worst = min(worst, gbs / copy_bw)
         print(f"| {qtype.name} | {ms:.3f} | {gbs:.0f} | {100 * gbs / copy_bw:.0f}% | {torch_ms:.3f} | {torch_ms / ms:.1f}x |")
+        if do_sweep:
+            sweep(qtype, blocks, (rows, cols), copy_bw)
     print(f"\nslowest kernel: {100 * worst:.0f}% of copy bandwidth (target >= 85%)")
 
 

@@ -1,5 +1,11 @@
 """Every supported quant type dequantizes exactly as the gguf package's numpy reference."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -59,20 +65,39 @@ def test_float_conversion_dequantizes_and_moves_keep_bytes(name):
     assert t.numel() * t.element_size() == blocks.nbytes
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
+# The kernels run on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, which must be
+# set before Triton is imported: test_triton_kernels_in_interpreter runs this test in a subprocess so).
+# The interpreter rounds fp32 to bf16 by truncation, unlike the GPU, so there only fp32 is compared.
+KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+KERNEL_DTYPES = [torch.float32] if KERNEL_DEVICE == "cpu" else [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.skipif(KERNEL_DEVICE == "cuda" and not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
 @pytest.mark.parametrize("name", sorted(F16_FIELDS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype):
     from loaders import triton_dequant
     qtype = GGMLQuantizationType[name]
     block_size, _ = GGML_QUANT_SIZES[qtype]
+    # 37 rows of 9 blocks: the block count is no multiple of any program's tile, so the masks matter.
     rows, cols = 37, block_size * 9
-    blocks = torch.from_numpy(random_blocks(qtype, rows * 9, seed=11)).cuda()
+    blocks = torch.from_numpy(random_blocks(qtype, rows * 9, seed=11)).to(KERNEL_DEVICE)
     t = GGMLTensor(blocks, qtype, (rows, cols))
     got = triton_dequant.dequantize_cuda(t.contiguous(), qtype, (rows, cols), dtype)
     cls = DEQUANTIZERS[qtype]
     with torch._C.DisableTorchFunctionSubclass():
         expected = cls.dequantize_blocks(blocks.reshape(-1, cls.type_size)).reshape(rows, cols).to(dtype)
-    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
-    assert torch.equal(dequantize(t, dtype), got)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(got.view(bits), expected.view(bits))
+    if KERNEL_DEVICE == "cuda":
+        assert torch.equal(dequantize(t, dtype), got)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.skipif(KERNEL_DEVICE == "cpu", reason="already under the interpreter")
+def test_triton_kernels_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "test_triton_kernel_equals_torch_path_bit_for_bit"],
+                       cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "12 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
