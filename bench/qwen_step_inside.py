@@ -10,10 +10,8 @@ import torch
 
 import comfy.memory_management
 import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.sample
-import comfy.samplers
-import comfy.supported_models
+import comfy.sd
 import comfyui_version
 from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
 
@@ -44,6 +42,7 @@ class PeakVRAM:
 
 
 def random_weights(cfg, pkg):
+    """Our weights (quantized blocks, the Q4_K_M mix) and the same values in bf16 for the native models."""
     sys.path.insert(0, cfg["repo"])
     sys.path.insert(0, cfg["repo"] + "/tests")
     sys.path.insert(0, cfg["repo"] + "/bench")
@@ -72,22 +71,35 @@ def random_weights(cfg, pkg):
     return ours, native
 
 
-def native_model(sd, layers):
-    config = comfy.supported_models.QwenImage({"image_model": "qwen_image", "in_channels": 64, "num_layers": layers})
-    config.set_inference_dtype(torch.bfloat16, None)
-    model = config.get_model(sd, "")
-    patcher = comfy.model_patcher.CoreModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
-    model.load_model_weights(sd, "", assign=patcher.is_dynamic())
-    return patcher
+def write_gguf(path, weights):
+    """The quantized weights as a GGUF file (city96 layout: ComfyUI names, architecture qwen_image)."""
+    from gguf import GGMLQuantizationType as T, GGUFWriter
+    writer = GGUFWriter(path, arch="qwen_image")
+    for name, t in weights.items():
+        if type(t) is torch.Tensor:
+            writer.add_tensor(name, t.numpy())
+        else:
+            with torch._C.DisableTorchFunctionSubclass():
+                raw = t.numpy()
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=T(int(t.qtype)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
-def seconds_per_step(model, size, steps):
-    model = ModelSamplingAuraFlow().patch_aura(model, 3.1)[0]
+def sample(model, size, steps, callback=None):
     g = torch.Generator().manual_seed(0)
     cond = [[torch.randn(1, 96, 3584, generator=g), {}]]
     uncond = [[torch.randn(1, 96, 3584, generator=g), {}]]  # same length: one batch-2 forward per step
     latent = torch.zeros(1, 16, 1, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(latent, 0)
+    return comfy.sample.sample(model, noise, steps, 4.0, "dpmpp_2m", "karras", cond, uncond, latent,
+                               callback=callback, disable_pbar=True, seed=0)
+
+
+def seconds_per_step(model, size, steps):
+    """Median seconds per step after a warm-up run, the first step's seconds, and peak VRAM (GiB)."""
     stamps = []
 
     def callback(step, x0, x, total):
@@ -95,37 +107,80 @@ def seconds_per_step(model, size, steps):
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    comfy.sample.sample(model, noise, 2, 4.0, "dpmpp_2m", "karras", cond, uncond, latent, callback=callback,
-                        disable_pbar=True, seed=0)  # warm-up: load, compile, allocate
+    start = time.perf_counter()
+    sample(model, size, 3, callback)  # warm-up: load (the dynamic loader faults weights in), compile, allocate
+    first = stamps[0] - start
     stamps.clear()
     with PeakVRAM() as peak:
-        callback(0, None, None, steps)
-        stamps.clear()
         stamps.append(time.perf_counter())
-        out = comfy.sample.sample(model, noise, steps, 4.0, "dpmpp_2m", "karras", cond, uncond, latent,
-                                  callback=callback, disable_pbar=True, seed=0)
+        out = sample(model, size, steps, callback)
     assert torch.isfinite(out).all()
-    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), peak.peak / 1024
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), first, peak.peak / 1024
+
+
+def host_profile(model, size, lines=30):
+    """Where the host's time goes in two steps (cProfile, by own time)."""
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    sample(model, size, 2)
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(lines)
+    return text.getvalue()
+
+
+def native_model(sd, dtype=None, fast=False):
+    """ComfyUI's own loading of the bf16 weights, as its UNETLoader does (weight_dtype default / fp8)."""
+    options = {} if dtype is None else {"dtype": dtype}
+    if fast:
+        options["fp8_optimizations"] = True
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=options)
 
 
 def run(cfg):
     sys.path.insert(0, cfg["repo"] + "/tests/comfy_scripts")
     from script_helpers import loaded_module
     pkg = loaded_module(cfg, cfg["package"])
-    ours_sd, native_sd = random_weights(cfg, pkg)
-    rows = []
-    dm = pkg.loaders.diffusion.DiffusionModel("random-full-size.gguf", "qwen_image", "Qwen-Image",
-                                              pkg.loaders.diffusion.qwen_image_config(ours_sd, "random")[0],
-                                              ours_sd, "ComfyUI")
-    for name, build in (("native bf16", lambda: native_model(native_sd, cfg["layers"])),
-                        ("GGUF Q4_K_M (ours, on the fly)", lambda: pkg.nodes.model.build_model_patcher(dm))):
-        model = build()
-        for size in cfg["sizes"]:
-            s, peak = seconds_per_step(model, size, cfg["steps"])
-            rows.append({"model": name, "size": size, "s_per_step": s, "peak_vram_gb": peak})
-            print("step timing:", rows[-1], flush=True)
+    gguf_path = cfg["gguf"]
+    weights = {}
+    if not cfg.get("reuse_gguf"):
+        ours_sd, weights["native"] = random_weights(cfg, pkg)
+        write_gguf(gguf_path, ours_sd)
+        del ours_sd
+    unet = pkg.nodes.model
+    guard = pkg.nodes.guard
+    variants = {
+        "native bf16": lambda: native_model(weights["native"]),
+        "native fp8_e4m3fn": lambda: native_model(weights["native"], torch.float8_e4m3fn),
+        "native fp8_e4m3fn_fast": lambda: native_model(weights["native"], torch.float8_e4m3fn, fast=True),
+        "ours, on the fly": lambda: unet.load_gguf_unet(gguf_path, unet.ON_THE_FLY),
+        "ours, on the fly + NaN guard": lambda: guard.add_guard(unet.load_gguf_unet(gguf_path, unet.ON_THE_FLY)),
+        "ours, cached": lambda: unet.load_gguf_unet(gguf_path, unet.CACHED),
+        "ours, auto": lambda: unet.load_gguf_unet(gguf_path, unet.AUTO),
+    }
+    rows, profiles = [], {}
+    for i, name in enumerate(cfg["variants"]):
+        if not any(m.startswith("native") for m in cfg["variants"][i:]):
+            weights.clear()  # the bf16 copy in RAM is no longer needed
         mm.unload_all_models()
-        del model
         mm.soft_empty_cache()
-    return {"rows": rows, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+        start = time.perf_counter()
+        model = ModelSamplingAuraFlow().patch_aura(variants[name](), 3.1)[0]
+        mm.load_models_gpu([model])
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        load_s = time.perf_counter() - start
+        for size in cfg["sizes"]:
+            s, first, peak = seconds_per_step(model, size, cfg["steps"])
+            rows.append({"model": name, "size": size, "s_per_step": s, "first_step_s": first, "load_s": load_s,
+                         "peak_vram_gb": peak})
+            print("step timing:", rows[-1], flush=True)
+        if cfg.get("profile"):
+            profiles[name] = host_profile(model, cfg["sizes"][0])
+        del model
+    return {"rows": rows, "profiles": profiles,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
             "comfyui": comfyui_version.__version__, "dynamic_vram": comfy.memory_management.aimdo_enabled}

@@ -1,9 +1,10 @@
 """Triton kernels that dequantize GGUF blocks straight to the compute dtype on CUDA.
 
 One kernel, specialised per type at compile time. A program takes ``R`` whole blocks as an
-``[R, NSUB, SUB]`` tile: a block's scales are read and decoded once per sub-block (the rows of the
-tile) and broadcast along it, and each code byte is read once and split into its fields by shifts
-along the sub-block axis, so the memory traffic is the block bytes once plus contiguous stores.
+``[R, NSUB, SUB]`` tile (Q3_K and Q6_K: a higher-rank one, see their functions): a block's scales are
+read and decoded once per sub-block (the rows of the tile) and broadcast along it, and each code
+byte is read once and split into its fields by shifts along a tile axis, so the memory traffic is
+the block bytes once plus contiguous stores.
 Decoding per element instead (every element re-reading and re-decoding its block's scales) left the
 K-quants at 40% of the copy bandwidth. The arithmetic is the torch path's, in the same order and
 in fp32, with FMA contraction off, so the results are equal to it bit for bit.
@@ -45,10 +46,62 @@ def _signed(x):
 
 
 @triton.jit
+def _q3_k(src, out, blk, n_blocks, TS: tl.constexpr):
+    """Q3_K as a [blocks, half, shift, 2, 16] tile: each code byte is read once for its 4 two-bit
+    fields and each high-bit byte once for its 8 bits (the block size, 110, rules out wide loads)."""
+    b = blk[:, None, None, None, None]
+    h = tl.arange(0, 2)[None, :, None, None, None]
+    k = tl.arange(0, 4)[None, None, :, None, None]
+    hb = tl.arange(0, 2)[None, None, None, :, None]
+    i = tl.arange(0, 16)[None, None, None, None, :]
+    mask = b < n_blocks
+    base = src + b * TS
+    s = h * 8 + k * 2 + hb
+    low = (_u8(base, 96 + s % 8, mask) >> (4 * (s // 8))) & 0xF
+    high = (_u8(base, 104 + s % 4, mask) >> (2 * (s // 4))) & 3
+    dl = _f16(base, 108, mask) * (_signed(low | (high << 4)) - 32).to(tl.float32)
+    ql = (_u8(base, 32 + h * 32 + hb * 16 + i, mask) >> (2 * k)) & 3
+    qh = ((_u8(base, hb * 16 + i, mask) >> (h * 4 + k)) & 1) ^ 1
+    v = dl * (ql - (qh << 2)).to(tl.float32)
+    tl.store(out + b * 256 + h * 128 + k * 32 + hb * 16 + i, v.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _q6_k(src, out, blk, n_blocks, TS: tl.constexpr):
+    """Q6_K as a [blocks, half, nibble, 2, 2, 16] tile: each low-bits byte is read once for its two
+    nibbles and each high-bits byte once for its four 2-bit fields (block size 210: no wide loads)."""
+    b = blk[:, None, None, None, None, None]
+    h = tl.arange(0, 2)[None, :, None, None, None, None]
+    a = tl.arange(0, 2)[None, None, :, None, None, None]
+    c = tl.arange(0, 2)[None, None, None, :, None, None]
+    hb = tl.arange(0, 2)[None, None, None, None, :, None]
+    i = tl.arange(0, 16)[None, None, None, None, None, :]
+    mask = b < n_blocks
+    base = src + b * TS
+    lo = (_u8(base, h * 64 + c * 32 + hb * 16 + i, mask) >> (4 * a)) & 0xF
+    hi = (_u8(base, 128 + h * 32 + hb * 16 + i, mask) >> (2 * (a * 2 + c))) & 3
+    dl = _f16(base, 208, mask) * _signed(_u8(base, 192 + h * 8 + a * 4 + c * 2 + hb, mask)).to(tl.float32)
+    v = dl * (_signed(lo | (hi << 4)) - 32).to(tl.float32)
+    tl.store(out + b * 256 + h * 128 + a * 64 + c * 32 + hb * 16 + i, v.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
             R: tl.constexpr, NSUB: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    if QTYPE == 11:
+        _q3_k(src, out, blk, n_blocks, TS)
+    elif QTYPE == 14:
+        _q6_k(src, out, blk, n_blocks, TS)
+    else:
+        _sub_block_tile(src, out, table, blk, n_blocks, QTYPE, QK, TS, NSUB)
+
+
+@triton.jit
+def _sub_block_tile(src, out, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
+                    NSUB: tl.constexpr):
     SUB: tl.constexpr = QK // NSUB
-    b = (tl.program_id(0).to(tl.int64) * R + tl.arange(0, R))[:, None, None]
+    b = blk[:, None, None]
     s = tl.arange(0, NSUB)[None, :, None]
     i = tl.arange(0, SUB)[None, None, :]
     mask = b < n_blocks
@@ -77,13 +130,6 @@ def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS
         ml = _f16(base, 82, mask) * (sc >> 4).to(tl.float32)
         q = (_u8(base, 16 + (s // 8) * 32 + (s % 2) * 16 + i, mask) >> (2 * ((s // 2) % 4))) & 3
         v = dl * q.to(tl.float32) - ml
-    elif QTYPE == 11:  # Q3_K: sixteen sub-blocks, 6-bit scales split over two fields
-        low = (_u8(base, 96 + s % 8, mask) >> (4 * (s // 8))) & 0xF
-        high = (_u8(base, 104 + s % 4, mask) >> (2 * (s // 4))) & 3
-        dl = _f16(base, 108, mask) * (_signed(low | (high << 4)) - 32).to(tl.float32)
-        ql = (_u8(base, 32 + (s // 8) * 32 + (s % 2) * 16 + i, mask) >> (2 * ((s // 2) % 4))) & 3
-        qh = ((_u8(base, (s % 2) * 16 + i, mask) >> (s // 2)) & 1) ^ 1
-        v = dl * (ql - (qh << 2)).to(tl.float32)
     elif QTYPE == 12 or QTYPE == 13:  # Q4_K, Q5_K: eight 32-element sub-blocks, 6-bit scale and min
         a = _u8(base, 4 + s % 4, mask)
         m_ = _u8(base, 8 + s % 4, mask)
@@ -99,11 +145,6 @@ def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS
             q = (_u8(base, 48 + (s // 2) * 32 + i, mask) >> (4 * (s % 2))) & 0xF
             q = q | (((_u8(base, 16 + i, mask) >> s) & 1) << 4)
         v = dl * q.to(tl.float32) - ml
-    elif QTYPE == 14:  # Q6_K: sixteen 16-element sub-blocks, int8 scales
-        lo = (_u8(base, (s // 8) * 64 + (s % 4) * 16 + i, mask) >> (4 * ((s % 8) // 4))) & 0xF
-        hi = (_u8(base, 128 + (s // 8) * 32 + (s % 2) * 16 + i, mask) >> (2 * ((s % 8) // 2))) & 3
-        dl = _f16(base, 208, mask) * _signed(_u8(base, 192 + s, mask)).to(tl.float32)
-        v = dl * (_signed(lo | (hi << 4)) - 32).to(tl.float32)
     elif QTYPE == 20:  # IQ4_NL
         code = (_u8(base, 2 + i, mask) >> (4 * s)) & 0xF
         v = _f16(base, 0, mask) * tl.load(table + code, mask=mask, other=0.0)
@@ -118,18 +159,18 @@ def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS
 
 
 class Tile(NamedTuple):
-    """How a type's blocks are split: sub-blocks per block, and blocks per program."""
+    """How a type's blocks are split: sub-blocks per block (unused by Q3_K / Q6_K), blocks per program."""
     nsub: int
     blocks: int
     num_warps: int = 4
 
 
-# Tiles of 2048-4096 elements per program (bench/dequant_bandwidth.py measured these on an H100).
+# Chosen with bench/dequant_bandwidth.py --sweep on an H100 (the best or within 1% of it).
 TILES = {
     T.Q4_0: Tile(2, 64), T.Q4_1: Tile(2, 64), T.Q5_0: Tile(2, 64), T.Q5_1: Tile(2, 64),
-    T.Q8_0: Tile(1, 64), T.IQ4_NL: Tile(2, 64),
-    T.Q2_K: Tile(16, 8), T.Q3_K: Tile(16, 8), T.Q4_K: Tile(8, 8), T.Q5_K: Tile(8, 8),
-    T.Q6_K: Tile(16, 8), T.IQ4_XS: Tile(16, 8),
+    T.Q8_0: Tile(1, 128), T.IQ4_NL: Tile(2, 64),
+    T.Q2_K: Tile(16, 8), T.Q3_K: Tile(16, 16), T.Q4_K: Tile(8, 16), T.Q5_K: Tile(8, 32),
+    T.Q6_K: Tile(16, 8, 2), T.IQ4_XS: Tile(16, 4, 2),
 }
 KERNEL_TYPES = set(TILES)
 _tables: dict[torch.device, torch.Tensor] = {}

@@ -12,6 +12,7 @@ import comfy.supported_models
 
 from ..loaders.diffusion import DiffusionModel, open_diffusion_model
 from ..loaders.tensor import logical_shape
+from ..loaders.weight_cache import convert, plan_cache
 from .ops import GGUFOps
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,22 @@ MODEL_CONFIGS = {
 COMPUTE_DTYPES = [torch.bfloat16, torch.float32]
 
 
-def load_gguf_unet(path: str, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
-    patcher = build_model_patcher(open_diffusion_model(path), disable_dynamic)
+# How the quantized weights are run (the loader's "mode" option).
+ON_THE_FLY, CACHED, AUTO = "on the fly", "cached", "auto"
+MODES = [AUTO, ON_THE_FLY, CACHED]
+# The largest usual generation (1328x1328, a batch-2 CFG forward) sets the VRAM the cache leaves free.
+RESERVE_LATENT = (2, 16, 1, 166, 166)
+
+
+def load_gguf_unet(path: str, mode: str = AUTO, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+    patcher = build_model_patcher(open_diffusion_model(path), mode, disable_dynamic)
     # Lets ComfyUI rebuild a classic (non-dynamic) copy when a node asks for one (torch.compile does).
-    patcher.cached_patcher_init = (load_gguf_unet, (path,))
+    patcher.cached_patcher_init = (load_gguf_unet, (path, mode))
     return patcher
 
 
-def build_model_patcher(dm: DiffusionModel, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
+                        disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
     model_config = MODEL_CONFIGS[dm.family](dict(dm.unet_config))
     params = sum(logical_shape(t).numel() for t in dm.state_dict.values())
     load_device = comfy.model_management.get_torch_device()
@@ -42,11 +51,12 @@ def build_model_patcher(dm: DiffusionModel, disable_dynamic: bool = False) -> co
     model_config.set_inference_dtype(dtype, None)
     model_config.custom_operations = GGUFOps
     model = model_config.get_model(dm.state_dict, "", device=offload_device)
+    state_dict = _apply_mode(dm, model, mode, dtype, load_device)
     # ComfyUI's current patcher: with its dynamic VRAM loader on (NVIDIA, the default) the quantized
     # bytes live in its page cache and stream to the GPU as needed; otherwise the classic one.
     patcher_class = comfy.model_patcher.ModelPatcher if disable_dynamic else comfy.model_patcher.CoreModelPatcher
     patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
-    model.load_model_weights(dict(dm.state_dict), "", assign=patcher.is_dynamic())
+    model.load_model_weights(state_dict, "", assign=patcher.is_dynamic())
     for module in model.modules():
         if isinstance(module, GGUFOps.Linear):
             module.compute_dtype = dtype
@@ -54,3 +64,20 @@ def build_model_patcher(dm: DiffusionModel, disable_dynamic: bool = False) -> co
              dm.path, dm.variant, dm.naming, dm.unet_config.get("num_layers", dm.unet_config.get("n_layers")),
              dtype, dm.summary)
     return patcher
+
+
+def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype, device: torch.device) -> dict:
+    """The state dict to load: the file's, or with as many weights dequantized as VRAM allows (cached)."""
+    if mode not in MODES:
+        raise ValueError(f"{dm.path}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    on_gpu = not comfy.model_management.is_device_cpu(device)
+    if mode == ON_THE_FLY or (mode == AUTO and not on_gpu):
+        log.info("GGUF %s: mode %s: on the fly (weights stay quantized, dequantized layer by layer)", dm.path, mode)
+        return dict(dm.state_dict)
+    free = comfy.model_management.get_free_memory(device)
+    reserve = model.memory_required(RESERVE_LATENT) + comfy.model_management.minimum_inference_memory()
+    plan = plan_cache(dm.state_dict, int(free - reserve), dtype)
+    chosen = CACHED if plan.keys else ON_THE_FLY
+    log.info("GGUF %s: mode %s: %s, %s; %.1f GiB free on %s, %.1f GiB kept for sampling",
+             dm.path, mode, chosen, plan.describe(), free / 2**30, device, reserve / 2**30)
+    return convert(dm.state_dict, plan.keys, dtype, device if on_gpu else "cpu")

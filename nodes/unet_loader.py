@@ -6,7 +6,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..loaders.file_kind import UNET_LOADER
-from .model import load_gguf_unet
+from .model import AUTO, CACHED, MODES, ON_THE_FLY, load_gguf_unet
 
 
 class UnetLoaderGGUF(io.ComfyNode):
@@ -26,11 +26,18 @@ class UnetLoaderGGUF(io.ComfyNode):
                     tooltip="A .gguf diffusion model from models/diffusion_models or models/unet, e.g. "
                             "qwen-image-2512-Q4_K_M.gguf. Its size and variant are read from the file.",
                 ),
+                io.Combo.Input(
+                    "mode", options=MODES, default=AUTO, optional=True,
+                    tooltip=f"{ON_THE_FLY}: least VRAM, weights stay quantized and each layer is dequantized "
+                            f"when it runs. {CACHED}: as many weights as free VRAM allows are held "
+                            f"dequantized (bf16) for native speed, the rest on the fly. {AUTO}: {CACHED} on "
+                            f"a GPU, {ON_THE_FLY} on the CPU. The log says what was chosen.",
+                ),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, unet_name: str) -> io.NodeOutput:
+    def execute(cls, unet_name: str, mode: str = AUTO) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models_gguf", unet_name)
-        return io.NodeOutput(load_gguf_unet(path))
+        return io.NodeOutput(load_gguf_unet(path, mode))

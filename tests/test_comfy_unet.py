@@ -75,8 +75,8 @@ def sampling_graph(loader: dict, out: str, width: int, lora: str | None = None) 
     return g
 
 
-def gguf_loader(name: str) -> dict:
-    return {"class_type": "QwenImageGGUFUnetLoader", "inputs": {"unet_name": name}}
+def gguf_loader(name: str, mode: str | None = None) -> dict:
+    return {"class_type": "QwenImageGGUFUnetLoader", "inputs": {"unet_name": name, **({"mode": mode} if mode else {})}}
 
 
 def native_loader(models, gguf_name: str, twin: str, family: str) -> dict:
@@ -95,6 +95,8 @@ def latents(models, tmp_path_factory):
         "qwen_lora_native": (native_loader(models, "qwen-tiny-Q4_K_M.gguf", "qwen-tiny.safetensors", "qwen_image"),
                              256, "tiny-lora.safetensors"),
         "qwen_sdcpp": (gguf_loader("qwen-tiny-sdcpp.gguf"), 256, None),
+        "qwen_cached": (gguf_loader("qwen-tiny-Q4_K_M.gguf", "cached"), 256, None),
+        "qwen_cached_lora": (gguf_loader("qwen-tiny-Q4_K_M.gguf", "cached"), 256, "tiny-lora.safetensors"),
         "edit": (gguf_loader("qwen-edit-2511-tiny.gguf"), 256, None),
         "edit_native": (native_loader(models, "qwen-edit-2511-tiny.gguf", "qwen-edit-2511-tiny.safetensors",
                                       "qwen_image"), 256, None),
@@ -138,6 +140,11 @@ def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def test_gguf_sampling_matches_native(latents):
     assert_close(latents["qwen"], latents["qwen_native"])
+
+
+def test_cached_mode_matches_native(latents):
+    assert_close(latents["qwen_cached"], latents["qwen_native"])
+    assert_close(latents["qwen_cached_lora"], latents["qwen_lora_native"])
 
 
 def test_lora_matches_native_lora(latents):
@@ -186,3 +193,6 @@ def test_model_management_lifecycle(models, tmp_path):
     # (The model also holds a few small buffers of its own that are not in the file.)
     assert r["file_tensor_bytes"] <= r["model_size"] < 1.01 * r["file_tensor_bytes"], r
     assert r["model_size"] < r["native_size"] / 3, r
+    # Cached mode with room for everything (the CPU's RAM here): every weight held dequantized.
+    assert r["cached_quantized_params"] == 0 and r["cached"] < tol, r
+    assert r["cached_model_size"] > r["native_size"] / 2, r

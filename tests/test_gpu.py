@@ -21,3 +21,4 @@ def test_dynamic_vram_matches_native(models, tmp_path):  # noqa: F811
     assert r["base"] < 1e-2 and r["lora"] < 1e-2 and r["lora_again"] < 1e-2 and r["after_lora"] < 1e-2, r
     assert r["lora_effect"] > 5e-2, r
     assert r["quantized_params"] > 0, r
+    assert r["auto_cached"] < 1e-2 and r["auto_cached_quantized_params"] == 0, r

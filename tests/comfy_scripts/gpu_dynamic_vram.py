@@ -1,16 +1,17 @@
 """Runs inside a started ComfyUI on an NVIDIA GPU (see comfy_runner.py): our MODEL under ComfyUI's
-dynamic VRAM loader, against ComfyUI's own model on the twin weights, with and without a LoRA."""
+dynamic VRAM loader, against ComfyUI's own model on the twin weights, with and without a LoRA, and in
+the auto mode (which on a GPU with room to spare holds every weight dequantized)."""
 
 import torch
 
 import comfy.memory_management
 import comfy.model_management as mm
 import comfy.sd
-from script_helpers import ours_and_native
+from script_helpers import loaded_module, ours_and_native
 
 
 def run(cfg):
-    ours, native, lora, _ = ours_and_native(cfg)
+    ours, native, lora, dm = ours_and_native(cfg)
     device = mm.get_torch_device()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 1, 16, 16, generator=g).to(device)
@@ -38,5 +39,8 @@ def run(cfg):
     result["lora_again"] = rel(forward(lora_ours), ref)
     result["after_lora"] = rel(forward(ours), base)
     result["quantized_params"] = sum(type(p).__name__ == "GGMLTensor" for p in ours.model.parameters())
+    cached = loaded_module(cfg, cfg["package"]).nodes.model.load_gguf_unet(dm.path, "auto")
+    result["auto_cached"] = rel(forward(cached), base)
+    result["auto_cached_quantized_params"] = sum(type(p).__name__ == "GGMLTensor" for p in cached.model.parameters())
     result["finite"] = bool(torch.isfinite(base).all())
     return result

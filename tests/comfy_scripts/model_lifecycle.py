@@ -2,8 +2,8 @@
 
 Compares one denoising forward of the GGUF model with ComfyUI's own model on the twin weights:
 fully loaded, with a LoRA merged at load, with the LoRA applied per layer in a partial (lowvram)
-load (in low-rank form, and a full-difference patch through ComfyUI's math), after unpatching, and on
-a clone; and reports the memory ComfyUI accounts for the model.
+load (in low-rank form, and a full-difference patch through ComfyUI's math), after unpatching, on
+a clone, and in cached mode; and reports the memory ComfyUI accounts for the model.
 """
 
 import torch
@@ -12,7 +12,7 @@ import comfy.model_management as mm
 import comfy.lora
 import comfy.sd
 import comfy.utils
-from script_helpers import ours_and_native
+from script_helpers import loaded_module, ours_and_native
 
 
 def run(cfg):
@@ -100,4 +100,9 @@ def run(cfg):
     result["model_size"] = ours.model_size()
     result["native_size"] = native.model_size()
     result["file_tensor_bytes"] = sum(t.numel() * t.element_size() for t in dm.state_dict.values())
+
+    cached = loaded_module(cfg, cfg["package"]).nodes.model.load_gguf_unet(dm.path, "cached")
+    result["cached"] = diff(forward(cached, full_load=True), base_native)
+    result["cached_quantized_params"] = n_quantized(cached)
+    result["cached_model_size"] = cached.model_size()
     return result

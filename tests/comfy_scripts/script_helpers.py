@@ -13,11 +13,12 @@ def loaded_module(cfg, name):
 
 
 def ours_and_native(cfg):
-    """Our MODEL from cfg["gguf"], ComfyUI's own model on cfg["twin"], the package and cfg["lora"]."""
+    """Our MODEL from cfg["gguf"] (on the fly, whatever the free memory), ComfyUI's own model on
+    cfg["twin"], the LoRA cfg["lora"], and the file as our library reads it."""
     pkg = loaded_module(cfg, cfg["package"])
     path = folder_paths.get_full_path_or_raise("diffusion_models", cfg["gguf"])
     dm = pkg.loaders.diffusion.open_diffusion_model(path)
-    ours = pkg.nodes.model.load_gguf_unet(path)
+    ours = pkg.nodes.model.load_gguf_unet(path, pkg.nodes.model.ON_THE_FLY)
     native = loaded_module(cfg, "comfy_test_nodes").TestNativeUnetLoader().load(
         cfg["twin"], dm.family, json.dumps(dm.unet_config))[0]
     import comfy.utils
