@@ -1,7 +1,6 @@
 """The part of qwen_step.py that runs inside a started ComfyUI (see tests/comfy_runner.py)."""
 
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -17,24 +16,20 @@ from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
 
 
 class PeakVRAM:
-    """Highest GPU memory in use (nvidia-smi, every 0.1 s) while the block runs."""
+    """Highest GPU memory in use by all processes (cudaMemGetInfo, every 50 ms) while the block runs;
+    read in-process, since the dynamic loader keeps weights outside torch's own counters."""
 
     def __enter__(self):
-        self.peak, self.running = 0, True
+        self.peak, self.running = 0, torch.cuda.is_available()
         self.thread = threading.Thread(target=self.poll, daemon=True)
         self.thread.start()
         return self
 
     def poll(self):
         while self.running:
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True).stdout.split()
-            except FileNotFoundError:  # no NVIDIA driver: nothing to read
-                return
-            if out:
-                self.peak = max(self.peak, int(out[0]))
-            time.sleep(0.1)
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            time.sleep(0.05)
 
     def __exit__(self, *exc):
         self.running = False
@@ -98,24 +93,34 @@ def sample(model, size, steps, callback=None):
                                callback=callback, disable_pbar=True, seed=0)
 
 
-def seconds_per_step(model, size, steps):
-    """Median seconds per step after a warm-up run, the first step's seconds, and peak VRAM (GiB)."""
-    stamps = []
+def seconds_per_step(models, size, steps, rounds=3):
+    """Per model: median seconds per step over the last ``rounds`` - 1 of ``rounds`` runs (the models
+    taking turns, so that variants sharing weights meet the same conditions; the first round lets the
+    dynamic loader settle, which takes more than the warm-up run), the first step's seconds (warm-up
+    run: the dynamic loader faults the weights in) and the peak VRAM (GiB)."""
+    stamps, intervals, first, peaks = [], {n: [] for n in models}, {}, {}
 
     def callback(step, x0, x, total):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    start = time.perf_counter()
-    sample(model, size, 3, callback)  # warm-up: load (the dynamic loader faults weights in), compile, allocate
-    first = stamps[0] - start
-    stamps.clear()
-    with PeakVRAM() as peak:
-        stamps.append(time.perf_counter())
-        out = sample(model, size, steps, callback)
-    assert torch.isfinite(out).all()
-    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), first, peak.peak / 1024
+    for name, model in models.items():
+        stamps.clear()
+        start = time.perf_counter()
+        sample(model, size, 3, callback)
+        first[name] = stamps[0] - start
+    for round_ in range(rounds):
+        for name, model in models.items():
+            stamps.clear()
+            with PeakVRAM() as peak:
+                stamps.append(time.perf_counter())
+                out = sample(model, size, steps, callback)
+            assert torch.isfinite(out).all()
+            if round_ > 0:
+                intervals[name] += [b - a for a, b in zip(stamps, stamps[1:])]
+            peaks[name] = max(peaks.get(name, 0), peak.peak / 2**30)
+    return {n: (statistics.median(intervals[n]), first[n], peaks[n]) for n in models}
 
 
 def host_profile(model, size, lines=30):
@@ -153,14 +158,21 @@ def run(cfg):
         del ours_sd
     unet = pkg.nodes.model
     guard = pkg.nodes.guard
+    ours = lambda mode: lambda: {f"ours, {mode}": unet.load_gguf_unet(gguf_path, mode)}  # noqa: E731
+
+    def with_guard():
+        model = unet.load_gguf_unet(gguf_path, unet.ON_THE_FLY)
+        return {"ours, on the fly": model, "ours, on the fly + NaN guard": guard.add_guard(model)}
+
     variants = {
-        "native bf16": lambda: native_model(weights["native"]),
-        "native fp8_e4m3fn": lambda: native_model(weights["native"], torch.float8_e4m3fn),
-        "native fp8_e4m3fn_fast": lambda: native_model(weights["native"], torch.float8_e4m3fn, fast=True),
-        "ours, on the fly": lambda: unet.load_gguf_unet(gguf_path, unet.ON_THE_FLY),
-        "ours, on the fly + NaN guard": lambda: guard.add_guard(unet.load_gguf_unet(gguf_path, unet.ON_THE_FLY)),
-        "ours, cached": lambda: unet.load_gguf_unet(gguf_path, unet.CACHED),
-        "ours, auto": lambda: unet.load_gguf_unet(gguf_path, unet.AUTO),
+        "native bf16": lambda: {"native bf16": native_model(weights["native"])},
+        "native fp8_e4m3fn": lambda: {"native fp8_e4m3fn": native_model(weights["native"], torch.float8_e4m3fn)},
+        "native fp8_e4m3fn_fast": lambda: {"native fp8_e4m3fn_fast": native_model(weights["native"],
+                                                                                  torch.float8_e4m3fn, fast=True)},
+        "ours, on the fly": ours(unet.ON_THE_FLY),
+        "ours, on the fly + NaN guard": with_guard,
+        "ours, cached": ours(unet.CACHED),
+        "ours, auto": ours(unet.AUTO),
     }
     rows, profiles = [], {}
     for i, name in enumerate(cfg["variants"]):
@@ -169,18 +181,18 @@ def run(cfg):
         mm.unload_all_models()
         mm.soft_empty_cache()
         start = time.perf_counter()
-        model = ModelSamplingAuraFlow().patch_aura(variants[name](), 3.1)[0]
-        mm.load_models_gpu([model])
+        models = {n: ModelSamplingAuraFlow().patch_aura(m, 3.1)[0] for n, m in variants[name]().items()}
+        mm.load_models_gpu(list(models.values())[:1])
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         load_s = time.perf_counter() - start
         for size in cfg["sizes"]:
-            s, first, peak = seconds_per_step(model, size, cfg["steps"])
-            rows.append({"model": name, "size": size, "s_per_step": s, "first_step_s": first, "load_s": load_s,
-                         "peak_vram_gb": peak})
-            print("step timing:", rows[-1], flush=True)
+            for n, (s, first, peak) in seconds_per_step(models, size, cfg["steps"]).items():
+                rows.append({"model": n, "size": size, "s_per_step": s, "first_step_s": first, "load_s": load_s,
+                             "peak_vram_gb": peak})
+                print("step timing:", rows[-1], flush=True)
         if cfg.get("profile"):
-            profiles[name] = host_profile(model, cfg["sizes"][0])
-        del model
+            profiles[name] = host_profile(next(iter(models.values())), cfg["sizes"][0])
+        del models
     return {"rows": rows, "profiles": profiles,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
             "comfyui": comfyui_version.__version__, "dynamic_vram": comfy.memory_management.aimdo_enabled}

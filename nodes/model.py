@@ -67,17 +67,21 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
 
 
 def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype, device: torch.device) -> dict:
-    """The state dict to load: the file's, or with as many weights dequantized as VRAM allows (cached)."""
+    """The state dict to load: the file's, or with as many weights dequantized as VRAM allows (cached).
+    Either way the small float tensors (biases, norms: F32 in every GGUF) are stored in the compute
+    dtype, as ComfyUI stores a native model's, instead of being cast on every forward."""
+    state_dict = {k: v.to(dtype) if type(v) is torch.Tensor and v.is_floating_point() else v
+                  for k, v in dm.state_dict.items()}
     if mode not in MODES:
         raise ValueError(f"{dm.path}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     on_gpu = not comfy.model_management.is_device_cpu(device)
     if mode == ON_THE_FLY or (mode == AUTO and not on_gpu):
         log.info("GGUF %s: mode %s: on the fly (weights stay quantized, dequantized layer by layer)", dm.path, mode)
-        return dict(dm.state_dict)
+        return state_dict
     free = comfy.model_management.get_free_memory(device)
     reserve = model.memory_required(RESERVE_LATENT) + comfy.model_management.minimum_inference_memory()
-    plan = plan_cache(dm.state_dict, int(free - reserve), dtype)
+    plan = plan_cache(state_dict, int(free - reserve), dtype)
     chosen = CACHED if plan.keys else ON_THE_FLY
     log.info("GGUF %s: mode %s: %s, %s; %.1f GiB free on %s, %.1f GiB kept for sampling",
              dm.path, mode, chosen, plan.describe(), free / 2**30, device, reserve / 2**30)
-    return convert(dm.state_dict, plan.keys, dtype, device if on_gpu else "cpu")
+    return convert(state_dict, plan.keys, dtype, device if on_gpu else "cpu")

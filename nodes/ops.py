@@ -18,6 +18,9 @@ from ..loaders.tensor import GGMLTensor, dequantize, dequantize_bytes
 from .lora import apply_patches
 
 
+_PATCH_ATTRS = ("weight_function", "weight_lowvram_function")
+
+
 class FileWeights:
     """Weights taken from the loader's state dict as they are (quantized or float, no copy)."""
     # The model's compute dtype, set by the loader: bf16, or fp32 where bf16 is unsupported.
@@ -67,14 +70,18 @@ class GGUFOps(comfy.ops.manual_cast):
             if not isinstance(self.weight, GGMLTensor):
                 return super().forward_comfy_cast_weights(input, *args, **kwargs)
             # ComfyUI's patch functions expect float weights: keep them away from the byte transfer.
-            patches = self.weight_function
-            lowvram_patch = getattr(self, "weight_lowvram_function", None)
-            self.weight_function, self.weight_lowvram_function = [], None
+            # (Set in the instance dict directly: nn.Module.__setattr__ costs microseconds per layer.)
+            patches, lowvram_patch = self.weight_function, getattr(self, "weight_lowvram_function", None)
+            state = self.__dict__
+            saved = {k: state[k] for k in _PATCH_ATTRS if k in state}
+            state.update(weight_function=[], weight_lowvram_function=None)
             try:
                 raw, bias, offload = comfy.ops.cast_bias_weight(
                     self, input, dtype=torch.uint8, bias_dtype=input.dtype, offloadable=True)
             finally:
-                self.weight_function, self.weight_lowvram_function = patches, lowvram_patch
+                for k in _PATCH_ATTRS:
+                    state.pop(k, None)
+                state.update(saved)
             try:
                 with torch._C.DisableTorchFunctionSubclass():
                     weight = dequantize_bytes(raw, self.weight.qtype, self.weight.qshape, input.dtype)
