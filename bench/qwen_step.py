@@ -72,9 +72,10 @@ def main() -> None:
     print("| model | size | s/step (median) | vs native bf16 | first step (s) | load (s) | peak VRAM |")
     print("|---|---|---|---|---|---|---|")
     for row in result["rows"]:
-        base = next((r for r in result["rows"] if r["size"] == row["size"] and r["model"] == "native bf16"), row)
+        base = next((r for r in result["rows"] if r["size"] == row["size"] and r["model"] == "native bf16"), None)
+        ratio = f"{row['s_per_step'] / base['s_per_step']:.2f}x" if base else "-"
         print(f"| {row['model']} | {row['size']}x{row['size']} | {row['s_per_step']:.3f} | "
-              f"{row['s_per_step'] / base['s_per_step']:.2f}x | {row['first_step_s']:.1f} | {row['load_s']:.1f} | "
+              f"{ratio} | {row['first_step_s']:.1f} | {row['load_s']:.1f} | "
               f"{row['peak_vram_gb']:.1f} GB |")
     for row in low_vram:
         print(f"| ours, auto, ComfyUI limited to {row['limit_gb']:.0f} GB | {row['size']}x{row['size']} | "
