@@ -1,5 +1,6 @@
 """The part of qwen_step.py that runs inside a started ComfyUI (see tests/comfy_runner.py)."""
 
+import gc
 import statistics
 import sys
 import threading
@@ -95,9 +96,10 @@ def sample(model, size, steps, callback=None):
 
 def seconds_per_step(models, size, steps, rounds=3):
     """Per model: median seconds per step over the last ``rounds`` - 1 of ``rounds`` runs (the models
-    taking turns, so that variants sharing weights meet the same conditions; the first round lets the
-    dynamic loader settle, which takes more than the warm-up run), the first step's seconds (warm-up
-    run: the dynamic loader faults the weights in) and the peak VRAM (GiB)."""
+    taking turns in alternating order, so that variants sharing weights meet the same conditions; the
+    first round lets the dynamic loader settle, which takes more than the warm-up run; a run's first
+    step, which includes switching models, is left out), the first step's seconds of the warm-up run
+    (the dynamic loader faults the weights in) and the peak VRAM (GiB)."""
     stamps, intervals, first, peaks = [], {n: [] for n in models}, {}, {}
 
     def callback(step, x0, x, total):
@@ -111,14 +113,14 @@ def seconds_per_step(models, size, steps, rounds=3):
         sample(model, size, 3, callback)
         first[name] = stamps[0] - start
     for round_ in range(rounds):
-        for name, model in models.items():
+        for name, model in list(models.items())[::(-1) ** round_]:
             stamps.clear()
             with PeakVRAM() as peak:
                 stamps.append(time.perf_counter())
                 out = sample(model, size, steps, callback)
             assert torch.isfinite(out).all()
             if round_ > 0:
-                intervals[name] += [b - a for a, b in zip(stamps, stamps[1:])]
+                intervals[name] += [b - a for a, b in zip(stamps[1:], stamps[2:])]
             peaks[name] = max(peaks.get(name, 0), peak.peak / 2**30)
     return {n: (statistics.median(intervals[n]), first[n], peaks[n]) for n in models}
 
@@ -179,6 +181,7 @@ def run(cfg):
         if not any(m.startswith("native") for m in cfg["variants"][i:]):
             weights.clear()  # the bf16 copy in RAM is no longer needed
         mm.unload_all_models()
+        gc.collect()  # the last variant's patchers, so that its VRAM is free again
         mm.soft_empty_cache()
         start = time.perf_counter()
         models = {n: ModelSamplingAuraFlow().patch_aura(m, 3.1)[0] for n, m in variants[name]().items()}
