@@ -150,7 +150,7 @@ class Graph:
 
 def loaders(g: Graph, unet: str, clip: str, mmproj: str, vae: str, x: int = 0, y: int = 0):
     g.group("1. Models (GGUF)", x - 20, y - 60, 380, 560)
-    model = g.add("QwenImageGGUFUnetLoader", (x, y), (340, 82), unet_name=unet)
+    model = g.add("QwenImageGGUFUnetLoader", (x, y), (340, 106), unet_name=unet)
     guard = g.add("QwenImageGGUFNaNGuard", (x, y + 130), (340, 50))
     g.connect(model, 0, guard, "model")
     clip_node = g.add("QwenImageGGUFClipLoader", (x, y + 230), (340, 106), clip_name=clip, mmproj_name=mmproj)
