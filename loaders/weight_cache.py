@@ -31,14 +31,16 @@ class CachePlan:
                 f"({self.cached_bytes / 2**30:.1f} GiB), model {self.model_bytes / 2**30:.1f} GiB")
 
 
-def plan_cache(state_dict: dict[str, torch.Tensor], budget: int, dtype: torch.dtype) -> CachePlan:
-    """The quantized weights to convert to ``dtype`` so that the model's size stays within ``budget`` bytes."""
+def plan_cache(state_dict: dict[str, torch.Tensor], budget: int, dtype: torch.dtype,
+               max_cached: int | None = None) -> CachePlan:
+    """The quantized weights to convert to ``dtype`` so that the model's size stays within ``budget``
+    bytes and the converted copies within ``max_cached`` bytes."""
     quantized = [(k, t) for k, t in state_dict.items() if isinstance(t, GGMLTensor)]
     total = sum(nbytes(t) for t in state_dict.values())
     keys, cached = [], 0
     for key, t in sorted(quantized, key=lambda kt: nbytes(kt[1])):
         converted = logical_shape(t).numel() * dtype.itemsize
-        if total - nbytes(t) + converted > budget:
+        if total - nbytes(t) + converted > budget or (max_cached is not None and cached + converted > max_cached):
             continue
         total += converted - nbytes(t)
         cached += converted

@@ -67,7 +67,7 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], recip
         # sd.cpp conversions carry no architecture key; GGUFWriter always adds one, so drop it again.
         writer.kv_data[0].pop("general.architecture", None)
     for key, value in (metadata or {}).items():
-        _add_metadata(writer, key, value)
+        add_metadata(writer, key, value)
     chosen = {}
     for name, array in tensors.items():
         qtype = recipe(name, tuple(array.shape))
@@ -89,7 +89,7 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], recip
     return chosen
 
 
-def _add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
+def add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):

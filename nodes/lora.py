@@ -8,7 +8,9 @@ without DoRA, LoCon mid weight, offset or function; several stacked are fine) th
 layer is instead turned once, per device and dtype, into a single pair of device matrices: the up
 matrices side by side, each pre-scaled by its strength and alpha / rank, and the down matrices
 stacked. Each forward then adds them to the freshly dequantized weight with one addmm. Other patch
-kinds (LoHa, LoKr, diffs, ...) go through ComfyUI's own patch function.
+kinds (LoHa, LoKr, diffs, ...), and LoRAs whose shapes do not match the weight (which ComfyUI skips
+with a logged error), go through ComfyUI's own patch function. The factors live on the GPU while the
+model is loaded; a callback drops them when ComfyUI unloads the model.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def apply_patches(weight: torch.Tensor, patches: Iterable[Callable]) -> torch.Te
     """``weight`` (freshly dequantized, so it may be changed in place) with ComfyUI's patch functions applied."""
     for patch in patches:
         factors = low_rank_factors(patch, weight.device, weight.dtype)
-        weight = weight.addmm_(*factors) if factors is not None else patch(weight)
+        if factors is not None and (factors[0].shape[0], factors[1].shape[1]) == tuple(weight.shape):
+            weight = weight.addmm_(*factors)
+        else:
+            weight = patch(weight)
     return weight
 
 
@@ -43,6 +48,26 @@ def low_rank_factors(patch: Callable, device: torch.device, dtype: torch.dtype) 
     if hit is None or len(hit[0]) != len(entries) or any(a is not b for a, b in zip(hit[0], entries)):
         hit = cached[(device, dtype)] = (entries, _factor(entries, device, dtype))
     return hit[1]
+
+
+def drop_factors(patcher: comfy.model_patcher.ModelPatcher, *args) -> None:
+    """ComfyUI ON_DETACH callback: free the factors held for the model's layers."""
+    for module in patcher.model.modules():
+        for name in ("weight_lowvram_function", "weight_function"):
+            found = getattr(module, name, None)
+            for patch in found if isinstance(found, list) else [found]:
+                if patch is not None and hasattr(patch, "__dict__"):
+                    patch.__dict__.pop(_CACHE, None)
+
+
+def cached_factor_count(model: torch.nn.Module) -> int:
+    """How many layers' patch functions hold factors (for tests and logs)."""
+    count = 0
+    for module in model.modules():
+        for name in ("weight_lowvram_function", "weight_function"):
+            found = getattr(module, name, None)
+            count += sum(_CACHE in getattr(p, "__dict__", {}) for p in (found if isinstance(found, list) else [found]))
+    return count
 
 
 def _factor(entries: tuple, device: torch.device, dtype: torch.dtype) -> Factors | None:

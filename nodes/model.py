@@ -8,11 +8,14 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.supported_models
+import psutil
 
 from ..loaders.diffusion import DiffusionModel, open_diffusion_model
 from ..loaders.tensor import logical_shape
 from ..loaders.weight_cache import convert, plan_cache
+from .lora import drop_factors
 from .ops import GGUFOps
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,10 @@ ON_THE_FLY, CACHED, AUTO = "on the fly", "cached", "auto"
 MODES = [AUTO, ON_THE_FLY, CACHED]
 # The largest usual generation (1328x1328, a batch-2 CFG forward) sets the VRAM the cache leaves free.
 RESERVE_LATENT = (2, 16, 1, 166, 166)
+# The cached copies are made in system RAM: they may take at most this share of the RAM available.
+RAM_SHARE = 0.5
+# Float tensors up to this size (biases, norms, pad tokens) are stored in the compute dtype at load.
+SMALL_TENSOR = 1 << 20
 
 
 def load_gguf_unet(path: str, mode: str = AUTO, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
@@ -57,6 +64,7 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
     patcher_class = comfy.model_patcher.ModelPatcher if disable_dynamic else comfy.model_patcher.CoreModelPatcher
     patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
     model.load_model_weights(state_dict, "", assign=patcher.is_dynamic())
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, drop_factors)
     for module in model.modules():
         if isinstance(module, GGUFOps.Linear):
             module.compute_dtype = dtype
@@ -69,9 +77,10 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
 def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype, device: torch.device) -> dict:
     """The state dict to load: the file's, or with as many weights dequantized as VRAM allows (cached).
     Either way the small float tensors (biases, norms: F32 in every GGUF) are stored in the compute
-    dtype, as ComfyUI stores a native model's, instead of being cast on every forward."""
-    state_dict = {k: v.to(dtype) if type(v) is torch.Tensor and v.is_floating_point() else v
-                  for k, v in dm.state_dict.items()}
+    dtype, as ComfyUI stores a native model's, instead of being cast on every forward (large float
+    weights stay views of the file)."""
+    state_dict = {k: v.to(dtype) if type(v) is torch.Tensor and v.is_floating_point() and v.numel() <= SMALL_TENSOR
+                  else v for k, v in dm.state_dict.items()}
     if mode not in MODES:
         raise ValueError(f"{dm.path}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     on_gpu = not comfy.model_management.is_device_cpu(device)
@@ -80,8 +89,10 @@ def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype, device
         return state_dict
     free = comfy.model_management.get_free_memory(device)
     reserve = model.memory_required(RESERVE_LATENT) + comfy.model_management.minimum_inference_memory()
-    plan = plan_cache(state_dict, int(free - reserve), dtype)
+    ram = int(psutil.virtual_memory().available * RAM_SHARE)
+    plan = plan_cache(state_dict, int(free - reserve), dtype, max_cached=ram)
     chosen = CACHED if plan.keys else ON_THE_FLY
-    log.info("GGUF %s: mode %s: %s, %s; %.1f GiB free on %s, %.1f GiB kept for sampling",
-             dm.path, mode, chosen, plan.describe(), free / 2**30, device, reserve / 2**30)
+    log.info("GGUF %s: mode %s: %s, %s; %.1f GiB free on %s at load, %.1f GiB kept for sampling, "
+             "at most %.1f GiB of RAM for the copies", dm.path, mode, chosen, plan.describe(), free / 2**30,
+             device, reserve / 2**30, ram / 2**30)
     return convert(state_dict, plan.keys, dtype, device if on_gpu else "cpu")

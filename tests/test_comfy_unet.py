@@ -185,6 +185,8 @@ def test_model_management_lifecycle(models, tmp_path):
     # ... which still serves the patch kinds that have no low-rank form.
     assert r["diff_patch_effect"] > 1e-2 and r["diff_patch_partial"] < tol, r
     assert r["diff_patch_full_patch_calls"] > 0, r
+    assert r["factors_while_loaded"] > 0 and r["factors_after_detach"] == 0, r
+    assert r["bad_lora_partial"] < tol, r
     # Merged once at load for the patched layers only; back to quantized after unpatching; the per-layer
     # (partial) path keeps everything quantized.
     assert 0 < r["quantized_params_lora_merged"] < r["quantized_params"], r

@@ -139,6 +139,9 @@ def test_cache_plan_fits_the_budget_smallest_first(tmp_path, qwen_weights):
     assert half.model_bytes + min(t.qshape.numel() * 2 - nbytes(t) for t in left) > budget
     assert max(nbytes(quantized[k]) for k in half.keys) <= max(nbytes(t) for t in left)
 
+    ram_bound = plan_cache(sd, full, torch.bfloat16, max_cached=everything.cached_bytes // 3)
+    assert 0 < ram_bound.cached_bytes <= everything.cached_bytes // 3
+
     converted = convert(sd, half.keys, torch.float32)
     for key in half.keys:
         assert type(converted[key]) is torch.Tensor

@@ -20,5 +20,7 @@ def test_dynamic_vram_matches_native(models, tmp_path):  # noqa: F811
     # Same bf16 weights on both sides: only kernel-order rounding differs.
     assert r["base"] < 1e-2 and r["lora"] < 1e-2 and r["lora_again"] < 1e-2 and r["after_lora"] < 1e-2, r
     assert r["lora_effect"] > 5e-2, r
+    # The LoRA's low-rank factors sit on the GPU only while the model is loaded.
+    assert r["factors_while_loaded"] > 0 and r["factors_after_unload"] == 0, r
     assert r["quantized_params"] > 0, r
     assert r["auto_cached"] < 1e-2 and r["auto_cached_quantized_params"] == 0, r

@@ -35,6 +35,13 @@ def run(cfg):
     ref = forward(comfy.sd.load_lora_for_models(native, None, lora, 1.0, 0.0)[0])
     result["lora_effect"] = rel(ref, base)
     lora_ours = comfy.sd.load_lora_for_models(ours, None, lora, 1.0, 0.0)[0]
+    count = loaded_module(cfg, cfg["package"]).nodes.lora.cached_factor_count
+    mm.load_models_gpu([lora_ours])
+    with torch.no_grad():
+        lora_ours.model.apply_model(x, sigma, c_crossattn=context)
+    result["factors_while_loaded"] = count(lora_ours.model)
+    mm.unload_all_models()
+    result["factors_after_unload"] = count(lora_ours.model)
     result["lora"] = rel(forward(lora_ours), ref)
     result["lora_again"] = rel(forward(lora_ours), ref)
     result["after_lora"] = rel(forward(ours), base)

@@ -78,8 +78,21 @@ def run(cfg):
     result["lora_partial_again"] = diff(partial_again, ref)
     result["lora_partial_full_patch_calls"] = calls.pop()
     result["quantized_params_partial"] = n_quantized(lora_ours)
+    lora_module = loaded_module(cfg, cfg["package"]).nodes.lora
+    result["factors_while_loaded"] = lora_module.cached_factor_count(lora_ours.model)
     lora_ours.partially_unload(mm.unet_offload_device(), memory_to_free=1 << 40)
     lora_ours.detach()
+    result["factors_after_detach"] = lora_module.cached_factor_count(lora_ours.model)
+
+    # A LoRA whose matrices do not fit its weight: ComfyUI logs an error and skips it; so do we.
+    bad = dict(lora)
+    up_key = next(k for k in bad if k.endswith("img_mlp.net.2.lora_up.weight"))
+    bad[up_key] = torch.cat([bad[up_key], bad[up_key][:8]])
+    bad_native = forward(comfy.sd.load_lora_for_models(native, None, bad, 1.0, 0.0)[0], full_load=True)
+    bad_ours = comfy.sd.load_lora_for_models(ours, None, bad, 1.0, 0.0)[0]
+    result["bad_lora_partial"] = diff(forward(bad_ours, lowvram_model_memory=1), bad_native)
+    bad_ours.partially_unload(mm.unet_offload_device(), memory_to_free=1 << 40)
+    bad_ours.detach()
 
     # A patch kind with no low-rank form (a full weight difference) goes through ComfyUI's own math.
     key = next(k for k in lora_ours.get_key_patches() if k.endswith("img_mlp.net.0.proj.weight"))

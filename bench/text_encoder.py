@@ -1,0 +1,59 @@
+"""Load and encode time of a full-size Qwen2.5-VL-7B language model as text encoder in real ComfyUI on a
+CUDA GPU: our GGUF CLIP-VL loader (llama.cpp's Q4_K_M type mix and names, tokenizer from the file's
+metadata) against ComfyUI's own loading of the same values in bf16 (Hugging Face names, as Comfy-Org's
+qwen_2.5_vl_7b.safetensors), in one run. Weights are random (small finite scales); the prompt is
+encoded through ComfyUI's Qwen-Image template, as CLIPTextEncode does.
+
+    COMFYUI_PATH=../ComfyUI python bench/text_encoder.py [--runs 5] [--out result.json]
+
+Load = building the CLIP from the file (ours) or the bf16 state dict in RAM (native); first encode
+includes bringing the weights to the GPU; encode = median of the following runs; peak VRAM = the
+GPU's memory in use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+QWEN25_VL_7B = dict(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--cpu", action="store_true", help="a smoke run of this script on the CPU with a 2-layer model")
+    a = parser.parse_args()
+    sys.path.insert(0, str(REPO / "tests"))
+    from comfy_env import PACKAGE_NAME, comfyui_path, run_script
+    work = Path(tempfile.mkdtemp())
+    (work / "models").mkdir()
+    spec = {**QWEN25_VL_7B, "layers": 2, "hidden": 512, "intermediate": 1024, "heads": 4} if a.cpu else QWEN25_VL_7B
+    result = run_script(work, work / "models", REPO / "bench" / "text_encoder_inside.py", timeout=3000,
+                        args=["--cpu"] if a.cpu else [], device="cpu" if a.cpu else "cuda",
+                        package=PACKAGE_NAME, repo=str(REPO), spec=spec, runs=a.runs, smoke=a.cpu,
+                        gguf=str(work / "random-Qwen2.5-VL-7B-Q4_K_M.gguf"), comfyui=str(comfyui_path()))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"GPU: {result['gpu']}; torch {result['torch']}")
+    print("| text encoder | load (s) | first encode (s) | encode (s, median) | vs native | tokens | peak VRAM |")
+    print("|---|---|---|---|---|---|---|")
+    native = result["rows"].get("native bf16")
+    for name, r in result["rows"].items():
+        ratio = f"{r['encode_s'] / native['encode_s']:.2f}x" if native else "-"
+        print(f"| {name} | {r['load_s']:.1f} | {r['first_encode_s']:.2f} | {r['encode_s']:.3f} | "
+              f"{ratio} | {r['tokens']} | {r['peak_vram_gb']:.1f} GB |")
+    if native:
+        diff = result["rows"]["ours, GGUF Q4_K_M"]["rel_diff_to_native"]
+        print(f"conditioning, ours against native: relative difference {diff:.2e}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,115 @@
+"""The part of text_encoder.py that runs inside a started ComfyUI (see tests/comfy_runner.py)."""
+
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sd
+
+PROMPT = ("A cozy bookshop cafe on a rainy evening, warm light spilling from the window onto wet cobblestones. "
+          "A chalkboard sign by the door reads \"Qwen-Image GGUF - Open Late\" in neat handwriting. Inside, shelves "
+          "of old books, a ginger cat asleep on a stack of novels, steam rising from a cup of coffee. "
+          "Photorealistic, 35mm, shallow depth of field.")
+
+
+def random_weights(cfg, pkg):
+    """Qwen2.5-VL-7B's language model at full size: our GGUF tensors (llama.cpp's Q4_K_M mix, llama.cpp
+    names) and the same values in bf16 under Hugging Face names (what ComfyUI's own loader reads)."""
+    for sub in ("", "/tests", "/bench"):
+        sys.path.insert(0, cfg["repo"] + sub)
+    from dequant_bandwidth import random_blocks
+    from gguf import GGMLQuantizationType as T
+    from tiny_text_encoders import llama_cpp_q4_k_m, llm_shapes, to_gguf_llm
+    spec = cfg["spec"]
+    shapes = llm_shapes(**spec)
+    pick = llama_cpp_q4_k_m(spec["layers"])
+    device = cfg["device"]
+    g = torch.Generator(device=device).manual_seed(0)
+    ours, native = {}, {}
+    for gguf_name, hf_name in to_gguf_llm({k: k for k in shapes}).items():
+        shape = shapes[hf_name]
+        qtype = pick(gguf_name, shape)
+        if qtype == T.F32:
+            w = torch.randn(shape, device=device, generator=g) * 0.02 + (1.0 if "norm" in hf_name else 0.0)
+            ours[gguf_name], native[hf_name] = w.float().cpu(), w.to(torch.bfloat16).cpu()
+            continue
+        qcls = pkg.loaders.quants.DEQUANTIZERS[qtype]
+        # Small scales keep 28 random layers' activations finite.
+        blocks = random_blocks(qtype, shape[0] * shape[1] // qcls.block_size, device, scale=2e-4)
+        t = pkg.loaders.tensor.GGMLTensor(blocks, qtype, shape)
+        native[hf_name] = pkg.loaders.tensor.dequantize(t, torch.bfloat16).cpu()
+        ours[gguf_name] = (blocks.reshape(shape[0], -1).cpu().numpy(), qtype)  # one row of blocks per weight row
+    return ours, native
+
+
+def write_gguf(path, weights, spec, tokenizer_folder):
+    from gguf import GGUFWriter
+    from tiny_text_encoders import tokenizer_metadata
+    from loaders.writer import add_metadata
+    writer = GGUFWriter(path, arch="qwen2vl")
+    meta = {"qwen2vl.block_count": spec["layers"], "qwen2vl.embedding_length": spec["hidden"],
+            "qwen2vl.feed_forward_length": spec["intermediate"], "qwen2vl.attention.head_count": spec["heads"],
+            "qwen2vl.attention.head_count_kv": spec["kv_heads"], "qwen2vl.rope.freq_base": 1000000.0,
+            "qwen2vl.attention.layer_norm_rms_epsilon": 1e-6, "qwen2vl.context_length": 128000,
+            "qwen2vl.rope.dimension_sections": [16, 24, 24, 0],
+            **tokenizer_metadata(tokenizer_folder, spec["vocab"])}
+    for key, value in meta.items():
+        add_metadata(writer, key, value)
+    for name, value in weights.items():
+        if isinstance(value, torch.Tensor):
+            writer.add_tensor(name, value.numpy())
+        else:
+            raw, qtype = value
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def measure(build, runs):
+    """Load seconds, first encode (weights brought to the GPU), median encode seconds, peak VRAM (GiB)."""
+    from qwen_step_inside import PeakVRAM
+    mm.unload_all_models()
+    gc.collect()
+    mm.soft_empty_cache()
+    with PeakVRAM() as peak:
+        start = time.perf_counter()
+        clip = build()
+        load_s = time.perf_counter() - start
+        times = []
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    tokens = cond[0][0].shape[1]
+    finite = bool(torch.isfinite(cond[0][0]).all())
+    return {"load_s": load_s, "first_encode_s": times[0], "encode_s": statistics.median(times[1:]),
+            "peak_vram_gb": peak.peak / 2**30, "tokens": tokens, "finite": finite}, cond[0][0].float().cpu()
+
+
+def run(cfg):
+    sys.path.insert(0, cfg["repo"] + "/tests/comfy_scripts")
+    from script_helpers import loaded_module
+    pkg = loaded_module(cfg, cfg["package"])
+    ours, native = random_weights(cfg, pkg)
+    write_gguf(cfg["gguf"], ours, cfg["spec"], Path(cfg["comfyui"]) / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    del ours
+    rows = {}
+    if not cfg["smoke"]:  # ComfyUI's own classes only build the full size
+        rows["native bf16"], ref = measure(lambda: comfy.sd.load_text_encoder_state_dicts(
+            [dict(native)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE), cfg["runs"])
+    native.clear()
+    rows["ours, GGUF Q4_K_M"], got = measure(lambda: pkg.nodes.text_encoder.build_clip(
+        pkg.loaders.text_encoder.open_text_encoder(cfg["gguf"])), cfg["runs"])
+    if not cfg["smoke"]:
+        rows["ours, GGUF Q4_K_M"]["rel_diff_to_native"] = ((got - ref).norm() / ref.norm()).item()
+    return {"rows": rows, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__}
