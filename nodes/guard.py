@@ -14,6 +14,8 @@ import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..loaders.health import nonfinite_tensors
+from ..loaders.tensor import GGMLTensor
+from .ops import FileWeights
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,16 @@ def _step(sigma: torch.Tensor, transformer_options: dict) -> str:
     return f"step {index + 1} of {len(sigmas) - 1} (sigma {s:.4g})"
 
 
+def _weights(module: torch.nn.Module):
+    """(name, tensor) of every weight, GGUF block bytes as quantized tensors that know their type."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, FileWeights) and layer.quantized():
+            yield f"{name}.weight", GGMLTensor(layer.weight, layer.weight_qtype, layer.weight_qshape)
+    yield from ((n, p) for n, p in module.named_parameters() if p.dtype != torch.uint8)
+
+
 def _cause(model, dtype: torch.dtype) -> str:
-    bad = nonfinite_tensors(model.diffusion_model.named_parameters())
+    bad = nonfinite_tensors(_weights(model.diffusion_model))
     if bad:
         listed = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
         return f"the model file holds NaN/inf weights ({listed}): it is damaged, download it again"

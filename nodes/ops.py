@@ -1,7 +1,7 @@
 """ComfyUI operations for models whose Linear weights are GGUF-quantized.
 
 The model's layers come from ComfyUI's own ``comfy/ldm`` classes; only the Linear op differs. Its
-weight stays a ``GGMLTensor`` (quantized bytes) wherever ComfyUI puts it: ComfyUI's cast machinery
+weight stays quantized bytes wherever ComfyUI puts it: ComfyUI's cast machinery
 (offload streams, pinned memory, and the dynamic VRAM loader's page cache) moves the bytes as
 uint8, and the layer dequantizes them to the input's dtype on the input's device when it runs. LoRA
 patches then apply to the dequantized weight (plain LoRAs in low-rank form, see lora.py). Everything that is
@@ -14,7 +14,7 @@ import torch
 
 import comfy.ops
 
-from ..loaders.tensor import GGMLTensor, dequantize, dequantize_bytes
+from ..loaders.tensor import GGMLTensor, dequantize_bytes
 from .lora import apply_patches
 
 
@@ -22,10 +22,16 @@ _PATCH_ATTRS = ("weight_function", "weight_lowvram_function")
 
 
 class FileWeights:
-    """Weights taken from the loader's state dict as they are (quantized or float, no copy)."""
+    """Weights taken from the loader's state dict as they are (quantized or float, no copy).
+
+    A quantized weight is held as a plain uint8 parameter of its block bytes, its quant type and
+    logical shape kept on the module: ComfyUI moves, accounts and pages the bytes like any tensor,
+    and torch.compile can trace the layer (it cannot take a tensor subclass parameter)."""
     # The model's compute dtype, set by the loader: bf16, or fp32 where bf16 is unsupported.
     compute_dtype = torch.bfloat16
     expects_bias = False
+    weight_qtype = None
+    weight_qshape = None
 
     def reset_parameters(self):
         return None
@@ -36,6 +42,11 @@ class FileWeights:
             key = prefix + name
             if key in state_dict:
                 tensor = state_dict[key]
+                if name == "weight":
+                    self.weight_qtype, self.weight_qshape = ((tensor.qtype, tensor.qshape)
+                                                             if isinstance(tensor, GGMLTensor) else (None, None))
+                with torch._C.DisableTorchFunctionSubclass():
+                    tensor = tensor.as_subclass(torch.Tensor)
                 setattr(self, name, torch.nn.Parameter(tensor, requires_grad=False))
                 # ComfyUI's loaders stage each weight in this dtype: the file's own (uint8 bytes for a
                 # quantized weight) so nothing is cast on the way to the device.
@@ -43,17 +54,30 @@ class FileWeights:
             elif name == "weight" or self.expects_bias:
                 missing_keys.append(key)
 
+    def quantized(self) -> bool:
+        """Whether the weight is (still) GGUF block bytes, not a float weight such as a merged LoRA."""
+        return self.weight_qtype is not None and self.weight.dtype == torch.uint8
+
     def convert_weight(self, weight, inplace=False, **kwargs):
-        return dequantize(weight, torch.float32) if isinstance(weight, GGMLTensor) else weight
+        """The float weight for ComfyUI's patching, which casts the stored weight to a float dtype
+        first: block bytes (0-255) stay exact in any float dtype, so they are read back from it."""
+        if self.quantized() and weight.shape == self.weight.shape:
+            return dequantize_bytes(weight.to(torch.uint8), self.weight_qtype, self.weight_qshape, torch.float32)
+        return weight
 
     def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
         """Keep a LoRA-merged weight in the compute dtype, computed once when ComfyUI patches the
         model (the quantized original stays in ComfyUI's backup and comes back on unpatch)."""
-        merged = weight.to(self.compute_dtype if isinstance(self.weight, GGMLTensor) else self.weight.dtype)
+        merged = weight.to(self.compute_dtype if self.quantized() else self.weight.dtype)
         if return_weight:
             return merged
         self.weight = torch.nn.Parameter(merged, requires_grad=False)
         self.weight_comfy_model_dtype = merged.dtype
+
+
+def quantized_layers(model: torch.nn.Module) -> int:
+    """How many layers hold GGUF block bytes (for tests and logs)."""
+    return sum(isinstance(m, FileWeights) and m.quantized() for m in model.modules())
 
 
 class GGUFOps(comfy.ops.manual_cast):
@@ -67,8 +91,14 @@ class GGUFOps(comfy.ops.manual_cast):
             self.expects_bias = bias
 
         def forward_comfy_cast_weights(self, input, *args, **kwargs):
-            if not isinstance(self.weight, GGMLTensor):
+            if not self.quantized():
                 return super().forward_comfy_cast_weights(input, *args, **kwargs)
+            if self._resident(input):
+                # Fully loaded, unpatched: nothing for ComfyUI's cast path to move or patch. Skipping it
+                # saves host time per layer and keeps the layer traceable by torch.compile.
+                bias = self.bias if self.bias is None or self.bias.dtype == input.dtype else self.bias.to(input.dtype)
+                weight = dequantize_bytes(self.weight, self.weight_qtype, self.weight_qshape, input.dtype)
+                return torch.nn.functional.linear(input, weight, bias)
             # ComfyUI's patch functions expect float weights: keep them away from the byte transfer.
             # (Set in the instance dict directly: nn.Module.__setattr__ costs microseconds per layer.)
             patches, lowvram_patch = self.weight_function, getattr(self, "weight_lowvram_function", None)
@@ -83,12 +113,18 @@ class GGUFOps(comfy.ops.manual_cast):
                     state.pop(k, None)
                 state.update(saved)
             try:
-                with torch._C.DisableTorchFunctionSubclass():
-                    weight = dequantize_bytes(raw, self.weight.qtype, self.weight.qshape, input.dtype)
+                weight = dequantize_bytes(raw, self.weight_qtype, self.weight_qshape, input.dtype)
                 weight = apply_patches(weight, ([lowvram_patch] if lowvram_patch is not None else []) + list(patches))
                 return torch.nn.functional.linear(input, weight, bias)
             finally:
                 comfy.ops.uncast_bias_weight(self, raw, bias, offload)
+
+        def _resident(self, input) -> bool:
+            # ComfyUI's dynamic VRAM loader marks the layers it manages with _v.
+            return (self.weight.device == input.device and not hasattr(self, "_v") and not self.weight_function
+                    and (self.bias is None or self.bias.device == input.device)
+                    and not self.bias_function and getattr(self, "weight_lowvram_function", None) is None
+                    and getattr(self, "bias_lowvram_function", None) is None)
 
     class Embedding(FileWeights, comfy.ops.manual_cast.Embedding):
         def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
@@ -100,14 +136,12 @@ class GGUFOps(comfy.ops.manual_cast):
             self.weight, self.bias = None, None
 
         def forward_comfy_cast_weights(self, input, out_dtype=None):
-            if not isinstance(self.weight, GGMLTensor):
+            if not self.quantized():
                 return super().forward_comfy_cast_weights(input, out_dtype=out_dtype)
             # Rows are whole quant blocks: gather the tokens' rows where the table lives and
             # dequantize just those, instead of a float copy of the whole table.
             ids = input.reshape(-1).to(self.weight.device)
-            with torch._C.DisableTorchFunctionSubclass():
-                rows = self.weight[ids]
-            values = dequantize(GGMLTensor(rows, self.weight.qtype, (ids.numel(), self.embedding_dim)),
-                                out_dtype or self.compute_dtype)
+            values = dequantize_bytes(self.weight[ids], self.weight_qtype, (ids.numel(), self.embedding_dim),
+                                      out_dtype or self.compute_dtype)
             return values.to(input.device).reshape(*input.shape, self.embedding_dim)
 

@@ -24,3 +24,12 @@ def test_dynamic_vram_matches_native(models, tmp_path):  # noqa: F811
     assert r["factors_while_loaded"] > 0 and r["factors_after_unload"] == 0, r
     assert r["quantized_params"] > 0, r
     assert r["auto_cached"] < 1e-2 and r["auto_cached_quantized_params"] == 0, r
+
+
+def test_triton_path_compiles_without_graph_breaks(models, tmp_path):  # noqa: F811
+    r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "compile_check.py", args=[],
+                   package=PACKAGE_NAME, gguf="qwen-tiny-Q4_K_M.gguf", backend="inductor")
+    assert set(r) == {"Q4_K", "Q5_K", "Q6_K"}, r
+    for result in r.values():
+        assert result["graphs"] == 1 and result["breaks"] == 0, r
+        assert result["max_diff"] <= 1e-2 * result["scale"], r

@@ -45,9 +45,10 @@ def run(cfg):
     result["lora"] = rel(forward(lora_ours), ref)
     result["lora_again"] = rel(forward(lora_ours), ref)
     result["after_lora"] = rel(forward(ours), base)
-    result["quantized_params"] = sum(type(p).__name__ == "GGMLTensor" for p in ours.model.parameters())
+    quantized_layers = loaded_module(cfg, cfg["package"]).nodes.ops.quantized_layers
+    result["quantized_params"] = quantized_layers(ours.model)
     cached = loaded_module(cfg, cfg["package"]).nodes.model.load_gguf_unet(dm.path, "auto")
     result["auto_cached"] = rel(forward(cached), base)
-    result["auto_cached_quantized_params"] = sum(type(p).__name__ == "GGMLTensor" for p in cached.model.parameters())
+    result["auto_cached_quantized_params"] = quantized_layers(cached.model)
     result["finite"] = bool(torch.isfinite(base).all())
     return result

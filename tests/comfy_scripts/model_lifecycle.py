@@ -37,7 +37,7 @@ def run(cfg):
         """Counts calls of module.name(patches, weight, key, ...) on quantized weights until .pop(),
         which restores it and returns the count. (Float layers keep ComfyUI's own patching.)"""
         original, counter = getattr(module, name), [0]
-        quantized = {k for k, v in ours.model.state_dict().items() if type(v).__name__ == "GGMLTensor"}
+        quantized = {k for k, v in ours.model.state_dict().items() if v.dtype == torch.uint8}
 
         def counted(patches, weight, key, *args, **kwargs):
             counter[0] += key in quantized
@@ -50,7 +50,7 @@ def run(cfg):
         return (a - b).abs().max().item()
 
     def n_quantized(patcher):
-        return sum(type(p).__name__ == "GGMLTensor" for p in patcher.model.parameters())
+        return loaded_module(cfg, cfg["package"]).nodes.ops.quantized_layers(patcher.model)
 
     result = {}
     base_native = forward(native, full_load=True)

@@ -1,0 +1,39 @@
+"""Runs inside a started ComfyUI (see comfy_runner.py): our GGUF Linear layers under torch.compile.
+
+ComfyUI compiles a model through a classic (non-dynamic) copy of its patcher, which it rebuilds from
+the loader's cached_patcher_init; this loads our model that way, takes one Linear per quant type and
+compiles it whole (fullgraph=True fails on any graph break), comparing with the eager result.
+"""
+
+import torch
+
+import comfy.model_management as mm
+import folder_paths
+from script_helpers import loaded_module
+
+
+def run(cfg):
+    pkg = loaded_module(cfg, cfg["package"])
+    path = folder_paths.get_full_path_or_raise("diffusion_models", cfg["gguf"])
+    patcher = pkg.nodes.model.load_gguf_unet(path, pkg.nodes.model.ON_THE_FLY, disable_dynamic=True)
+    mm.load_models_gpu([patcher])
+    device, dtype = mm.get_torch_device(), patcher.model.get_dtype_inference()
+    results = {}
+    for name, module in patcher.model.named_modules():
+        if not isinstance(module, pkg.nodes.ops.GGUFOps.Linear) or not module.quantized():
+            continue
+        if module.weight_qtype.name in results:
+            continue
+        x = torch.randn(5, module.in_features, device=device, dtype=dtype)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(module)(x)
+        compiled = torch.compile(module, backend=cfg["backend"], fullgraph=True)
+        with torch.no_grad():
+            got, ref = compiled(x), module(x)
+        results[module.weight_qtype.name] = {
+            "graphs": explained.graph_count, "breaks": explained.graph_break_count, "layer": name,
+            "reasons": [str(b.reason)[:300] + " @ " + "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+                                                           for f in b.user_stack[-3:])
+                        for b in explained.break_reasons],
+            "max_diff": (got.float() - ref.float()).abs().max().item(), "scale": ref.float().abs().max().item()}
+    return results
