@@ -69,19 +69,16 @@ def random_weights(cfg, pkg):
 
 def write_gguf(path, weights):
     """The quantized weights as a GGUF file (city96 layout: ComfyUI names, architecture qwen_image)."""
-    from gguf import GGMLQuantizationType as T, GGUFWriter
-    writer = GGUFWriter(path, arch="qwen_image")
+    from gguf import GGMLQuantizationType as T
+    from loaders.writer import write_encoded
+    encoded = {}
     for name, t in weights.items():
         if type(t) is torch.Tensor:
-            writer.add_tensor(name, t.numpy())
+            encoded[name] = (t.numpy(), T.F32)
         else:
             with torch._C.DisableTorchFunctionSubclass():
-                raw = t.numpy()
-            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=T(int(t.qtype)))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+                encoded[name] = (t.numpy(), T(int(t.qtype)))
+    write_encoded(path, encoded, "qwen_image")
 
 
 def sample(model, size, steps, callback=None):

@@ -36,7 +36,7 @@ def random_weights(cfg, pkg):
         qtype = pick(gguf_name, shape)
         if qtype == T.F32:
             w = torch.randn(shape, device=device, generator=g) * 0.02 + (1.0 if "norm" in hf_name else 0.0)
-            ours[gguf_name], native[hf_name] = w.float().cpu(), w.to(torch.bfloat16).cpu()
+            ours[gguf_name], native[hf_name] = (w.float().cpu().numpy(), T.F32), w.to(torch.bfloat16).cpu()
             continue
         qcls = pkg.loaders.quants.DEQUANTIZERS[qtype]
         # Small scales keep 28 random layers' activations finite.
@@ -48,28 +48,15 @@ def random_weights(cfg, pkg):
 
 
 def write_gguf(path, weights, spec, tokenizer_folder):
-    from gguf import GGUFWriter
     from tiny_text_encoders import tokenizer_metadata
-    from loaders.writer import add_metadata
-    writer = GGUFWriter(path, arch="qwen2vl")
+    from loaders.writer import write_encoded
     meta = {"qwen2vl.block_count": spec["layers"], "qwen2vl.embedding_length": spec["hidden"],
             "qwen2vl.feed_forward_length": spec["intermediate"], "qwen2vl.attention.head_count": spec["heads"],
             "qwen2vl.attention.head_count_kv": spec["kv_heads"], "qwen2vl.rope.freq_base": 1000000.0,
             "qwen2vl.attention.layer_norm_rms_epsilon": 1e-6, "qwen2vl.context_length": 128000,
             "qwen2vl.rope.dimension_sections": [16, 24, 24, 0],
             **tokenizer_metadata(tokenizer_folder, spec["vocab"])}
-    for key, value in meta.items():
-        add_metadata(writer, key, value)
-    for name, value in weights.items():
-        if isinstance(value, torch.Tensor):
-            writer.add_tensor(name, value.numpy())
-        else:
-            raw, qtype = value
-            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_encoded(path, weights, "qwen2vl", meta)
 
 
 def measure(build, runs):

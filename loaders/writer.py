@@ -62,31 +62,39 @@ def encode(array: np.ndarray, qtype: T) -> np.ndarray:
 def write_gguf(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], recipe: Recipe,
                arch: str | None = None, metadata: Mapping[str, Any] | None = None) -> dict[str, T]:
     """Write ``tensors`` (float arrays, torch order) to ``path``; returns the type chosen for each."""
+    encoded, chosen, metadata = {}, {}, dict(metadata or {})
+    for name, array in tensors.items():
+        qtype = recipe(name, tuple(array.shape))
+        if array.ndim > MAX_DIMS:
+            # GGUF holds at most 4 dimensions: store it flattened with its shape, as ComfyUI-GGUF does.
+            metadata[ORIG_SHAPE_KEY.format(name)] = [int(d) for d in array.shape]
+            array = array.reshape(array.shape[0], -1)
+        encoded[name] = (encode(array, qtype).reshape(*array.shape[:-1], -1), qtype)
+        chosen[name] = qtype
+    write_encoded(path, encoded, arch, metadata)
+    return chosen
+
+
+def write_encoded(path: str | os.PathLike, tensors: Mapping[str, tuple[np.ndarray, T]], arch: str | None = None,
+                  metadata: Mapping[str, Any] | None = None) -> None:
+    """Write tensors already in their GGUF encoding: (array, type), F32/F16 as float arrays, any other
+    type as its bytes with the weight's leading axes and one run of blocks per row."""
     writer = GGUFWriter(os.fspath(path), arch=arch or "unknown")
     if arch is None:
         # sd.cpp conversions carry no architecture key; GGUFWriter always adds one, so drop it again.
         writer.kv_data[0].pop("general.architecture", None)
     for key, value in (metadata or {}).items():
         add_metadata(writer, key, value)
-    chosen = {}
-    for name, array in tensors.items():
-        qtype = recipe(name, tuple(array.shape))
-        if array.ndim > MAX_DIMS:
-            # GGUF holds at most 4 dimensions: store it flattened with its shape, as ComfyUI-GGUF does.
-            writer.add_array(ORIG_SHAPE_KEY.format(name), [int(d) for d in array.shape])
-            array = array.reshape(array.shape[0], -1)
-        data = encode(array, qtype)
+    for name, (data, qtype) in tensors.items():
         if qtype in (T.F32, T.F16):
             writer.add_tensor(name, data)
         else:
-            # GGUFWriter reads the element shape off the byte shape: keep every axis but the last.
-            writer.add_tensor(name, data, raw_shape=(*array.shape[:-1], data.shape[-1]), raw_dtype=qtype)
-        chosen[name] = qtype
+            # GGUFWriter reads the element shape off the byte shape: every axis but the last is kept.
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return chosen
 
 
 def add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:

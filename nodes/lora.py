@@ -52,22 +52,21 @@ def low_rank_factors(patch: Callable, device: torch.device, dtype: torch.dtype) 
 
 def drop_factors(patcher: comfy.model_patcher.ModelPatcher, *args) -> None:
     """ComfyUI ON_DETACH callback: free the factors held for the model's layers."""
-    for module in patcher.model.modules():
-        for name in ("weight_lowvram_function", "weight_function"):
-            found = getattr(module, name, None)
-            for patch in found if isinstance(found, list) else [found]:
-                if patch is not None and hasattr(patch, "__dict__"):
-                    patch.__dict__.pop(_CACHE, None)
+    for patch in _patch_functions(patcher.model):
+        patch.__dict__.pop(_CACHE, None)
 
 
 def cached_factor_count(model: torch.nn.Module) -> int:
     """How many layers' patch functions hold factors (for tests and logs)."""
-    count = 0
+    return sum(_CACHE in patch.__dict__ for patch in _patch_functions(model))
+
+
+def _patch_functions(model: torch.nn.Module):
     for module in model.modules():
-        for name in ("weight_lowvram_function", "weight_function"):
-            found = getattr(module, name, None)
-            count += sum(_CACHE in getattr(p, "__dict__", {}) for p in (found if isinstance(found, list) else [found]))
-    return count
+        found = getattr(module, "weight_lowvram_function", None)
+        for patch in [found, *getattr(module, "weight_function", [])]:
+            if patch is not None and hasattr(patch, "__dict__"):
+                yield patch
 
 
 def _factor(entries: tuple, device: torch.device, dtype: torch.dtype) -> Factors | None:

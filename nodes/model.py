@@ -13,6 +13,7 @@ import comfy.supported_models
 import psutil
 
 from ..loaders.diffusion import DiffusionModel, open_diffusion_model
+from ..loaders.errors import GGUFError
 from ..loaders.tensor import logical_shape
 from ..loaders.weight_cache import convert, plan_cache
 from .lora import drop_factors
@@ -79,10 +80,10 @@ def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype, device
     Either way the small float tensors (biases, norms: F32 in every GGUF) are stored in the compute
     dtype, as ComfyUI stores a native model's, instead of being cast on every forward (large float
     weights stay views of the file)."""
+    if mode not in MODES:
+        raise GGUFError(dm.path, f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     state_dict = {k: v.to(dtype) if type(v) is torch.Tensor and v.is_floating_point() and v.numel() <= SMALL_TENSOR
                   else v for k, v in dm.state_dict.items()}
-    if mode not in MODES:
-        raise ValueError(f"{dm.path}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     on_gpu = not comfy.model_management.is_device_cpu(device)
     if mode == ON_THE_FLY or (mode == AUTO and not on_gpu):
         log.info("GGUF %s: mode %s: on the fly (weights stay quantized, dequantized layer by layer)", dm.path, mode)

@@ -195,6 +195,9 @@ def test_model_management_lifecycle(models, tmp_path):
     # (The model also holds a few small buffers of its own that are not in the file.)
     assert r["file_tensor_bytes"] <= r["model_size"] < 1.01 * r["file_tensor_bytes"], r
     assert r["model_size"] < r["native_size"] / 3, r
+    # A mode the loader does not know (an API prompt can send one) is refused, naming the file.
+    assert r["bad_mode_error"].startswith("GGUFError") and "qwen-tiny-Q4_K_M.gguf" in r["bad_mode_error"], r
+    assert "'fastest'" in r["bad_mode_error"] and "on the fly" in r["bad_mode_error"], r
     # Cached mode with room for everything (the CPU's RAM here): every weight held dequantized.
     assert r["cached_quantized_params"] == 0 and r["cached"] < tol, r
     assert r["cached_model_size"] > r["native_size"] / 2, r

@@ -114,6 +114,10 @@ def run(cfg):
     result["native_size"] = native.model_size()
     result["file_tensor_bytes"] = sum(t.numel() * t.element_size() for t in dm.state_dict.values())
 
+    try:
+        loaded_module(cfg, cfg["package"]).nodes.model.load_gguf_unet(dm.path, "fastest")
+    except Exception as e:  # noqa: BLE001  (the test checks its type and message)
+        result["bad_mode_error"] = f"{type(e).__name__}: {e}"
     cached = loaded_module(cfg, cfg["package"]).nodes.model.load_gguf_unet(dm.path, "cached")
     result["cached"] = diff(forward(cached, full_load=True), base_native)
     result["cached_quantized_params"] = n_quantized(cached)
