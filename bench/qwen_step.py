@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -27,12 +28,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # "ours, on the fly + NaN guard" times the on-the-fly model with and without the guard, taking turns.
 MODELS = ["native bf16", "native fp8_e4m3fn", "native fp8_e4m3fn_fast", "ours, on the fly + NaN guard",
-          "ours, cached", "ours, auto"]
+          "ours, cached", "ours, fp8 compute", "ours, auto"]
 
 
 def gpu_total_gb() -> float:
     import torch
     return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def _error(row: dict) -> str:
+    e = row.get("latent_rel_error")
+    return "-" if e is None or row["model"] == "native bf16" else f"{100 * e:.2f}%"
+
+
+def guard_cost(rows: list[dict]) -> None:
+    """The guard's cost per step, round by round (each round ran both models back to back)."""
+    for size in sorted({r["size"] for r in rows}):
+        pair = {r["model"]: r for r in rows if r["size"] == size}
+        plain, guarded = pair.get("ours, on the fly"), pair.get("ours, on the fly + NaN guard")
+        if not plain or not guarded:
+            continue
+        diffs = sorted(g - p for g, p in zip(guarded["round_medians"], plain["round_medians"]))
+        base = statistics.median(plain["round_medians"])
+        print(f"NaN guard at {size}x{size}: per-round cost {', '.join(f'{1000 * d:+.1f}' for d in diffs)} ms/step; "
+              f"median {1000 * statistics.median(diffs):+.1f} ms/step ({100 * statistics.median(diffs) / base:+.1f}% "
+              f"of {base:.3f} s/step), over {len(diffs)} rounds")
 
 
 def main() -> None:
@@ -42,6 +62,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=60)
     parser.add_argument("--models", default=";".join(MODELS), help="';'-separated, from: " + "; ".join(MODELS))
     parser.add_argument("--low-vram", default="12,8", help="GB limits for the low-VRAM runs ('' for none)")
+    parser.add_argument("--guard-rounds", type=int, default=3,
+                        help="alternating rounds of the on-the-fly model with and without the guard (the first untimed)")
     parser.add_argument("--profile", action="store_true", help="also print where the host's time goes")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--cpu", action="store_true", help="a smoke run of this script on the CPU (no figures)")
@@ -52,7 +74,8 @@ def main() -> None:
     (work / "models").mkdir()
     common = dict(timeout=3000, device="cpu" if a.cpu else "cuda", package=PACKAGE_NAME, steps=a.steps,
                   sizes=[int(s) for s in a.sizes.split(",")], layers=a.layers, repo=str(REPO),
-                  gguf=str(work / "random-qwen-image-Q4_K_M.gguf"), profile=a.profile)
+                  gguf=str(work / "random-qwen-image-Q4_K_M.gguf"), profile=a.profile,
+                  guard_rounds=a.guard_rounds)
     script = REPO / "bench" / "qwen_step_inside.py"
     result = run_script(work, work / "models", script, args=["--cpu"] if a.cpu else [],
                         variants=a.models.split(";"), **common)
@@ -69,14 +92,16 @@ def main() -> None:
         print(f"--- host profile, {name} ---\n{text}")
     print(f"GPU: {result['gpu']}; torch {result['torch']}; ComfyUI {result['comfyui']}; "
           f"dynamic VRAM: {result['dynamic_vram']}")
-    print("| model | size | s/step (median) | vs native bf16 | first step (s) | load (s) | peak VRAM |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | size | s/step (median) | vs native bf16 | first step (s) | load (s) | peak VRAM | "
+          "final latent vs native bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         base = next((r for r in result["rows"] if r["size"] == row["size"] and r["model"] == "native bf16"), None)
         ratio = f"{row['s_per_step'] / base['s_per_step']:.2f}x" if base else "-"
         print(f"| {row['model']} | {row['size']}x{row['size']} | {row['s_per_step']:.3f} | "
               f"{ratio} | {row['first_step_s']:.1f} | {row['load_s']:.1f} | "
-              f"{row['peak_vram_gb']:.1f} GB |")
+              f"{row['peak_vram_gb']:.1f} GB | {_error(row)} |")
+    guard_cost(result["rows"])
     for row in low_vram:
         print(f"| ours, auto, ComfyUI limited to {row['limit_gb']:.0f} GB | {row['size']}x{row['size']} | "
               f"{row['s_per_step']:.3f} | | {row['first_step_s']:.1f} | {row['load_s']:.1f} | {row['peak_vram_gb']:.1f} GB |")

@@ -95,9 +95,11 @@ def seconds_per_step(models, size, steps, rounds=3):
     """Per model: median seconds per step over the last ``rounds`` - 1 of ``rounds`` runs (the models
     taking turns in alternating order, so that variants sharing weights meet the same conditions; the
     first round lets the dynamic loader settle, which takes more than the warm-up run; a run's first
-    step, which includes switching models, is left out), the first step's seconds of the warm-up run
-    (the dynamic loader faults the weights in) and the peak VRAM (GiB)."""
-    stamps, intervals, first, peaks = [], {n: [] for n in models}, {}, {}
+    step, which includes switching models, is left out), each timed round's own median, the first
+    step's seconds of the warm-up run (the dynamic loader faults the weights in), the peak VRAM (GiB)
+    and the final latent of the last run."""
+    stamps, intervals, first, peaks, finals = [], {n: [] for n in models}, {}, {}, {}
+    per_round = {n: [] for n in models}
 
     def callback(step, x0, x, total):
         if torch.cuda.is_available():
@@ -117,9 +119,12 @@ def seconds_per_step(models, size, steps, rounds=3):
                 out = sample(model, size, steps, callback)
             assert torch.isfinite(out).all()
             if round_ > 0:
-                intervals[name] += [b - a for a, b in zip(stamps[1:], stamps[2:])]
+                steps_s = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+                intervals[name] += steps_s
+                per_round[name].append(statistics.median(steps_s))
             peaks[name] = max(peaks.get(name, 0), peak.peak / 2**30)
-    return {n: (statistics.median(intervals[n]), first[n], peaks[n]) for n in models}
+            finals[name] = out.float().cpu()
+    return {n: (statistics.median(intervals[n]), per_round[n], first[n], peaks[n], finals[n]) for n in models}
 
 
 def host_profile(model, size, lines=30):
@@ -164,6 +169,7 @@ def run(cfg):
         return {"ours, on the fly": model, "ours, on the fly + NaN guard": guard.add_guard(model)}
 
     variants = {
+        "ours, fp8 compute": ours(unet.FP8),
         "native bf16": lambda: {"native bf16": native_model(weights["native"])},
         "native fp8_e4m3fn": lambda: {"native fp8_e4m3fn": native_model(weights["native"], torch.float8_e4m3fn)},
         "native fp8_e4m3fn_fast": lambda: {"native fp8_e4m3fn_fast": native_model(weights["native"],
@@ -173,7 +179,7 @@ def run(cfg):
         "ours, cached": ours(unet.CACHED),
         "ours, auto": ours(unet.AUTO),
     }
-    rows, profiles = [], {}
+    rows, profiles, finals = [], {}, {}
     for i, name in enumerate(cfg["variants"]):
         if not any(m.startswith("native") for m in cfg["variants"][i:]):
             weights.clear()  # the bf16 copy in RAM is no longer needed
@@ -185,10 +191,15 @@ def run(cfg):
         mm.load_models_gpu(list(models.values())[:1])
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         load_s = time.perf_counter() - start
+        rounds = cfg["guard_rounds"] if name == "ours, on the fly + NaN guard" else 3
         for size in cfg["sizes"]:
-            for n, (s, first, peak) in seconds_per_step(models, size, cfg["steps"]).items():
-                rows.append({"model": n, "size": size, "s_per_step": s, "first_step_s": first, "load_s": load_s,
-                             "peak_vram_gb": peak})
+            for n, (s, per_round, first, peak, final) in seconds_per_step(models, size, cfg["steps"], rounds).items():
+                finals[n, size] = final
+                reference = finals.get(("native bf16", size))
+                error = None if reference is None else float((final - reference).norm() / reference.norm())
+                rows.append({"model": n, "size": size, "s_per_step": s, "round_medians": per_round,
+                             "first_step_s": first, "load_s": load_s, "peak_vram_gb": peak,
+                             "latent_rel_error": error})
                 print("step timing:", rows[-1], flush=True)
         if cfg.get("profile"):
             profiles[name] = host_profile(next(iter(models.values())), cfg["sizes"][0])

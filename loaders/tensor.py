@@ -15,6 +15,7 @@ import os
 import torch
 from gguf import GGMLQuantizationType
 
+from .fp8 import FP8_ROWS, dequantize_rows
 from .quants import DEQUANTIZERS
 
 _CONVERSIONS = {torch.Tensor.to, torch.Tensor.type, torch.Tensor.float, torch.Tensor.half,
@@ -58,13 +59,14 @@ class GGMLTensor(torch.Tensor):
         # Results that are still this tensor's bytes (moves, copies, detach, .data) keep their meaning.
         if (src is not None and type(out) is torch.Tensor and out.dtype == torch.uint8
                 and out.shape == torch.Tensor.size(src)):
-            return _rewrap(out, src)
+            return wrap(out, src.qtype, src.qshape)
         return out
 
 
-def _rewrap(out: torch.Tensor, like: GGMLTensor) -> GGMLTensor:
-    t = torch.Tensor._make_subclass(GGMLTensor, out, False)
-    t.qtype, t.qshape = like.qtype, like.qshape
+def wrap(raw: torch.Tensor, qtype, shape) -> GGMLTensor:
+    """``raw``, already laid out as ``qtype`` stores it (or FP8 rows), as a quantized tensor."""
+    t = torch.Tensor._make_subclass(GGMLTensor, raw, False)
+    t.qtype, t.qshape = qtype, torch.Size(shape)
     return t
 
 
@@ -80,7 +82,7 @@ def _conversion_target(func, args, kwargs) -> tuple[torch.device | None, torch.d
 
 
 @functools.lru_cache(maxsize=1)
-def _cuda_kernels():
+def cuda_kernels():
     """The Triton kernels, where Triton can run (CUDA); None elsewhere or when switched off."""
     if os.environ.get("QWEN_GGUF_TORCH_DEQUANT") == "1" or not torch.cuda.is_available():
         return None
@@ -102,8 +104,10 @@ def dequantize(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def dequantize_bytes(raw: torch.Tensor, qtype: GGMLQuantizationType, shape, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize plain uint8 block bytes (one Triton kernel on CUDA, the torch dequantizers elsewhere;
     both give the same bits). The per-layer path calls this directly, without a tensor subclass."""
+    if qtype is FP8_ROWS:
+        return dequantize_rows(raw, shape, dtype)
     if raw.is_cuda:
-        kernels = _cuda_kernels()
+        kernels = cuda_kernels()
         if kernels is not None and qtype in kernels.KERNEL_TYPES:
             return kernels.dequantize_cuda(raw.contiguous(), qtype, shape, dtype)
     qcls = DEQUANTIZERS[qtype]

@@ -46,7 +46,7 @@ def _signed(x):
 
 
 @triton.jit
-def _q3_k(src, out, blk, n_blocks, TS: tl.constexpr):
+def _q3_k(src, blk, n_blocks, TS: tl.constexpr):
     """Q3_K as a [blocks, half, shift, 2, 16] tile: each code byte is read once for its 4 two-bit
     fields and each high-bit byte once for its 8 bits (the block size, 110, rules out wide loads)."""
     b = blk[:, None, None, None, None]
@@ -62,12 +62,11 @@ def _q3_k(src, out, blk, n_blocks, TS: tl.constexpr):
     dl = _f16(base, 108, mask) * (_signed(low | (high << 4)) - 32).to(tl.float32)
     ql = (_u8(base, 32 + h * 32 + hb * 16 + i, mask) >> (2 * k)) & 3
     qh = ((_u8(base, hb * 16 + i, mask) >> (h * 4 + k)) & 1) ^ 1
-    v = dl * (ql - (qh << 2)).to(tl.float32)
-    tl.store(out + b * 256 + h * 128 + k * 32 + hb * 16 + i, v.to(out.dtype.element_ty), mask=mask)
+    return dl * (ql - (qh << 2)).to(tl.float32), b * 256 + h * 128 + k * 32 + hb * 16 + i, mask
 
 
 @triton.jit
-def _q6_k(src, out, blk, n_blocks, TS: tl.constexpr):
+def _q6_k(src, blk, n_blocks, TS: tl.constexpr):
     """Q6_K as a [blocks, half, nibble, 2, 2, 16] tile: each low-bits byte is read once for its two
     nibbles and each high-bits byte once for its four 2-bit fields (block size 210: no wide loads)."""
     b = blk[:, None, None, None, None, None]
@@ -81,24 +80,33 @@ def _q6_k(src, out, blk, n_blocks, TS: tl.constexpr):
     lo = (_u8(base, h * 64 + c * 32 + hb * 16 + i, mask) >> (4 * a)) & 0xF
     hi = (_u8(base, 128 + h * 32 + hb * 16 + i, mask) >> (2 * (a * 2 + c))) & 3
     dl = _f16(base, 208, mask) * _signed(_u8(base, 192 + h * 8 + a * 4 + c * 2 + hb, mask)).to(tl.float32)
-    v = dl * (_signed(lo | (hi << 4)) - 32).to(tl.float32)
-    tl.store(out + b * 256 + h * 128 + a * 64 + c * 32 + hb * 16 + i, v.to(out.dtype.element_ty), mask=mask)
+    return dl * (_signed(lo | (hi << 4)) - 32).to(tl.float32), b * 256 + h * 128 + a * 64 + c * 32 + hb * 16 + i, mask
 
 
 @triton.jit
 def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
             R: tl.constexpr, NSUB: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-    if QTYPE == 11:
-        _q3_k(src, out, blk, n_blocks, TS)
-    elif QTYPE == 14:
-        _q6_k(src, out, blk, n_blocks, TS)
-    else:
-        _sub_block_tile(src, out, table, blk, n_blocks, QTYPE, QK, TS, NSUB)
+    v, index, mask = block_tile(src, table, blk, n_blocks, QTYPE, QK, TS, NSUB)
+    tl.store(out + index, v.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _sub_block_tile(src, out, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
+def block_tile(src, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
+               NSUB: tl.constexpr):
+    """The values of blocks ``blk`` (fp32, one tile axis per field of the type's layout, in element
+    order: reshaped to ``[len(blk), QK]`` they are the blocks' rows), each value's index in the
+    dequantized tensor, and which blocks exist (``blk < n_blocks``)."""
+    if QTYPE == 11:
+        return _q3_k(src, blk, n_blocks, TS)
+    elif QTYPE == 14:
+        return _q6_k(src, blk, n_blocks, TS)
+    else:
+        return _sub_block_tile(src, table, blk, n_blocks, QTYPE, QK, TS, NSUB)
+
+
+@triton.jit
+def _sub_block_tile(src, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
                     NSUB: tl.constexpr):
     SUB: tl.constexpr = QK // NSUB
     b = blk[:, None, None]
@@ -155,7 +163,7 @@ def _sub_block_tile(src, out, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.
         dl = _f16(base, 0, mask) * (_signed(low | (high << 4)) - 32).to(tl.float32)
         code = (_u8(base, 8 + k * 16 + i, mask) >> (4 * (s % 2))) & 0xF
         v = dl * tl.load(table + code, mask=mask, other=0.0)
-    tl.store(out + b * QK + s * SUB + i, v.to(out.dtype.element_ty), mask=mask)
+    return v, b * QK + s * SUB + i, mask
 
 
 class Tile(NamedTuple):
@@ -176,16 +184,21 @@ KERNEL_TYPES = set(TILES)
 _tables: dict[torch.device, torch.Tensor] = {}
 
 
+def lookup_table(device: torch.device) -> torch.Tensor:
+    """The IQ4 code values on ``device`` (made once: the per-layer path launches no copies)."""
+    table = _tables.get(device)
+    if table is None:
+        table = _tables[device] = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=device)
+    return table
+
+
 def dequantize_cuda(raw: torch.Tensor, qtype: T, shape, dtype: torch.dtype, tile: Tile | None = None) -> torch.Tensor:
     """Dequantize the contiguous uint8 blocks ``raw`` (on a CUDA device) to ``dtype`` of ``shape``."""
     qcls = DEQUANTIZERS[qtype]
     tile = tile or TILES[qtype]
     out = torch.empty(shape, dtype=dtype, device=raw.device)
     n_blocks = out.numel() // qcls.block_size
-    table = _tables.get(raw.device)
-    if table is None:
-        table = _tables[raw.device] = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=raw.device)
     _kernel[(triton.cdiv(n_blocks, tile.blocks),)](
-        raw, out, table, n_blocks, QTYPE=int(qtype), QK=qcls.block_size, TS=qcls.type_size, R=tile.blocks,
+        raw, out, lookup_table(raw.device), n_blocks, QTYPE=int(qtype), QK=qcls.block_size, TS=qcls.type_size, R=tile.blocks,
         NSUB=tile.nsub, num_warps=tile.num_warps, enable_fp_fusion=False)
     return out

@@ -1,4 +1,5 @@
-"""Holding some quantized weights dequantized: which ones fit a memory budget, and converting them.
+"""Holding some quantized weights dequantized: which ones fit a memory budget, and converting them
+(or requantizing them to FP8 rows for the fp8 mode).
 
 A weight held in the compute dtype runs at native speed (no per-step dequantization) but takes
 2 bytes per element instead of the 0.5-1 of its blocks. Given a budget for the whole model, the
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .tensor import GGMLTensor, dequantize, logical_shape
+from .fp8 import FP8_ROWS, quantize_rows
+from .tensor import GGMLTensor, dequantize, logical_shape, wrap
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -56,4 +58,15 @@ def convert(state_dict: dict[str, torch.Tensor], keys, dtype: torch.dtype,
     for key in keys:
         t = state_dict[key]
         out[key] = dequantize(t.to(work_device), dtype).to("cpu")
+    return out
+
+
+def to_fp8(state_dict: dict[str, torch.Tensor], keys, work_device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` with the 2-D weights ``keys`` (quantized or float) requantized to FP8
+    rows, computed on ``work_device`` and kept on the CPU."""
+    out = dict(state_dict)
+    for key in keys:
+        t = state_dict[key]
+        shape = logical_shape(t)
+        out[key] = wrap(quantize_rows(dequantize(t.to(work_device), torch.float32)).to("cpu"), FP8_ROWS, shape)
     return out

@@ -14,7 +14,7 @@ import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..loaders.health import nonfinite_tensors
-from ..loaders.tensor import GGMLTensor
+from ..loaders.tensor import wrap
 from .ops import FileWeights
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _weights(module: torch.nn.Module):
     """(name, tensor) of every weight, GGUF block bytes as quantized tensors that know their type."""
     for name, layer in module.named_modules():
         if isinstance(layer, FileWeights) and layer.quantized():
-            yield f"{name}.weight", GGMLTensor(layer.weight, layer.weight_qtype, layer.weight_qshape)
+            yield f"{name}.weight", wrap(layer.weight.detach(), layer.weight_qtype, layer.weight_qshape)
     yield from ((n, p) for n, p in module.named_parameters() if p.dtype != torch.uint8)
 
 

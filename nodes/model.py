@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -13,9 +14,10 @@ import comfy.supported_models
 import psutil
 
 from ..loaders.diffusion import DiffusionModel, open_diffusion_model
+from ..loaders import fp8
 from ..loaders.errors import GGUFError
-from ..loaders.tensor import logical_shape
-from ..loaders.weight_cache import convert, plan_cache
+from ..loaders.tensor import GGMLTensor, logical_shape
+from ..loaders.weight_cache import convert, plan_cache, to_fp8
 from .lora import drop_factors
 from .ops import GGUFOps
 
@@ -32,8 +34,8 @@ COMPUTE_DTYPES = [torch.bfloat16, torch.float32]
 
 
 # How the quantized weights are run (the loader's "mode" option).
-ON_THE_FLY, CACHED, AUTO = "on the fly", "cached", "auto"
-MODES = [AUTO, ON_THE_FLY, CACHED]
+ON_THE_FLY, CACHED, FP8, AUTO = "on the fly", "cached", "fp8 compute", "auto"
+MODES = [AUTO, ON_THE_FLY, CACHED, FP8]
 # The largest usual generation (1328x1328, a batch-2 CFG forward) sets the VRAM the cache leaves free.
 RESERVE_LATENT = (2, 16, 1, 166, 166)
 # The cached copies are made in system RAM: they may take at most this share of the RAM available.
@@ -85,6 +87,8 @@ def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype, device
     state_dict = {k: v.to(dtype) if type(v) is torch.Tensor and v.is_floating_point() and v.numel() <= SMALL_TENSOR
                   else v for k, v in dm.state_dict.items()}
     on_gpu = not comfy.model_management.is_device_cpu(device)
+    if mode == FP8:
+        return _requantize_fp8(dm, model, state_dict, dtype, device)
     if mode == ON_THE_FLY or (mode == AUTO and not on_gpu):
         log.info("GGUF %s: mode %s: on the fly (weights stay quantized, dequantized layer by layer)", dm.path, mode)
         return state_dict
@@ -97,3 +101,22 @@ def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype, device
              "at most %.1f GiB of RAM for the copies", dm.path, mode, chosen, plan.describe(), free / 2**30,
              device, reserve / 2**30, ram / 2**30)
     return convert(state_dict, plan.keys, dtype, device if on_gpu else "cpu")
+
+
+def _requantize_fp8(dm: DiffusionModel, model, state_dict: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    """The fp8 mode's state dict: every Linear weight that is quantized or large, requantized to FP8
+    rows on the GPU (where fp8 matmuls run); on the fly instead where they cannot run."""
+    if dtype != torch.bfloat16 or fp8.fast_path(torch.device(device)) is None:
+        log.warning("GGUF %s: mode fp8 compute needs a GPU with fp8 tensor cores (compute capability 8.9+: "
+                    "Ada, Hopper, Blackwell) computing in bf16 and Triton; %s computes in %s: running on the fly "
+                    "instead", dm.path, device, dtype)
+        return state_dict
+    linears = {name for name, m in model.diffusion_model.named_modules() if isinstance(m, GGUFOps.Linear)}
+    keys = [k for k, t in state_dict.items()
+            if k.endswith(".weight") and k[:-len(".weight")] in linears and fp8.can_hold(logical_shape(t))
+            and (isinstance(t, GGMLTensor) or t.numel() > SMALL_TENSOR)]
+    start = time.perf_counter()
+    converted = to_fp8(state_dict, keys, device)
+    log.info("GGUF %s: mode fp8 compute: %d weights requantized to fp8 e4m3 with per-row scales (%s matmuls) "
+             "in %.1f s", dm.path, len(keys), fp8.fast_path(torch.device(device)), time.perf_counter() - start)
+    return converted

@@ -14,6 +14,7 @@ import torch
 
 import comfy.ops
 
+from ..loaders.linear import quantized_linear
 from ..loaders.tensor import GGMLTensor, dequantize_bytes
 from .lora import apply_patches
 
@@ -97,8 +98,7 @@ class GGUFOps(comfy.ops.manual_cast):
                 # Fully loaded, unpatched: nothing for ComfyUI's cast path to move or patch. Skipping it
                 # saves host time per layer and keeps the layer traceable by torch.compile.
                 bias = self.bias if self.bias is None or self.bias.dtype == input.dtype else self.bias.to(input.dtype)
-                weight = dequantize_bytes(self.weight, self.weight_qtype, self.weight_qshape, input.dtype)
-                return torch.nn.functional.linear(input, weight, bias)
+                return quantized_linear(input, self.weight, self.weight_qtype, self.weight_qshape, bias)
             # ComfyUI's patch functions expect float weights: keep them away from the byte transfer.
             # (Set in the instance dict directly: nn.Module.__setattr__ costs microseconds per layer.)
             patches, lowvram_patch = self.weight_function, getattr(self, "weight_lowvram_function", None)
@@ -113,8 +113,10 @@ class GGUFOps(comfy.ops.manual_cast):
                     state.pop(k, None)
                 state.update(saved)
             try:
-                weight = dequantize_bytes(raw, self.weight_qtype, self.weight_qshape, input.dtype)
-                weight = apply_patches(weight, ([lowvram_patch] if lowvram_patch is not None else []) + list(patches))
+                patches = ([lowvram_patch] if lowvram_patch is not None else []) + list(patches)
+                if not patches:
+                    return quantized_linear(input, raw.contiguous(), self.weight_qtype, self.weight_qshape, bias)
+                weight = apply_patches(dequantize_bytes(raw, self.weight_qtype, self.weight_qshape, input.dtype), patches)
                 return torch.nn.functional.linear(input, weight, bias)
             finally:
                 comfy.ops.uncast_bias_weight(self, raw, bias, offload)

@@ -6,7 +6,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..loaders.file_kind import UNET_LOADER
-from .model import AUTO, CACHED, MODES, ON_THE_FLY, load_gguf_unet
+from .model import AUTO, CACHED, FP8, MODES, ON_THE_FLY, load_gguf_unet
 
 
 class UnetLoaderGGUF(io.ComfyNode):
@@ -30,8 +30,11 @@ class UnetLoaderGGUF(io.ComfyNode):
                     "mode", options=MODES, default=AUTO, optional=True,
                     tooltip=f"{ON_THE_FLY}: least VRAM, weights stay quantized and each layer is dequantized "
                             f"when it runs. {CACHED}: as many weights as free VRAM allows are held "
-                            f"dequantized (bf16) for native speed, the rest on the fly. {AUTO}: {CACHED} on "
-                            f"a GPU, {ON_THE_FLY} on the CPU. The log says what was chosen.",
+                            f"dequantized (bf16) for native speed, the rest on the fly. {FP8}: weights "
+                            f"requantized to fp8 with per-row scales and run with fp8 matmuls, the fastest on "
+                            f"GPUs with fp8 tensor cores (RTX 40xx, H100 and later; about 1 byte per weight; "
+                            f"results differ slightly from bf16). {AUTO}: {CACHED} on a GPU, {ON_THE_FLY} on "
+                            f"the CPU. The log says what was chosen.",
                 ),
             ],
             outputs=[io.Model.Output()],

@@ -93,11 +93,54 @@ def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype):
         assert torch.equal(dequantize(t, dtype), got)
 
 
+INTERPRETED_FUSED_ROWS = (1, 19)  # the interpreter is slow
+FUSED_ROWS = INTERPRETED_FUSED_ROWS if KERNEL_DEVICE == "cpu" else (1, 19, 40, 300)
+
+
+@pytest.mark.skipif(KERNEL_DEVICE == "cuda" and not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(F16_FIELDS))
+@pytest.mark.parametrize("rows", FUSED_ROWS)
+def test_fused_matmul_equals_dequantize_then_matmul(name, rows):
+    from loaders import triton_matmul
+    qtype = GGMLQuantizationType[name]
+    block_size, _ = GGML_QUANT_SIZES[qtype]
+    # 70 output features (two column tiles, the second partly masked); 12 blocks per row: the
+    # 32-element types take 4 per step, the others one.
+    n, k = 70, block_size * 12
+    blocks = torch.from_numpy(random_blocks(qtype, n * 12, seed=5)).to(KERNEL_DEVICE)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g).to(KERNEL_DEVICE)
+    bias = torch.randn(n, generator=g).to(KERNEL_DEVICE)
+    cls = DEQUANTIZERS[qtype]
+    w = cls.dequantize_blocks(blocks.reshape(-1, cls.type_size)).reshape(n, k)
+    expected = (x.double() @ w.double().T + bias.double())
+    for dtype, tol in [(torch.float32, 1e-5)] + ([(torch.bfloat16, 1e-2)] if KERNEL_DEVICE == "cuda" else []):
+        for split in (1, 2):  # whole rows per program, and K split between two (partial sums added)
+            got = triton_matmul.fused_linear(x.to(dtype), blocks.reshape(n, -1), qtype, (n, k), bias.to(dtype),
+                                             split=split)
+            assert got.dtype == dtype and got.shape == (rows, n)
+            err = (got.double() - expected).abs().max() / expected.abs().max()
+            assert err < tol, (dtype, split, err)
+    if KERNEL_DEVICE == "cuda":
+        # The layer's entry point, with the kernel forced either way: the same result.
+        from loaders import linear
+        for choice in ("on", "off"):
+            linear.FUSED = choice
+            try:
+                got = linear.quantized_linear(x.bfloat16()[None], blocks.reshape(n, -1), qtype, (n, k), bias.bfloat16())
+            finally:
+                linear.FUSED = "auto"
+            assert got.shape == (1, rows, n)
+            assert (got[0].double() - expected).abs().max() / expected.abs().max() < 1e-2
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.skipif(KERNEL_DEVICE == "cpu", reason="already under the interpreter")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels are tested on the GPU itself")
 def test_triton_kernels_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "test_triton_kernel_equals_torch_path_bit_for_bit"],
+                        "-k", "test_triton_kernel_equals_torch_path_bit_for_bit or test_fused_matmul"],
                        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "12 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    expected = 12 + 12 * len(INTERPRETED_FUSED_ROWS)
+    assert r.returncode == 0 and f"{expected} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Runs inside a started ComfyUI on an NVIDIA GPU (see comfy_runner.py): our MODEL under ComfyUI's
 dynamic VRAM loader, against ComfyUI's own model on the twin weights, with and without a LoRA, and in
-the auto mode (which on a GPU with room to spare holds every weight dequantized)."""
+the auto mode (which on a GPU with room to spare holds every weight dequantized), and the fp8 mode."""
 
 import torch
 
@@ -50,5 +50,12 @@ def run(cfg):
     cached = loaded_module(cfg, cfg["package"]).nodes.model.load_gguf_unet(dm.path, "auto")
     result["auto_cached"] = rel(forward(cached), base)
     result["auto_cached_quantized_params"] = quantized_layers(cached.model)
+    # The fp8 mode: every eligible Linear weight requantized to FP8 rows; output within fp8 rounding.
+    pkg = loaded_module(cfg, cfg["package"])
+    fp8_model = pkg.nodes.model.load_gguf_unet(dm.path, "fp8 compute")
+    result["fp8"] = rel(forward(fp8_model), base)
+    result["fp8_layers"] = sum(getattr(m, "weight_qtype", None) is pkg.loaders.fp8.FP8_ROWS
+                               for m in fp8_model.model.modules())
+    result["fp8_lora"] = rel(forward(comfy.sd.load_lora_for_models(fp8_model, None, lora, 1.0, 0.0)[0]), ref)
     result["finite"] = bool(torch.isfinite(base).all())
     return result

@@ -1,0 +1,97 @@
+"""FP8 rows: a weight requantized to float8 e4m3 with one fp32 scale per output row, run with fp8
+matmuls on GPUs that have fp8 tensor cores (compute capability 8.9 and up).
+
+The bytes of an ``[out, in]`` weight are the fp8 values row after row, then the ``out`` scales,
+in one flat uint8 tensor. Being bytes like a GGUF weight, it travels through ComfyUI's loaders,
+offload and dynamic VRAM paging exactly as the GGUF blocks do, scales included, and the fp8 part
+is a contiguous ``[out, in]`` matrix that ``torch._scaled_mm`` takes as it is. Activations are
+quantized per row (per token) at run time, so one outlier token does not flatten the others.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# Rows whose largest magnitude is below this are stored with this scale (zeros stay zeros).
+MIN_AMAX = 1e-12
+
+
+class FP8Rows:
+    """The format marker (a weight's ``qtype``) of FP8 rows; not a GGML type."""
+    name = "FP8_E4M3_ROWS"
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+FP8_ROWS = FP8Rows()
+
+
+def can_hold(shape) -> bool:
+    """fp8 matmuls need both matrix sizes to be multiples of 16."""
+    return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 16 == 0
+
+
+def quantize_rows(w: torch.Tensor) -> torch.Tensor:
+    """The FP8-rows bytes of the float weight ``w`` ([out, in]), computed on ``w``'s device."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=MIN_AMAX) / FP8_MAX
+    q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return torch.cat([q.view(torch.uint8).reshape(-1), scale.view(torch.uint8)])
+
+
+def split(raw: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8 ``[out, in]`` matrix and the ``out`` fp32 scales held in ``raw``."""
+    n, k = shape
+    raw = raw.reshape(-1)
+    return raw[:n * k].view(FP8).view(n, k), raw[n * k:].view(torch.float32)
+
+
+def dequantize_rows(raw: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    q, scale = split(raw, shape)
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def fast_path(device: torch.device) -> str | None:
+    """How this device runs fp8 matmuls: "rowwise" (scales per token and per channel inside the
+    matmul, Hopper and later), "tensorwise" (per-tensor activation scale, channel scales applied
+    to the output: Ada), or None (no fp8 tensor cores, or no Triton: dequantize instead)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return None
+    try:
+        from . import triton_fp8  # noqa: F401
+    except ImportError:
+        return None
+    return "rowwise" if torch.cuda.get_device_capability(device) >= (9, 0) else "tensorwise"
+
+
+def fp8_linear(x: torch.Tensor, raw: torch.Tensor, shape, bias: torch.Tensor | None = None,
+               path: str | None = None) -> torch.Tensor:
+    """``linear(x, W, bias)`` for W held as FP8 rows ``raw`` of logical ``shape`` (out, in).
+
+    bf16 inputs on an fp8-capable GPU take an fp8 matmul (``path`` forces "rowwise" or "tensorwise");
+    anything else (fp32 as the NaN guard's recomputation asks, a CPU) gets the dequantized weight."""
+    path = path or (fast_path(x.device) if x.dtype == torch.bfloat16 else None)
+    if path is None:
+        return torch.nn.functional.linear(x, dequantize_rows(raw, shape, x.dtype), bias)
+    from .triton_fp8 import quantize_activations
+    n, k = shape
+    w, w_scale = split(raw, shape)
+    x2 = x.reshape(-1, k)
+    if path == "rowwise":
+        xq, x_scale = quantize_activations(x2, per_row=True)
+        out = torch._scaled_mm(xq, w.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
+                               bias=bias, out_dtype=torch.bfloat16)
+    else:
+        xq, x_scale = quantize_activations(x2, per_row=False)
+        one = torch.ones((), device=x.device, dtype=torch.float32)
+        out = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=one, out_dtype=torch.bfloat16)
+        out = out * w_scale.to(torch.bfloat16)
+        if bias is not None:
+            out = out + bias
+    return out.reshape(*x.shape[:-1], n)

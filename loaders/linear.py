@@ -1,0 +1,44 @@
+"""A linear layer whose weight is GGUF block bytes: dequantize then matmul, or on CUDA, for a few rows
+of input and a large weight, the fused kernel of ``triton_matmul``. (Weights the fp8 mode
+requantized run fp8 matmuls, see ``fp8``.)"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from gguf import GGMLQuantizationType
+
+from .fp8 import FP8_ROWS, fp8_linear
+from .tensor import cuda_kernels, dequantize_bytes
+
+# Where the fused kernel beats dequant + cuBLAS (bench/fused_matmul.py on an H100, every type): up to
+# 16 rows on weights of 32M elements and more (a Qwen2.5-VL MLP 1.4-1.5x, Qwen-Image's modulation
+# 1.3x); on smaller weights the dequant is too short to matter and with more rows the tensor cores
+# of cuBLAS win. The rule depends only on shapes, so it is the same in eager and compiled runs.
+FUSED_MAX_ROWS = 16
+FUSED_MIN_ELEMENTS = 32 << 20
+# "auto" (the rule above), "on" (fused wherever the kernel applies: for benchmarks) or "off".
+FUSED = os.environ.get("QWEN_GGUF_FUSED", "auto")
+
+
+def uses_fused(rows: int, qtype: GGMLQuantizationType, shape, dtype: torch.dtype) -> bool:
+    """Whether a CUDA layer of this type and ``shape`` takes the fused kernel for ``rows`` rows of input."""
+    if FUSED == "off" or dtype not in (torch.bfloat16, torch.float16) or cuda_kernels() is None:
+        return False
+    from .triton_matmul import FUSED_TYPES, MAX_ROWS
+    if qtype not in FUSED_TYPES or not 0 < rows <= MAX_ROWS:
+        return False
+    return FUSED == "on" or (rows <= FUSED_MAX_ROWS and shape[0] * shape[1] >= FUSED_MIN_ELEMENTS)
+
+
+def quantized_linear(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantizationType, shape,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(x, W, bias)`` with W the contiguous block bytes ``raw`` of logical ``shape``
+    (out_features, in_features), everything on one device; the result in ``x``'s dtype."""
+    if qtype is FP8_ROWS:
+        return fp8_linear(x, raw, shape, bias)
+    if raw.is_cuda and uses_fused(x.numel() // shape[-1], qtype, shape, x.dtype):
+        from .triton_matmul import fused_linear
+        return fused_linear(x, raw, qtype, shape, bias)
+    return torch.nn.functional.linear(x, dequantize_bytes(raw, qtype, shape, x.dtype), bias)

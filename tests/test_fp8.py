@@ -1,0 +1,82 @@
+"""FP8 rows (the fp8 compute mode's weights): the stored values against the float weight, and the fp8
+matmuls (CUDA with fp8 tensor cores) against a float64 matmul of the same weight."""
+
+import pytest
+import torch
+
+from loaders import fp8
+from loaders.linear import quantized_linear
+from loaders.tensor import dequantize_bytes
+
+
+def weight(rows=96, cols=160, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[3] *= 1000  # an outlier row: per-row scales keep it from flattening the others
+    w[5] = 0  # an all-zero row stays zero
+    return w
+
+
+def test_rows_hold_each_value_to_fp8_precision():
+    w = weight()
+    raw = fp8.quantize_rows(w)
+    assert raw.dtype == torch.uint8 and raw.numel() == w.numel() + 4 * w.shape[0]
+    q, scale = fp8.split(raw, w.shape)
+    assert q.dtype == torch.float8_e4m3fn and q.is_contiguous() and q.shape == w.shape
+    torch.testing.assert_close(scale, w.abs().amax(dim=1).clamp(min=fp8.MIN_AMAX) / fp8.FP8_MAX)
+    back = dequantize_bytes(raw, fp8.FP8_ROWS, w.shape, torch.float32)
+    # e4m3: 3 mantissa bits, a relative step of 1/8 (error <= 1/16); below 2^-6 the subnormal step 2^-9.
+    bound = torch.maximum(w.abs() / 16, 2.0 ** -10 * scale[:, None]) * 1.0001
+    assert ((back - w).abs() <= bound).all()
+    assert (back[5] == 0).all()
+    # Rows other than the outlier keep their own precision.
+    assert ((back[4] - w[4]).abs().max() / w[4].abs().max()) < 1 / 16
+
+
+def test_linear_without_fp8_tensor_cores_uses_the_dequantized_weight():
+    w = weight()
+    raw = fp8.quantize_rows(w)
+    x = torch.randn(7, w.shape[1])
+    bias = torch.randn(w.shape[0])
+    expected = torch.nn.functional.linear(x, fp8.dequantize_rows(raw, w.shape, torch.float32), bias)
+    torch.testing.assert_close(quantized_linear(x, raw, fp8.FP8_ROWS, w.shape, bias), expected)
+
+
+def test_only_matrices_of_multiples_of_16_are_held():
+    assert fp8.can_hold((3072, 64)) and not fp8.can_hold((3072, 40)) and not fp8.can_hold((64,))
+
+
+fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                             reason="fp8 matmuls need a CUDA GPU with fp8 tensor cores (compute capability 8.9+)")
+
+
+@fp8_gpu
+@pytest.mark.parametrize("path", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("rows", [1, 37, 300])
+def test_fp8_matmul_matches_float_matmul(path, rows):
+    if path == "rowwise" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("row-wise scaled fp8 matmuls need Hopper or later")
+    w = weight(256, 512).cuda()
+    raw = fp8.quantize_rows(w)
+    x = torch.randn(2, rows, 512, device="cuda").bfloat16()
+    bias = torch.randn(256, device="cuda").bfloat16()
+    got = fp8.fp8_linear(x, raw, w.shape, bias, path=path)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 256)
+    expected = x.double() @ w.double().T + bias.double()
+    # Weights and activations each carry fp8 rounding (<= 1/16 relative per value, about 2.5% rms,
+    # random in sign): 3.5-5% overall in a float64 emulation of the same rounding.
+    assert (got.double() - expected).norm() / expected.norm() < 0.08
+    # Against the same fp8 weight in float: what remains is the activations' rounding (about 2.7%).
+    ref = x.double() @ fp8.dequantize_rows(raw, w.shape, torch.float64).T + bias.double()
+    assert (got.double() - ref).norm() / ref.norm() < 0.05
+
+
+@fp8_gpu
+def test_layer_entry_point_takes_the_fp8_matmul_for_bf16_and_float_for_fp32():
+    w = weight(256, 512).cuda()
+    raw = fp8.quantize_rows(w)
+    x = torch.randn(40, 512, device="cuda")
+    exact = torch.nn.functional.linear(x, fp8.dequantize_rows(raw, w.shape, torch.float32))
+    torch.testing.assert_close(quantized_linear(x, raw, fp8.FP8_ROWS, w.shape), exact)
+    fast = quantized_linear(x.bfloat16(), raw, fp8.FP8_ROWS, w.shape)
+    assert fast.dtype == torch.bfloat16 and 0 < ((fast.float() - exact).norm() / exact.norm()) < 0.04
