@@ -5,7 +5,8 @@ Qwen2.5-VL-7B (the text encoder) and Qwen-Image (its per-step modulation takes 2
 
 Per type, shape and token count: the median time (triton.testing.do_bench) of the fused kernel and
 of dequant (our Triton kernel) + torch.nn.functional.linear, their ratio, and which one the layer's
-automatic choice (the shape rule in loaders.linear) takes. ``--sweep`` also times other tile shapes of the fused kernel (at 2 and 16 tokens).
+automatic choice (the shape rule in loaders.linear) takes. ``--sweep`` also times other tile shapes
+of the fused kernel (at 2 and 16 tokens).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dequant_bandwidth import random_blocks  # noqa: E402
 from loaders import linear  # noqa: E402
 from loaders.quants import DEQUANTIZERS  # noqa: E402
 from loaders.tensor import dequantize_bytes  # noqa: E402
-from loaders.triton_matmul import FUSED_TYPES, fused_linear  # noqa: E402
+from loaders.triton_dequant import KERNEL_TYPES  # noqa: E402
+from loaders.triton_matmul import fused_linear  # noqa: E402
 
 # (what, out_features, in_features, token counts)
 SHAPES = [
@@ -59,7 +61,7 @@ def sweep(qtype: T, raw: torch.Tensor, shape, x: torch.Tensor) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--types", default=",".join(t.name for t in sorted(FUSED_TYPES, key=int)))
+    parser.add_argument("--types", default=",".join(t.name for t in sorted(KERNEL_TYPES, key=int)))
     a = parser.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print("| type | weight | tokens | fused ms | dequant + cuBLAS ms | fused speed-up | automatic choice |")

@@ -16,7 +16,7 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-# Rows whose largest magnitude is below this are stored with this scale (zeros stay zeros).
+# The smallest row maximum a scale is computed from, so an all-zero row gets a finite scale (and stays zero).
 MIN_AMAX = 1e-12
 
 
@@ -70,6 +70,12 @@ def fast_path(device: torch.device) -> str | None:
     return "rowwise" if torch.cuda.get_device_capability(device) >= (9, 0) else "tensorwise"
 
 
+@functools.lru_cache(maxsize=None)
+def _one(device: torch.device) -> torch.Tensor:
+    """The unit scale of the weights' side of a tensor-wise fp8 matmul (made once, not per layer)."""
+    return torch.ones((), device=device, dtype=torch.float32)
+
+
 def fp8_linear(x: torch.Tensor, raw: torch.Tensor, shape, bias: torch.Tensor | None = None,
                path: str | None = None) -> torch.Tensor:
     """``linear(x, W, bias)`` for W held as FP8 rows ``raw`` of logical ``shape`` (out, in).
@@ -89,8 +95,7 @@ def fp8_linear(x: torch.Tensor, raw: torch.Tensor, shape, bias: torch.Tensor | N
                                bias=bias, out_dtype=torch.bfloat16)
     else:
         xq, x_scale = quantize_activations(x2, per_row=False)
-        one = torch.ones((), device=x.device, dtype=torch.float32)
-        out = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=one, out_dtype=torch.bfloat16)
+        out = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=_one(x.device), out_dtype=torch.bfloat16)
         out = out * w_scale.to(torch.bfloat16)
         if bias is not None:
             out = out + bias

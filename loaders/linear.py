@@ -20,16 +20,20 @@ FUSED_MAX_ROWS = 16
 FUSED_MIN_ELEMENTS = 32 << 20
 # "auto" (the rule above), "on" (fused wherever the kernel applies: for benchmarks) or "off".
 FUSED = os.environ.get("QWEN_GGUF_FUSED", "auto")
+# Rows beyond which even "on" does not use the fused kernel (dequant + cuBLAS wins long before).
+FORCED_MAX_ROWS = 512
 
 
 def uses_fused(rows: int, qtype: GGMLQuantizationType, shape, dtype: torch.dtype) -> bool:
     """Whether a CUDA layer of this type and ``shape`` takes the fused kernel for ``rows`` rows of input."""
-    if FUSED == "off" or dtype not in (torch.bfloat16, torch.float16) or cuda_kernels() is None:
+    # Runs for every layer on every forward: the shape tests that rule out most calls come first.
+    if FUSED == "on":
+        if not 0 < rows <= FORCED_MAX_ROWS:
+            return False
+    elif FUSED == "off" or not 0 < rows <= FUSED_MAX_ROWS or shape[0] * shape[1] < FUSED_MIN_ELEMENTS:
         return False
-    from .triton_matmul import FUSED_TYPES, MAX_ROWS
-    if qtype not in FUSED_TYPES or not 0 < rows <= MAX_ROWS:
-        return False
-    return FUSED == "on" or (rows <= FUSED_MAX_ROWS and shape[0] * shape[1] >= FUSED_MIN_ELEMENTS)
+    kernels = cuda_kernels()
+    return dtype in (torch.bfloat16, torch.float16) and kernels is not None and qtype in kernels.KERNEL_TYPES
 
 
 def quantized_linear(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantizationType, shape,

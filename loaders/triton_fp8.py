@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import FP8, FP8_MAX, MIN_AMAX
+
 _BLOCK = 1024
 
 

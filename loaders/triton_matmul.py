@@ -4,9 +4,8 @@ With a handful of rows in ``x`` (a text encoder's prompt, a batch-1 edit, the di
 per-step modulation inputs) a linear layer is bound by reading its weight. Dequantizing first
 writes and re-reads the weight in bf16, 2 bytes per element on top of its 0.5-1 byte of blocks;
 this kernel decodes each tile of blocks in registers (the dequant kernel's own tile functions,
-so the values are the same bits) and feeds it straight to the tensor cores. It pays off up to
-some hundreds of rows, less or more depending on the GPU and the type, so ``FusedChoice`` times
-both ways once per weight shape and token-count bucket and keeps the faster.
+so the values are the same bits) and feeds it straight to the tensor cores. Where it pays off is
+decided in ``linear`` (a rule on the weight's size and the row count).
 """
 
 from __future__ import annotations
@@ -20,10 +19,6 @@ from gguf import GGMLQuantizationType as T
 
 from .quants import DEQUANTIZERS
 from .triton_dequant import TILES, block_tile, lookup_table
-
-FUSED_TYPES = set(TILES)
-# Rows of x beyond which the fused kernel is not even tried (dequant + cuBLAS wins long before).
-MAX_ROWS = 512
 
 
 @triton.jit

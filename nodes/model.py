@@ -106,7 +106,8 @@ def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype, device
 def _requantize_fp8(dm: DiffusionModel, model, state_dict: dict, dtype: torch.dtype, device: torch.device) -> dict:
     """The fp8 mode's state dict: every Linear weight that is quantized or large, requantized to FP8
     rows on the GPU (where fp8 matmuls run); on the fly instead where they cannot run."""
-    if dtype != torch.bfloat16 or fp8.fast_path(torch.device(device)) is None:
+    path = fp8.fast_path(torch.device(device))
+    if dtype != torch.bfloat16 or path is None:
         log.warning("GGUF %s: mode fp8 compute needs a GPU with fp8 tensor cores (compute capability 8.9+: "
                     "Ada, Hopper, Blackwell) computing in bf16 and Triton; %s computes in %s: running on the fly "
                     "instead", dm.path, device, dtype)
@@ -118,5 +119,5 @@ def _requantize_fp8(dm: DiffusionModel, model, state_dict: dict, dtype: torch.dt
     start = time.perf_counter()
     converted = to_fp8(state_dict, keys, device)
     log.info("GGUF %s: mode fp8 compute: %d weights requantized to fp8 e4m3 with per-row scales (%s matmuls) "
-             "in %.1f s", dm.path, len(keys), fp8.fast_path(torch.device(device)), time.perf_counter() - start)
+             "in %.1f s", dm.path, len(keys), path, time.perf_counter() - start)
     return converted

@@ -31,9 +31,9 @@ class UnetLoaderGGUF(io.ComfyNode):
                     tooltip=f"{ON_THE_FLY}: least VRAM, weights stay quantized and each layer is dequantized "
                             f"when it runs. {CACHED}: as many weights as free VRAM allows are held "
                             f"dequantized (bf16) for native speed, the rest on the fly. {FP8}: weights "
-                            f"requantized to fp8 with per-row scales and run with fp8 matmuls, the fastest on "
-                            f"GPUs with fp8 tensor cores (RTX 40xx, H100 and later; about 1 byte per weight; "
-                            f"results differ slightly from bf16). {AUTO}: {CACHED} on a GPU, {ON_THE_FLY} on "
+                            f"requantized to fp8 with per-row scales and run with fp8 matmuls, on GPUs with fp8 "
+                            f"tensor cores (RTX 40xx, H100 and later): about 1 byte per weight, faster than bf16 "
+                            f"at large sizes, results a few percent from bf16. {AUTO}: {CACHED} on a GPU, {ON_THE_FLY} on "
                             f"the CPU. The log says what was chosen.",
                 ),
             ],
