@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 # "ours, on the fly + NaN guard" times the on-the-fly model with and without the guard, taking turns.
 MODELS = ["native bf16", "native fp8_e4m3fn", "native fp8_e4m3fn_fast", "ours, on the fly + NaN guard",
           "ours, cached", "ours, fp8 compute", "ours, auto"]
+# Not run by default: our model on ComfyUI's classic patcher (no dynamic loader), for comparison.
+CLASSIC = ["ours, on the fly, classic loader", "ours, fp8 compute, classic loader"]
 
 
 def gpu_total_gb() -> float:
@@ -60,7 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--sizes", default="1024,1328")
     parser.add_argument("--layers", type=int, default=60)
-    parser.add_argument("--models", default=";".join(MODELS), help="';'-separated, from: " + "; ".join(MODELS))
+    parser.add_argument("--models", default=";".join(MODELS), help="';'-separated, from: " + "; ".join(MODELS + CLASSIC))
     parser.add_argument("--low-vram", default="12,8", help="GB limits for the low-VRAM runs ('' for none)")
     parser.add_argument("--guard-rounds", type=int, default=3,
                         help="alternating rounds of the on-the-fly model with and without the guard (the first untimed)")

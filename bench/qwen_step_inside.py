@@ -128,10 +128,12 @@ def seconds_per_step(models, size, steps, rounds=3):
 
 
 def host_profile(model, size, lines=30):
-    """Where the host's time goes in two steps (cProfile, by own time)."""
+    """Where the host's time goes in two steps (cProfile, by own time), and how busy the GPU was over
+    two more (kernel time against wall time: well below 100% means the run waits on the host)."""
     import cProfile
     import io
     import pstats
+    from torch.profiler import ProfilerActivity, profile
     prof = cProfile.Profile()
     prof.enable()
     sample(model, size, 2)
@@ -139,6 +141,15 @@ def host_profile(model, size, lines=30):
     prof.disable()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(lines)
+    with profile(activities=[ProfilerActivity.CUDA]) as kernels:
+        start = time.perf_counter()
+        sample(model, size, 2)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    busy = sum(e.self_device_time_total for e in kernels.key_averages()) / 1e6
+    top = sorted(kernels.key_averages(), key=lambda e: -e.self_device_time_total)[:12]
+    text.write(f"GPU kernels {busy:.3f} s of {wall:.3f} s wall ({100 * busy / wall:.0f}% busy) over 2 steps; top:\n")
+    text.writelines(f"  {e.self_device_time_total / 1e3:9.1f} ms {e.count:6d}x {e.key[:100]}\n" for e in top)
     return text.getvalue()
 
 
@@ -162,7 +173,9 @@ def run(cfg):
         del ours_sd
     unet = pkg.nodes.model
     guard = pkg.nodes.guard
-    ours = lambda mode: lambda: {f"ours, {mode}": unet.load_gguf_unet(gguf_path, mode)}  # noqa: E731
+    def ours(mode, classic=False):
+        name = f"ours, {mode}" + (", classic loader" if classic else "")
+        return lambda: {name: unet.load_gguf_unet(gguf_path, mode, disable_dynamic=classic)}
 
     def with_guard():
         model = unet.load_gguf_unet(gguf_path, unet.ON_THE_FLY)
@@ -170,6 +183,8 @@ def run(cfg):
 
     variants = {
         "ours, fp8 compute": ours(unet.FP8),
+        "ours, fp8 compute, classic loader": ours(unet.FP8, classic=True),
+        "ours, on the fly, classic loader": ours(unet.ON_THE_FLY, classic=True),
         "native bf16": lambda: {"native bf16": native_model(weights["native"])},
         "native fp8_e4m3fn": lambda: {"native fp8_e4m3fn": native_model(weights["native"], torch.float8_e4m3fn)},
         "native fp8_e4m3fn_fast": lambda: {"native fp8_e4m3fn_fast": native_model(weights["native"],

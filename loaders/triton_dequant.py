@@ -20,6 +20,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from .quants import DEQUANTIZERS, IQ4_VALUES
+from .triton_launch import Launcher
 
 
 @triton.jit
@@ -89,6 +90,9 @@ def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS
     blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
     v, index, mask = block_tile(src, table, blk, n_blocks, QTYPE, QK, TS, NSUB)
     tl.store(out + index, v.to(out.dtype.element_ty), mask=mask)
+
+
+_LAUNCH_KERNEL = Launcher(_kernel)
 
 
 @triton.jit
@@ -198,7 +202,7 @@ def dequantize_cuda(raw: torch.Tensor, qtype: T, shape, dtype: torch.dtype, tile
     tile = tile or TILES[qtype]
     out = torch.empty(shape, dtype=dtype, device=raw.device)
     n_blocks = out.numel() // qcls.block_size
-    _kernel[(triton.cdiv(n_blocks, tile.blocks),)](
-        raw, out, lookup_table(raw.device), n_blocks, QTYPE=int(qtype), QK=qcls.block_size, TS=qcls.type_size, R=tile.blocks,
-        NSUB=tile.nsub, num_warps=tile.num_warps, enable_fp_fusion=False)
+    _LAUNCH_KERNEL((triton.cdiv(n_blocks, tile.blocks),), raw, out, lookup_table(raw.device), n_blocks,
+                   QTYPE=int(qtype), QK=qcls.block_size, TS=qcls.type_size, R=tile.blocks, NSUB=tile.nsub,
+                   num_warps=tile.num_warps, enable_fp_fusion=False)
     return out

@@ -99,27 +99,33 @@ class GGUFOps(comfy.ops.manual_cast):
                 # saves host time per layer and keeps the layer traceable by torch.compile.
                 bias = self.bias if self.bias is None or self.bias.dtype == input.dtype else self.bias.to(input.dtype)
                 return quantized_linear(input, self.weight, self.weight_qtype, self.weight_qshape, bias)
-            # ComfyUI's patch functions expect float weights: keep them away from the byte transfer.
-            # (Set in the instance dict directly: nn.Module.__setattr__ costs microseconds per layer.)
             patches, lowvram_patch = self.weight_function, getattr(self, "weight_lowvram_function", None)
-            state = self.__dict__
-            saved = {k: state[k] for k in _PATCH_ATTRS if k in state}
-            state.update(weight_function=[], weight_lowvram_function=None)
+            patched = bool(patches) or lowvram_patch is not None
+            raw, bias, offload = self._cast(input, hide_patches=patched)
             try:
-                raw, bias, offload = comfy.ops.cast_bias_weight(
-                    self, input, dtype=torch.uint8, bias_dtype=input.dtype, offloadable=True)
-            finally:
-                for k in _PATCH_ATTRS:
-                    state.pop(k, None)
-                state.update(saved)
-            try:
-                patches = ([lowvram_patch] if lowvram_patch is not None else []) + list(patches)
-                if not patches:
+                if not patched:
                     return quantized_linear(input, raw.contiguous(), self.weight_qtype, self.weight_qshape, bias)
+                patches = ([lowvram_patch] if lowvram_patch is not None else []) + list(patches)
                 weight = apply_patches(dequantize_bytes(raw, self.weight_qtype, self.weight_qshape, input.dtype), patches)
                 return torch.nn.functional.linear(input, weight, bias)
             finally:
                 comfy.ops.uncast_bias_weight(self, raw, bias, offload)
+
+        def _cast(self, input, hide_patches: bool):
+            """ComfyUI's cast of the weight bytes (and the bias) to the input's device."""
+            if not hide_patches:
+                return comfy.ops.cast_bias_weight(self, input, dtype=torch.uint8, bias_dtype=input.dtype, offloadable=True)
+            # ComfyUI's patch functions expect float weights: keep them away from the byte transfer.
+            # (Set in the instance dict directly: nn.Module.__setattr__ costs microseconds per layer.)
+            state = self.__dict__
+            saved = {k: state[k] for k in _PATCH_ATTRS if k in state}
+            state.update(weight_function=[], weight_lowvram_function=None)
+            try:
+                return comfy.ops.cast_bias_weight(self, input, dtype=torch.uint8, bias_dtype=input.dtype, offloadable=True)
+            finally:
+                for k in _PATCH_ATTRS:
+                    state.pop(k, None)
+                state.update(saved)
 
         def _resident(self, input) -> bool:
             # ComfyUI's dynamic VRAM loader marks the layers it manages with _v.

@@ -18,7 +18,7 @@ def start_gpu() -> None:
     settings, then its dynamic VRAM loader (comfy-aimdo) unless turned off."""
     import cuda_malloc  # noqa: F401  (must come before torch)
     import comfy_aimdo.control
-    from comfy.cli_args import args, enables_dynamic_vram
+    from comfy.cli_args import args, enables_dynamic_vram, get_console_log_level
     if not enables_dynamic_vram():
         return
     headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
@@ -28,6 +28,12 @@ def start_gpu() -> None:
     import comfy.model_patcher
     devices = ((d.index, int(args.vram_headroom * 1024 ** 3)) for d in comfy.model_management.get_all_torch_devices())
     if comfy_aimdo.control.init_devices(devices):
+        # Its native log level as main.py sets it from the console's: left at its default, every paging
+        # event calls back into Python's logging (some 20 calls per layer and step, all host time).
+        level = get_console_log_level(args.verbose)
+        setter = {"DEBUG": "set_log_debug", "CRITICAL": "set_log_critical", "ERROR": "set_log_error",
+                  "WARNING": "set_log_warning"}.get(level, "set_log_info")
+        getattr(comfy_aimdo.control, setter)()
         comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
         comfy.memory_management.aimdo_enabled = True
 
