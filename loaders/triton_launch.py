@@ -17,7 +17,7 @@ import torch
 
 def _arg_key(a) -> tuple:
     if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0, a.device.index
+        return a.dtype, a.data_ptr() % 16 == 0, a.get_device()
     if isinstance(a, bool):
         return bool, a
     if isinstance(a, int):
@@ -31,8 +31,9 @@ class Launcher:
 
     def __init__(self, kernel):
         self.kernel = kernel
+        # Per key: the compiled kernel, or False where Triton hands none back (its interpreter).
         self.compiled = {}
-        # Parameters after the positional arguments, in order: the launcher takes every parameter.
+        # The compiled kernel takes every parameter positionally, constexprs included.
         self.params = list(kernel.arg_names)
 
     def __call__(self, grid: tuple, *args, **named):
@@ -42,13 +43,9 @@ class Launcher:
             return
         key = (tuple(map(_arg_key, args)), tuple(named.items()))
         compiled = self.compiled.get(key)
+        if compiled:
+            compiled[(grid + (1, 1))[:3]](*args, *(named[p] for p in self.params[len(args):]))
+            return
+        launched = self.kernel[grid](*args, **named)
         if compiled is None:
-            compiled = self.kernel[grid](*args, **named)
-            # Under the interpreter nothing compiled comes back: that key keeps taking Triton's path.
-            self.compiled[key] = compiled if hasattr(compiled, "packed_metadata") else False
-            return
-        if compiled is False:
-            self.kernel[grid](*args, **named)
-            return
-        bound = args + tuple(named[p] for p in self.params[len(args):])
-        compiled[(grid + (1, 1))[:3]](*bound)
+            self.compiled[key] = launched if hasattr(launched, "packed_metadata") else False

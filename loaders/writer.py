@@ -84,7 +84,7 @@ def write_encoded(path: str | os.PathLike, tensors: Mapping[str, tuple[np.ndarra
         # sd.cpp conversions carry no architecture key; GGUFWriter always adds one, so drop it again.
         writer.kv_data[0].pop("general.architecture", None)
     for key, value in (metadata or {}).items():
-        add_metadata(writer, key, value)
+        _add_metadata(writer, key, value)
     for name, (data, qtype) in tensors.items():
         if qtype in (T.F32, T.F16):
             writer.add_tensor(name, data)
@@ -97,7 +97,7 @@ def write_encoded(path: str | os.PathLike, tensors: Mapping[str, tuple[np.ndarra
     writer.close()
 
 
-def add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
+def _add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):

@@ -70,9 +70,11 @@ def test_float_conversion_dequantizes_and_moves_keep_bytes(name):
 # The interpreter rounds fp32 to bf16 by truncation, unlike the GPU, so there only fp32 is compared.
 KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 KERNEL_DTYPES = [torch.float32] if KERNEL_DEVICE == "cpu" else [torch.bfloat16, torch.float32]
+needs_kernel_device = pytest.mark.skipif(KERNEL_DEVICE == "cuda" and not torch.cuda.is_available(),
+                                         reason="the Triton kernels need a CUDA GPU")
 
 
-@pytest.mark.skipif(KERNEL_DEVICE == "cuda" and not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
+@needs_kernel_device
 @pytest.mark.parametrize("name", sorted(F16_FIELDS))
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype):
@@ -97,7 +99,7 @@ INTERPRETED_FUSED_ROWS = (1, 19)  # the interpreter is slow
 FUSED_ROWS = INTERPRETED_FUSED_ROWS if KERNEL_DEVICE == "cpu" else (1, 19, 40, 300)
 
 
-@pytest.mark.skipif(KERNEL_DEVICE == "cuda" and not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
+@needs_kernel_device
 @pytest.mark.parametrize("name", sorted(F16_FIELDS))
 @pytest.mark.parametrize("rows", FUSED_ROWS)
 def test_fused_matmul_equals_dequantize_then_matmul(name, rows):

@@ -12,6 +12,7 @@ from script_helpers import loaded_module, ours_and_native
 
 def run(cfg):
     ours, native, lora, dm = ours_and_native(cfg)
+    pkg = loaded_module(cfg, cfg["package"])
     device = mm.get_torch_device()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 1, 16, 16, generator=g).to(device)
@@ -35,7 +36,7 @@ def run(cfg):
     ref = forward(comfy.sd.load_lora_for_models(native, None, lora, 1.0, 0.0)[0])
     result["lora_effect"] = rel(ref, base)
     lora_ours = comfy.sd.load_lora_for_models(ours, None, lora, 1.0, 0.0)[0]
-    count = loaded_module(cfg, cfg["package"]).nodes.lora.cached_factor_count
+    count = pkg.nodes.lora.cached_factor_count
     mm.load_models_gpu([lora_ours])
     with torch.no_grad():
         lora_ours.model.apply_model(x, sigma, c_crossattn=context)
@@ -45,13 +46,12 @@ def run(cfg):
     result["lora"] = rel(forward(lora_ours), ref)
     result["lora_again"] = rel(forward(lora_ours), ref)
     result["after_lora"] = rel(forward(ours), base)
-    quantized_layers = loaded_module(cfg, cfg["package"]).nodes.ops.quantized_layers
+    quantized_layers = pkg.nodes.ops.quantized_layers
     result["quantized_params"] = quantized_layers(ours.model)
-    cached = loaded_module(cfg, cfg["package"]).nodes.model.load_gguf_unet(dm.path, "auto")
+    cached = pkg.nodes.model.load_gguf_unet(dm.path, "auto")
     result["auto_cached"] = rel(forward(cached), base)
     result["auto_cached_quantized_params"] = quantized_layers(cached.model)
     # The fp8 mode: every eligible Linear weight requantized to FP8 rows; output within fp8 rounding.
-    pkg = loaded_module(cfg, cfg["package"])
     fp8_model = pkg.nodes.model.load_gguf_unet(dm.path, "fp8 compute")
     result["fp8"] = rel(forward(fp8_model), base)
     result["fp8_layers"] = sum(getattr(m, "weight_qtype", None) is pkg.loaders.fp8.FP8_ROWS

@@ -17,6 +17,7 @@ from script_helpers import loaded_module, ours_and_native
 
 def run(cfg):
     ours, native, lora, dm = ours_and_native(cfg)
+    pkg = loaded_module(cfg, cfg["package"])
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 1, 8, 8, generator=g)  # Wan-style latents carry a time axis
@@ -50,7 +51,7 @@ def run(cfg):
         return (a - b).abs().max().item()
 
     def n_quantized(patcher):
-        return loaded_module(cfg, cfg["package"]).nodes.ops.quantized_layers(patcher.model)
+        return pkg.nodes.ops.quantized_layers(patcher.model)
 
     result = {}
     base_native = forward(native, full_load=True)
@@ -78,11 +79,10 @@ def run(cfg):
     result["lora_partial_again"] = diff(partial_again, ref)
     result["lora_partial_full_patch_calls"] = calls.pop()
     result["quantized_params_partial"] = n_quantized(lora_ours)
-    lora_module = loaded_module(cfg, cfg["package"]).nodes.lora
-    result["factors_while_loaded"] = lora_module.cached_factor_count(lora_ours.model)
+    result["factors_while_loaded"] = pkg.nodes.lora.cached_factor_count(lora_ours.model)
     lora_ours.partially_unload(mm.unet_offload_device(), memory_to_free=1 << 40)
     lora_ours.detach()
-    result["factors_after_detach"] = lora_module.cached_factor_count(lora_ours.model)
+    result["factors_after_detach"] = pkg.nodes.lora.cached_factor_count(lora_ours.model)
 
     # A LoRA whose matrices do not fit its weight: ComfyUI logs an error and skips it; so do we.
     bad = dict(lora)
@@ -115,10 +115,10 @@ def run(cfg):
     result["file_tensor_bytes"] = sum(t.numel() * t.element_size() for t in dm.state_dict.values())
 
     try:
-        loaded_module(cfg, cfg["package"]).nodes.model.load_gguf_unet(dm.path, "fastest")
+        pkg.nodes.model.load_gguf_unet(dm.path, "fastest")
     except Exception as e:  # noqa: BLE001  (the test checks its type and message)
         result["bad_mode_error"] = f"{type(e).__name__}: {e}"
-    cached = loaded_module(cfg, cfg["package"]).nodes.model.load_gguf_unet(dm.path, "cached")
+    cached = pkg.nodes.model.load_gguf_unet(dm.path, "cached")
     result["cached"] = diff(forward(cached, full_load=True), base_native)
     result["cached_quantized_params"] = n_quantized(cached)
     result["cached_model_size"] = cached.model_size()
