@@ -66,7 +66,7 @@ def main() -> None:
             for fast in (False, True):
                 t[rowwise, fast] = ms(scaled(rowwise, fast))
         t["quant"] = ms(lambda: quantize_activations(x))
-        t["layer"] = ms(lambda: fp8.fp8_linear(x, raw, (n, k), bias))
+        t["layer"] = ms(lambda: fp8.fp8_linear(x, fp8.operands(raw, (n, k)), bias))
         reference = (xq.double() * x_scale.double()) @ fp8.dequantize_rows(raw, (n, k), torch.float64).T + bias.double()
         errors = [float((scaled(True, fast)().double() - reference).norm() / reference.norm()) for fast in (False, True)]
         gbs = (m * k * 3 + m * 4) / t["quant"] / 1e6

@@ -11,6 +11,7 @@ quantized per row (per token) at run time, so one outlier token does not flatten
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -58,8 +59,7 @@ def split(raw: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_rows(raw: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
-    q, scale = split(raw, shape)
-    return (q.float() * scale[:, None]).to(dtype)
+    return dequantize_weight(operands(raw.contiguous(), shape), dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,32 +82,76 @@ def _one(device: torch.device) -> torch.Tensor:
     return torch.ones((), device=device, dtype=torch.float32)
 
 
-def fp8_linear(x: torch.Tensor, raw: torch.Tensor, shape, bias: torch.Tensor | None = None,
-               path: str | None = None) -> torch.Tensor:
-    """``linear(x, W, bias)`` for W held as FP8 rows ``raw`` of logical ``shape`` (out, in).
+class FP8Weight(NamedTuple):
+    """FP8-rows bytes as the fp8 matmul takes them (views, no copies): the values transposed
+    (``[in, out]``, column-major), the scales as one row (``[1, out]``), the logical shape, and how the
+    weight's device runs fp8 matmuls (``fast_path``)."""
+    values_t: torch.Tensor
+    scales: torch.Tensor
+    shape: tuple[int, int]
+    path: str | None
 
-    bf16 inputs on an fp8-capable GPU take an fp8 matmul (``path`` forces "rowwise" or "tensorwise");
-    anything else (fp32 as the NaN guard's recomputation asks, a CPU) gets the dequantized weight."""
-    path = path or (fast_path(x.device) if x.dtype == torch.bfloat16 else None)
-    if path is None:
-        return torch.nn.functional.linear(x, dequantize_rows(raw, shape, x.dtype), bias)
-    from .triton_fp8 import quantize_activations
-    # This runs per layer per step and, at 1024x1024 on an H100, ComfyUI's sampling waits on the host:
-    # the operands are made with as few tensor calls as possible (the weight's transpose straight from
-    # the bytes, the scales in the shapes the matmul takes).
+
+def operands(raw: torch.Tensor, shape) -> FP8Weight:
+    """The FP8Weight viewing the contiguous FP8-rows bytes ``raw`` of logical ``shape`` (out, in)."""
+    # Per layer per step where the bytes are not kept resident: as few tensor calls as possible,
+    # each view taken straight from the bytes.
     n, k = shape
-    raw = raw.reshape(-1)
-    w_t = raw.view(FP8).as_strided((k, n), (1, k))
-    w_scale = raw[n * k:].view(torch.float32)
-    xq, x_scale = quantize_activations(x.reshape(-1, k), per_row=path == "rowwise")
+    values_t = raw.as_strided((k, n), (1, k)).view(FP8)
+    scales = raw.as_strided((1, 4 * n), (4 * n, 1), raw.storage_offset() + n * k).view(torch.float32)
+    return FP8Weight(values_t, scales, (n, k), fast_path(raw.device))
+
+
+def dequantize_weight(w: FP8Weight, dtype: torch.dtype) -> torch.Tensor:
+    return (w.values_t.t().float() * w.scales.t()).to(dtype)
+
+
+def quantize_input(x: torch.Tensor, w: FP8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` quantized for an fp8 matmul with ``w``: fp8 rows and their scales (see triton_fp8)."""
+    from .triton_fp8 import quantize_activations
+    return quantize_activations(x.reshape(-1, w.shape[1]), per_row=w.path == "rowwise")
+
+
+class SharedInput:
+    """One activation quantization for a group of layers that read the same input one after another
+    (an attention's q, k and v projections): the first to run quantizes it, the others take that
+    while their input is the very same tensor object, and the last lets go of it. (Inference tensors
+    carry no version counter, so this is for groups whose model code changes nothing in between.)"""
+
+    def __init__(self, members: int):
+        self.members = members
+        self.source = self.quantized = None
+        self.left = 0
+
+    def quantize(self, x: torch.Tensor, w: FP8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+        if x is self.source:
+            quantized = self.quantized
+            self.left -= 1
+            if not self.left:
+                self.source = self.quantized = None
+            return quantized
+        quantized = quantize_input(x, w)
+        self.source, self.quantized, self.left = x, quantized, self.members - 1
+        return quantized
+
+
+def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: torch.Tensor | None = None,
+               shared: SharedInput | None = None) -> torch.Tensor:
+    """``linear(x, W, bias)`` for W held as FP8 rows. A bf16 ``x`` on an fp8-capable GPU takes an fp8
+    matmul (its quantization shared with the layers of ``shared``); anything else (fp32 as the NaN
+    guard's recomputation asks, a CPU) gets the dequantized weight."""
+    if w.path is None or x.dtype != torch.bfloat16:
+        return torch.nn.functional.linear(x, dequantize_weight(w, x.dtype), bias)
+    xq, x_scale = shared.quantize(x, w) if shared is not None else quantize_input(x, w)
+    n, k = w.shape
     fast = k <= FAST_ACCUM_MAX_IN
-    if path == "rowwise":
-        out = torch._scaled_mm(xq, w_t, scale_a=x_scale, scale_b=w_scale.view(1, n), bias=bias,
+    if w.path == "rowwise":
+        out = torch._scaled_mm(xq, w.values_t, scale_a=x_scale, scale_b=w.scales, bias=bias,
                                out_dtype=torch.bfloat16, use_fast_accum=fast)
     else:
-        out = torch._scaled_mm(xq, w_t, scale_a=x_scale, scale_b=_one(x.device), out_dtype=torch.bfloat16,
+        out = torch._scaled_mm(xq, w.values_t, scale_a=x_scale, scale_b=_one(x.device), out_dtype=torch.bfloat16,
                                use_fast_accum=fast)
-        out = out * w_scale.to(torch.bfloat16)
+        out = out * w.scales.to(torch.bfloat16)
         if bias is not None:
             out = out + bias
     return out.view(*x.shape[:-1], n)

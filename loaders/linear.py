@@ -9,7 +9,7 @@ import os
 import torch
 from gguf import GGMLQuantizationType
 
-from .fp8 import FP8_ROWS, fp8_linear
+from .fp8 import FP8_ROWS, fp8_linear, operands
 from .tensor import cuda_kernels, dequantize_bytes
 
 # Where the fused kernel beats dequant + cuBLAS (bench/fused_matmul.py on an H100, every type): up to
@@ -41,8 +41,12 @@ def quantized_linear(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantization
     """``linear(x, W, bias)`` with W the contiguous block bytes ``raw`` of logical ``shape``
     (out_features, in_features), everything on one device; the result in ``x``'s dtype."""
     if qtype is FP8_ROWS:
-        return fp8_linear(x, raw, shape, bias)
-    if raw.is_cuda and uses_fused(x.numel() // shape[-1], qtype, shape, x.dtype):
-        from .triton_matmul import fused_linear
-        return fused_linear(x, raw, qtype, shape, bias)
+        return fp8_linear(x, operands(raw, shape), bias)
+    if raw.is_cuda:
+        kernels = cuda_kernels()
+        if kernels is not None and qtype in kernels.KERNEL_TYPES:
+            if uses_fused(x.numel() // shape[-1], qtype, shape, x.dtype):
+                from .triton_matmul import fused_linear
+                return fused_linear(x, raw, qtype, shape, bias)
+            return torch.nn.functional.linear(x, kernels.dequantize_cuda(raw, qtype, shape, x.dtype), bias)
     return torch.nn.functional.linear(x, dequantize_bytes(raw, qtype, shape, x.dtype), bias)

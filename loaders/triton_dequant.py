@@ -12,6 +12,7 @@ in fp32, with FMA contraction off, so the results are equal to it bit for bit.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -90,9 +91,6 @@ def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS
     blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
     v, index, mask = block_tile(src, table, blk, n_blocks, QTYPE, QK, TS, NSUB)
     tl.store(out + index, v.to(out.dtype.element_ty), mask=mask)
-
-
-_LAUNCH_KERNEL = Launcher(_kernel)
 
 
 @triton.jit
@@ -198,11 +196,19 @@ def lookup_table(device: torch.device) -> torch.Tensor:
 
 def dequantize_cuda(raw: torch.Tensor, qtype: T, shape, dtype: torch.dtype, tile: Tile | None = None) -> torch.Tensor:
     """Dequantize the contiguous uint8 blocks ``raw`` (on a CUDA device) to ``dtype`` of ``shape``."""
-    qcls = DEQUANTIZERS[qtype]
-    tile = tile or TILES[qtype]
+    launch, block_size, blocks, uses_table = _plan(qtype, tile or TILES[qtype])
     out = torch.empty(shape, dtype=dtype, device=raw.device)
-    n_blocks = out.numel() // qcls.block_size
-    _LAUNCH_KERNEL((triton.cdiv(n_blocks, tile.blocks),), raw, out, lookup_table(raw.device), n_blocks,
-                   QTYPE=int(qtype), QK=qcls.block_size, TS=qcls.type_size, R=tile.blocks, NSUB=tile.nsub,
-                   num_warps=tile.num_warps, enable_fp_fusion=False)
+    n_blocks = out.numel() // block_size
+    # Only the IQ4 types read the table; the others get any pointer (the bytes) instead of a lookup.
+    launch(((n_blocks + blocks - 1) // blocks,), raw, out, lookup_table(raw.device) if uses_table else raw, n_blocks)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(qtype: T, tile: Tile) -> tuple[Launcher, int, int, bool]:
+    """(launcher, elements per block, blocks per program, whether the kernel reads the IQ4 table) for
+    a type: worked out once, since the launch runs per layer per step on a host-bound path."""
+    qcls = DEQUANTIZERS[qtype]
+    launch = Launcher(_kernel, QTYPE=int(qtype), QK=qcls.block_size, TS=qcls.type_size, R=tile.blocks,
+                      NSUB=tile.nsub, num_warps=tile.num_warps, enable_fp_fusion=False)
+    return launch, qcls.block_size, tile.blocks, qtype in (T.IQ4_NL, T.IQ4_XS)

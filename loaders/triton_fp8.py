@@ -55,31 +55,28 @@ def _quantize_kernel(x, q, scale, K, stride_x, PER_ROW: tl.constexpr, ONE_PASS: 
             tl.store(dst + k + cols, v.to(dst.dtype.element_ty), mask=k + cols < K)
 
 
-_LAUNCH_QUANTIZE_KERNEL = Launcher(_quantize_kernel)
-
-
 def quantize_activations(x: torch.Tensor, per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ([M, K], CUDA) as fp8 values and their fp32 scales: ``[M, 1]``, one per row, or one for
     the whole tensor (``per_row`` False, for GPUs whose fp8 matmul takes no row scales)."""
     m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    q = torch.empty((m, k), dtype=FP8, device=x.device)
+    device = x.device
+    q = torch.empty((m, k), dtype=FP8, device=device)
     if per_row:
-        scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        scale = torch.empty((m, 1), dtype=torch.float32, device=device)
     else:
         scale = (x.abs().amax().float().clamp(min=MIN_AMAX) / FP8_MAX).reshape(())
     if m:
-        one_pass, block, warps = _launch_shape(k)
-        _LAUNCH_QUANTIZE_KERNEL((m,), x, q, scale, k, x.stride(0), PER_ROW=per_row, ONE_PASS=one_pass,
-                                BLOCK=block, num_warps=warps)
+        _launcher(k, per_row)((m,), x, q, scale, k, x.stride(0))
     return q, scale
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_shape(k: int) -> tuple[bool, int, int]:
-    """(one pass, elements per step, warps) for rows of ``k``: worked out once per width, since the
-    launch runs per layer per step on a host-bound path."""
+def _launcher(k: int, per_row: bool) -> Launcher:
+    """The kernel for rows of ``k``, set up once per width, since the launch runs per layer per step
+    on a host-bound path."""
     one_pass = k <= ONE_PASS_MAX
     block = triton.next_power_of_2(k) if one_pass else _BLOCK
-    return one_pass, block, max(4, min(16, block // 1024))
+    return Launcher(_quantize_kernel, PER_ROW=per_row, ONE_PASS=one_pass, BLOCK=block,
+                    num_warps=max(4, min(16, block // 1024)))

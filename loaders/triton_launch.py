@@ -3,11 +3,11 @@
 Triton's own launch re-derives the kernel's specialization from every argument, formats its compile
 options into a string and checks the globals it uses, on every call: 20-40 us of host time on a
 server CPU, paid per layer per step, in sampling runs that wait on the host (ComfyUI at 1024x1024 on
-an H100). Here each compiled kernel is kept under a key of what Triton specializes on (each tensor's
-dtype and 16-byte alignment, each integer being 1, a multiple of 16, or beyond 32 bits), the
-constexprs and options, and later calls with the same key launch it directly. The first call of a
-key goes through Triton as usual, and so does everything under Triton's interpreter or
-torch.compile.
+an H100). A ``Launcher`` binds a kernel's constexprs and options once, keeps each compiled kernel
+under a key of what Triton specializes the remaining arguments on (each tensor's dtype, 16-byte
+alignment and device, each integer being 1, a multiple of 16, or beyond 32 bits), and launches it
+directly on later calls with the same key. The first call of a key goes through Triton as usual, and
+so does everything under Triton's interpreter or torch.compile.
 """
 
 from __future__ import annotations
@@ -26,26 +26,26 @@ def _arg_key(a) -> tuple:
 
 
 class Launcher:
-    """``Launcher(kernel)(grid, *args, **constexprs_and_options)`` launches the ``@triton.jit``
+    """``Launcher(kernel, **constexprs_and_options)(grid, *args)`` launches the ``@triton.jit``
     ``kernel`` as ``kernel[grid](*args, **constexprs_and_options)`` would."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+    def __init__(self, kernel, **named):
+        self.kernel, self.named = kernel, named
+        # The compiled kernel takes every parameter positionally: the bound ones follow the call's.
+        self.tail = tuple(named[p] for p in kernel.arg_names if p in named)
         # Per key: the compiled kernel, or False where Triton hands none back (its interpreter).
         self.compiled = {}
-        # The compiled kernel takes every parameter positionally, constexprs included.
-        self.params = list(kernel.arg_names)
 
-    def __call__(self, grid: tuple, *args, **named):
+    def __call__(self, grid: tuple, *args) -> None:
         if torch.compiler.is_compiling():
             # torch.compile captures Triton's own launch into its graph.
-            self.kernel[grid](*args, **named)
+            self.kernel[grid](*args, **self.named)
             return
-        key = (tuple(map(_arg_key, args)), tuple(named.items()))
+        key = tuple(map(_arg_key, args))
         compiled = self.compiled.get(key)
         if compiled:
-            compiled[(grid + (1, 1))[:3]](*args, *(named[p] for p in self.params[len(args):]))
+            compiled[(grid + (1, 1))[:3]](*args, *self.tail)
             return
-        launched = self.kernel[grid](*args, **named)
+        launched = self.kernel[grid](*args, **self.named)
         if compiled is None:
             self.compiled[key] = launched if hasattr(launched, "packed_metadata") else False

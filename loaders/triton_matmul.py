@@ -65,7 +65,9 @@ def _fused_kernel(x, src, table, bias, out, M, N, K, stride_xm, stride_om,
         tl.atomic_add(target, acc, mask=mask, sem="relaxed")
 
 
-_LAUNCH_FUSED_KERNEL = Launcher(_fused_kernel)
+@functools.lru_cache(maxsize=None)
+def _launcher(**named) -> Launcher:
+    return Launcher(_fused_kernel, **named)
 
 
 def _blocks_per_step(qtype: T, blocks_per_row: int) -> int:
@@ -113,9 +115,9 @@ def fused_linear(x: torch.Tensor, raw: torch.Tensor, qtype: T, shape, bias: torc
     split = split or _split(grid_nm[0] * grid_nm[1], k // qcls.block_size // g, x.device)
     out = (torch.empty if split == 1 else torch.zeros)((m, n), dtype=x.dtype if split == 1 else torch.float32,
                                                        device=x.device)
-    _LAUNCH_FUSED_KERNEL(
-        grid_nm + (split,), x2, raw, lookup_table(raw.device), bias if bias is not None else out, out, m, n, k,
-        x2.stride(0), out.stride(0), QTYPE=int(qtype), QK=qcls.block_size, TS=qcls.type_size, NSUB=TILES[qtype].nsub,
-        G=g, BM=bm, BN=block_n, SPLIT=split, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
+    launch = _launcher(QTYPE=int(qtype), QK=qcls.block_size, TS=qcls.type_size, NSUB=TILES[qtype].nsub, G=g, BM=bm,
+                       BN=block_n, SPLIT=split, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                       num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
+    launch(grid_nm + (split,), x2, raw, lookup_table(raw.device), bias if bias is not None else out, out, m, n, k,
+           x2.stride(0), out.stride(0))
     return out.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -50,8 +50,8 @@ def low_rank_factors(patch: Callable, device: torch.device, dtype: torch.dtype) 
     return hit[1]
 
 
-def drop_factors(patcher: comfy.model_patcher.ModelPatcher, *args) -> None:
-    """ComfyUI ON_DETACH callback: free the factors held for the model's layers."""
+def drop_factors(patcher: comfy.model_patcher.ModelPatcher) -> None:
+    """Free the factors held for the model's layers (when ComfyUI unloads it)."""
     for patch in _patch_functions(patcher.model):
         patch.__dict__.pop(_CACHE, None)
 

@@ -19,7 +19,7 @@ from ..loaders.errors import GGUFError
 from ..loaders.tensor import GGMLTensor, logical_shape
 from ..loaders.weight_cache import convert, plan_cache, to_fp8
 from .lora import drop_factors
-from .ops import GGUFOps
+from .ops import GGUFOps, drop_kept_weights, share_inputs
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,21 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
     patcher_class = comfy.model_patcher.ModelPatcher if disable_dynamic else comfy.model_patcher.CoreModelPatcher
     patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
     model.load_model_weights(state_dict, "", assign=patcher.is_dynamic())
-    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, drop_factors)
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, on_detach)
     for module in model.modules():
         if isinstance(module, GGUFOps.Linear):
             module.compute_dtype = dtype
+    share_inputs(model)
     log.info("GGUF %s: %s (%s naming), %d layers, computing in %s; weights %s",
              dm.path, dm.variant, dm.naming, dm.unet_config.get("num_layers", dm.unet_config.get("n_layers")),
              dtype, dm.summary)
     return patcher
+
+
+def on_detach(patcher: comfy.model_patcher.ModelPatcher, *args) -> None:
+    """ComfyUI ON_DETACH callback: what our layers hold on the GPU for the loaded model goes with it."""
+    drop_factors(patcher)
+    drop_kept_weights(patcher.model)
 
 
 def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype, device: torch.device) -> dict:

@@ -14,12 +14,18 @@ import torch
 
 import comfy.ops
 
+from ..loaders import fp8
 from ..loaders.linear import quantized_linear
 from ..loaders.tensor import GGMLTensor, dequantize_bytes
 from .lora import apply_patches
 
 
 _PATCH_ATTRS = ("weight_function", "weight_lowvram_function")
+# Layers that read the same input one after another, by name under one parent module (Qwen-Image's
+# attention projections of each stream, Z-Image's gated MLP): in fp8 mode they share its quantization.
+SHARED_INPUT_GROUPS = [("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"), ("w1", "w3")]
+# Where the fp8 operands of a layer's resident bytes are kept (see GGUFOps.Linear._fp8_weight).
+_KEPT_FP8 = "_qwen_gguf_fp8_weight"
 
 
 class FileWeights:
@@ -33,6 +39,10 @@ class FileWeights:
     expects_bias = False
     weight_qtype = None
     weight_qshape = None
+    shared_input = None
+    # ComfyUI sets these per layer when it patches one; read as attributes on every forward.
+    weight_lowvram_function = None
+    bias_lowvram_function = None
 
     def reset_parameters(self):
         return None
@@ -81,6 +91,27 @@ def quantized_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(m, FileWeights) and m.quantized() for m in model.modules())
 
 
+def share_inputs(model: torch.nn.Module) -> int:
+    """Let each SHARED_INPUT_GROUPS group of FP8-rows layers share one activation quantization; returns
+    how many groups do."""
+    groups = 0
+    for parent in model.modules():
+        for names in SHARED_INPUT_GROUPS:
+            layers = [getattr(parent, name, None) for name in names]
+            if all(isinstance(m, FileWeights) and m.weight_qtype is fp8.FP8_ROWS for m in layers):
+                shared = fp8.SharedInput(len(layers))
+                for layer in layers:
+                    layer.shared_input = shared
+                groups += 1
+    return groups
+
+
+def drop_kept_weights(model: torch.nn.Module) -> None:
+    """Forget the fp8 operands kept for the layers' resident bytes (when ComfyUI unloads the model)."""
+    for module in model.modules():
+        module.__dict__.pop(_KEPT_FP8, None)
+
+
 class GGUFOps(comfy.ops.manual_cast):
     class Linear(FileWeights, comfy.ops.manual_cast.Linear):
         def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
@@ -92,24 +123,47 @@ class GGUFOps(comfy.ops.manual_cast):
             self.expects_bias = bias
 
         def forward_comfy_cast_weights(self, input, *args, **kwargs):
-            if not self.quantized():
+            # Runs per layer per step, in sampling that can wait on the host: attributes are read once.
+            weight = self.weight
+            if self.weight_qtype is None or weight.dtype != torch.uint8:
                 return super().forward_comfy_cast_weights(input, *args, **kwargs)
-            if self._resident(input):
-                # Fully loaded, unpatched: nothing for ComfyUI's cast path to move or patch. Skipping it
-                # saves host time per layer and keeps the layer traceable by torch.compile.
-                bias = self.bias if self.bias is None or self.bias.dtype == input.dtype else self.bias.to(input.dtype)
-                return quantized_linear(input, self.weight, self.weight_qtype, self.weight_qshape, bias)
-            patches, lowvram_patch = self.weight_function, getattr(self, "weight_lowvram_function", None)
+            patches, lowvram_patch = self.weight_function, self.weight_lowvram_function
             patched = bool(patches) or lowvram_patch is not None
+            bias = self.bias
+            if (not patched and weight.device == input.device and self._bias_resident(bias, input)
+                    and not hasattr(self, "_v")):
+                # Fully loaded, unpatched (ComfyUI's dynamic VRAM loader marks the layers it manages
+                # with _v): nothing for ComfyUI's cast path to move or patch. Skipping it saves host
+                # time per layer and keeps the layer traceable by torch.compile.
+                return self._linear(input, weight, bias if bias is None or bias.dtype == input.dtype else bias.to(input.dtype))
             raw, bias, offload = self._cast(input, hide_patches=patched)
             try:
                 if not patched:
-                    return quantized_linear(input, raw.contiguous(), self.weight_qtype, self.weight_qshape, bias)
+                    return self._linear(input, raw.contiguous(), bias)
                 patches = ([lowvram_patch] if lowvram_patch is not None else []) + list(patches)
                 weight = apply_patches(dequantize_bytes(raw, self.weight_qtype, self.weight_qshape, input.dtype), patches)
                 return torch.nn.functional.linear(input, weight, bias)
             finally:
                 comfy.ops.uncast_bias_weight(self, raw, bias, offload)
+
+        def _linear(self, input, raw, bias):
+            if self.weight_qtype is not fp8.FP8_ROWS:
+                return quantized_linear(input, raw, self.weight_qtype, self.weight_qshape, bias)
+            shared = None if torch.compiler.is_compiling() else self.shared_input
+            return fp8.fp8_linear(input, self._fp8_weight(raw), bias, shared)
+
+        def _fp8_weight(self, raw) -> fp8.FP8Weight:
+            """The fp8 operands (views) of the bytes ``raw``. Those of the dynamic VRAM loader's
+            resident copy are kept: it hands back the same tensor while the bytes stay in place, and
+            a new one when it brings them in again."""
+            state = self.__dict__
+            kept = state.get(_KEPT_FP8)
+            if kept is not None and kept[0] is raw:
+                return kept[1]
+            weight = fp8.operands(raw, self.weight_qshape)
+            if raw is state.get("_v_weight"):
+                state[_KEPT_FP8] = (raw, weight)
+            return weight
 
         def _cast(self, input, hide_patches: bool):
             """ComfyUI's cast of the weight bytes (and the bias) to the input's device."""
@@ -127,12 +181,9 @@ class GGUFOps(comfy.ops.manual_cast):
                     state.pop(k, None)
                 state.update(saved)
 
-        def _resident(self, input) -> bool:
-            # ComfyUI's dynamic VRAM loader marks the layers it manages with _v.
-            return (self.weight.device == input.device and not hasattr(self, "_v") and not self.weight_function
-                    and (self.bias is None or self.bias.device == input.device)
-                    and not self.bias_function and getattr(self, "weight_lowvram_function", None) is None
-                    and getattr(self, "bias_lowvram_function", None) is None)
+        def _bias_resident(self, bias, input) -> bool:
+            return bias is None or (bias.device == input.device and not self.bias_function
+                                    and self.bias_lowvram_function is None)
 
     class Embedding(FileWeights, comfy.ops.manual_cast.Embedding):
         def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,

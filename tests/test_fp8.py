@@ -42,6 +42,34 @@ def test_linear_without_fp8_tensor_cores_uses_the_dequantized_weight():
     torch.testing.assert_close(quantized_linear(x, raw, fp8.FP8_ROWS, w.shape, bias), expected)
 
 
+def test_matmul_operands_view_the_bytes_where_they_lie():
+    w = weight(96, 160)
+    raw = fp8.quantize_rows(w)
+    q, scale = fp8.split(raw, w.shape)
+    # Bytes as ComfyUI's loaders hand them over: a slice of a larger buffer (storage offset).
+    lying = torch.cat([torch.full((48,), 7, dtype=torch.uint8), raw])[48:]
+    ops = fp8.operands(lying, w.shape)
+    assert ops.values_t.shape == (160, 96) and ops.values_t.stride() == (1, 160) and ops.scales.shape == (1, 96)
+    assert ops.values_t.data_ptr() == lying.data_ptr() and ops.path is None
+    assert torch.equal(ops.values_t.t().view(torch.uint8), q.view(torch.uint8)) and torch.equal(ops.scales[0], scale)
+    torch.testing.assert_close(fp8.dequantize_weight(ops, torch.float32), q.float() * scale[:, None], rtol=0, atol=0)
+
+
+def test_layers_of_a_group_share_one_quantization_of_the_same_input(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fp8, "quantize_input", lambda x, w: calls.append(x) or (object(), object()))
+    shared = fp8.SharedInput(3)
+    x, y = torch.zeros(2), torch.zeros(2)
+    first = shared.quantize(x, None)
+    assert shared.quantize(x, None) is first and shared.quantize(x, None) is first and calls == [x]
+    # After the group's last layer nothing is held, and the next input is quantized anew.
+    assert shared.source is None and shared.quantized is None
+    again = shared.quantize(x, None)
+    assert again is not first and len(calls) == 2
+    # Another tensor (even with equal values) is never taken for the held one.
+    assert shared.quantize(y, None) is not again and calls[-1] is y
+
+
 def test_only_matrices_of_multiples_of_16_are_held():
     assert fp8.can_hold((3072, 64)) and not fp8.can_hold((3072, 40)) and not fp8.can_hold((64,))
 
@@ -61,7 +89,7 @@ def test_fp8_matmul_matches_float_matmul(path, rows):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(2, rows, 512, generator=g).bfloat16().cuda()
     bias = torch.randn(256, generator=g).bfloat16().cuda()
-    got = fp8.fp8_linear(x, raw, w.shape, bias, path=path)
+    got = fp8.fp8_linear(x, fp8.operands(raw, w.shape)._replace(path=path), bias)
     assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 256)
     expected = x.double() @ w.double().T + bias.double()
     # Each output's error in units of its dot product's natural size, |x| |w_row| / sqrt(in): weights

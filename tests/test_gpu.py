@@ -26,6 +26,9 @@ def test_dynamic_vram_matches_native(models, tmp_path):  # noqa: F811
     assert r["auto_cached"] < 1e-2 and r["auto_cached_quantized_params"] == 0, r
     # fp8: weights and activations rounded to 3 mantissa bits, a few percent through the whole model.
     assert r["fp8_layers"] >= r["quantized_params"] and 0 < r["fp8"] < 8e-2 and r["fp8_lora"] < 8e-2, r
+    # Shared activation quantization (q/k/v of both streams) and kept operands change no bit.
+    assert r["fp8_shared_groups"] == 2 * r["blocks"] and r["fp8_shared_equals_unshared"], r
+    assert r["fp8_kept_while_loaded"] > 0 and r["fp8_kept_after_unload"] == 0 and r["fp8_kept_equals_fresh"], r
 
 
 def test_triton_path_compiles_without_graph_breaks(models, tmp_path):  # noqa: F811

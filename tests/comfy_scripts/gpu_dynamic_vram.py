@@ -57,5 +57,22 @@ def run(cfg):
     result["fp8_layers"] = sum(getattr(m, "weight_qtype", None) is pkg.loaders.fp8.FP8_ROWS
                                for m in fp8_model.model.modules())
     result["fp8_lora"] = rel(forward(comfy.sd.load_lora_for_models(fp8_model, None, lora, 1.0, 0.0)[0]), ref)
+    # The q, k and v projections of each stream share one activation quantization, and the dynamic
+    # loader's resident fp8 weights keep their operands only while the model is loaded. Neither may
+    # change a bit of the result.
+    layers = [m for m in fp8_model.model.modules() if isinstance(m, pkg.nodes.ops.GGUFOps.Linear)]
+    result["fp8_shared_groups"] = len({id(m.shared_input) for m in layers if m.shared_input is not None})
+    result["blocks"] = len(fp8_model.model.diffusion_model.transformer_blocks)
+    kept = pkg.nodes.ops._KEPT_FP8
+    mm.load_models_gpu([fp8_model])
+    with torch.no_grad():
+        shared = [fp8_model.model.apply_model(x, sigma, c_crossattn=context).float().cpu() for _ in range(2)]
+    result["fp8_kept_while_loaded"] = sum(kept in m.__dict__ for m in layers)
+    mm.unload_all_models()
+    result["fp8_kept_after_unload"] = sum(kept in m.__dict__ for m in layers)
+    for m in layers:
+        m.shared_input = None
+    result["fp8_shared_equals_unshared"] = torch.equal(shared[0], forward(fp8_model))
+    result["fp8_kept_equals_fresh"] = torch.equal(shared[0], shared[1])
     result["finite"] = bool(torch.isfinite(base).all())
     return result

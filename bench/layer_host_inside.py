@@ -1,0 +1,105 @@
+"""The part of layer_host.py that runs inside a started ComfyUI (see tests/comfy_runner.py)."""
+
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+import comfy.memory_management
+import comfy.model_management as mm
+import comfyui_version
+
+# One block's Linear layers in the order the block runs them, and which input each reads: the
+# attention's q, k and v projections read the same tensor, as in the model.
+BLOCK_ORDER = [
+    ("img_mod.1", "temb"), ("txt_mod.1", "temb"),
+    ("attn.to_q", "img"), ("attn.to_k", "img"), ("attn.to_v", "img"),
+    ("attn.add_q_proj", "txt"), ("attn.add_k_proj", "txt"), ("attn.add_v_proj", "txt"),
+    ("attn.to_out.0", "img_attn"), ("attn.to_add_out", "txt_attn"),
+    ("img_mlp.net.0.proj", "img2"), ("img_mlp.net.2", "img_hidden"),
+    ("txt_mlp.net.0.proj", "txt2"), ("txt_mlp.net.2", "txt_hidden"),
+]
+
+
+def block_pass(block, rows):
+    """A callable running the block's Linear layers once, on inputs made once (fresh inputs per input
+    name, shared where the model shares them)."""
+    layers = [(block.get_submodule(name), source) for name, source in BLOCK_ORDER]
+    inputs = {}
+    for layer, source in layers:
+        if source not in inputs:
+            n = 2 if source == "temb" else rows
+            inputs[source] = torch.randn(n, layer.in_features, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        for layer, source in layers:
+            layer(inputs[source])
+    return run
+
+
+def per_call_us(run, calls, layer_count):
+    for _ in range(20):
+        run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls / layer_count * 1e6
+
+
+def profile_text(run, calls, lines=25):
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        run()
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(lines)
+    return text.getvalue()
+
+
+def run(cfg):
+    sys.path.insert(0, cfg["repo"] + "/tests/comfy_scripts")
+    sys.path.insert(0, cfg["repo"] + "/bench")
+    from script_helpers import loaded_module
+    from qwen_step_inside import native_model, random_weights, write_gguf
+    pkg = loaded_module(cfg, cfg["package"])
+    unet = pkg.nodes.model
+    ours_sd, native_sd = random_weights(cfg, pkg)
+    write_gguf(cfg["gguf"], ours_sd)
+    del ours_sd
+    variants = {
+        "native bf16": lambda: native_model(native_sd),
+        "ours, on the fly": lambda: unet.load_gguf_unet(cfg["gguf"], unet.ON_THE_FLY),
+        "ours, fp8 compute": lambda: unet.load_gguf_unet(cfg["gguf"], unet.FP8),
+        "ours, on the fly, classic loader": lambda: unet.load_gguf_unet(cfg["gguf"], unet.ON_THE_FLY, disable_dynamic=True),
+        "ours, fp8 compute, classic loader": lambda: unet.load_gguf_unet(cfg["gguf"], unet.FP8, disable_dynamic=True),
+    }
+    # All models loaded at once (two blocks each) and timed in turns, round after round in alternating
+    # order: the host's speed drifts by tens of percent over a run, and each model meets it alike.
+    models, passes = {}, {}
+    with torch.inference_mode():
+        for name, make in variants.items():
+            models[name] = make()
+        mm.load_models_gpu(list(models.values()))
+        for name, model in models.items():
+            passes[name] = block_pass(model.model.diffusion_model.transformer_blocks[0], cfg["rows"])
+            per_call_us(passes[name], cfg["calls"], len(BLOCK_ORDER))
+        timings = {name: [] for name in models}
+        for round_ in range(cfg["rounds"]):
+            for name in list(models)[::(-1) ** round_]:
+                timings[name].append(per_call_us(passes[name], cfg["calls"], len(BLOCK_ORDER)))
+        rows = {name: statistics.median(t) for name, t in timings.items()}
+        for name, t in timings.items():
+            print("layer host time:", name, ", ".join(f"{v:.1f}" for v in t), "us", flush=True)
+        profiles = {name: profile_text(run_block, max(20, cfg["calls"] // 10))
+                    for name, run_block in passes.items()} if cfg["profile"] else {}
+    return {"rows": rows, "profiles": profiles, "layers_per_block": len(BLOCK_ORDER),
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "comfyui": comfyui_version.__version__, "dynamic_vram": comfy.memory_management.aimdo_enabled}
