@@ -3,7 +3,8 @@ with the torch path (the same math as 15-25 small torch ops) alongside. Needs a 
 
     python bench/dequant_bandwidth.py [--sweep] [rows cols]
 
-``--sweep`` also times other tile shapes (blocks per program, warps) per type, to choose TILES.
+``--sweep`` also times other tile shapes (blocks per program, warps) per type, to choose the tile
+tables of ``loaders/kernel_tiles.py``; the main table uses the one for this GPU.
 
 Bytes counted per kernel: the quantized bytes read plus the bf16 bytes written, as for the copy
 (bytes read + bytes written). Times are medians of triton.testing.do_bench.
@@ -22,7 +23,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loaders.quants import DEQUANTIZERS  # noqa: E402
-from loaders.triton_dequant import KERNEL_TYPES, TILES, Tile, dequantize_cuda  # noqa: E402
+from loaders.kernel_tiles import TILES, Tile  # noqa: E402
+from loaders.triton_dequant import KERNEL_TYPES, dequantize_cuda  # noqa: E402
 
 # Byte offsets of each type's f16 scales, set to small finite values (random bytes could be inf/NaN).
 F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q2_K: (80, 82),

@@ -4,12 +4,14 @@
 
 In order: seconds per step, load time, peak VRAM and final-latent error of a full-size Qwen-Image in
 ComfyUI (qwen_step.py: our loader in each mode against native bf16 and fp8_e4m3fn_fast, 1024x1024 and
-1328x1328, then the auto mode with ComfyUI limited to 12 and 8 GB), host time per layer call
-(layer_host.py), the text encoder's load and encode time (text_encoder.py), each dequant kernel's
-bandwidth against the copy bandwidth (dequant_bandwidth.py), the fused dequant-matmul
-(fused_matmul.py), the fp8 matmuls (fp8_matmul.py) and opening a GGUF with a 152k-token tokenizer
-(open_gguf.py). Each writes its whole output to DIR/<name>.log; DIR/summary.md gets every table, with
-the GPU, the versions, the date and the commands, and is printed at the end. --quick runs fewer steps.
+1328x1328, then the auto mode with ComfyUI limited to 12 and 8 GB), the text encoder's load and encode
+time (text_encoder.py), each dequant kernel's bandwidth against the copy bandwidth
+(dequant_bandwidth.py), the fp8 matmuls (fp8_matmul.py), the fused dequant-matmul (fused_matmul.py),
+opening a GGUF with a 152k-token tokenizer (open_gguf.py) and host time per layer call
+(layer_host.py). Each writes its whole output to DIR/<name>.log; DIR/summary.md gets every table, with
+the GPU, the versions, the date and the commands, and is printed at the end. --quick runs fewer steps;
+--only runs the named ones (comma-separated). A log is written as its benchmark runs, so a run cut
+short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -23,19 +25,20 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-STEP_MODELS = "native bf16;native fp8_e4m3fn_fast;ours, on the fly + NaN guard;ours, cached;ours, fp8 compute"
+# Native fp8 last, as in qwen_step.py's own default (its VRAM leftovers).
+STEP_MODELS = "native bf16;ours, on the fly + NaN guard;ours, cached;ours, fp8 compute;native fp8_e4m3fn_fast"
 
 
 def runs(quick: bool) -> list[tuple[str, list[str]]]:
     steps = ["--steps", "3"] if quick else ["--steps", "5"]
     return [
         ("qwen_step", ["qwen_step.py", *steps, "--models", STEP_MODELS, "--low-vram", "12,8"]),
-        ("layer_host", ["layer_host.py"]),
         ("text_encoder", ["text_encoder.py"]),
         ("dequant_bandwidth", ["dequant_bandwidth.py"]),
-        ("fused_matmul", ["fused_matmul.py"]),
         ("fp8_matmul", ["fp8_matmul.py"]),
+        ("fused_matmul", ["fused_matmul.py"]),
         ("open_gguf", ["open_gguf.py"]),
+        ("layer_host", ["layer_host.py"]),
     ]
 
 
@@ -50,21 +53,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated names, from: " + ", ".join(n for n, _ in runs(False)))
     a = parser.parse_args()
+    only = {n for n in a.only.split(",") if n}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "-C", str(BENCH.parent), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+    try:
+        commit = subprocess.run(["git", "-C", str(BENCH.parent), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip() or "unknown"
+    except OSError:  # no git where the tree was copied to
+        commit = "unknown"
     summary = [f"# Benchmarks, {datetime.date.today().isoformat()}, commit {commit}", ""]
     for name, command in runs(a.quick):
+        if only and name not in only:
+            continue
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(BENCH / command[0]), *command[1:]], capture_output=True,
-                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log = out / f"{name}.log"
+        with log.open("w") as sink:
+            code = subprocess.run([sys.executable, str(BENCH / command[0]), *command[1:]], stdout=sink,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
         seconds = time.perf_counter() - start
-        (out / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-        status = "" if proc.returncode == 0 else f" FAILED (exit {proc.returncode}, see {name}.log)"
+        status = "" if code == 0 else f" FAILED (exit {code}, see {name}.log)"
         summary += [f"## {name}{status}", "", f"`python bench/{' '.join(command)}` ({seconds:.0f} s)", "",
-                    tables(proc.stdout), ""]
+                    tables(log.read_text()), ""]
         (out / "summary.md").write_text("\n".join(summary))
         print(f"{name}: {seconds:.0f} s{status}", flush=True)
     print("\n".join(summary))

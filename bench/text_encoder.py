@@ -49,9 +49,16 @@ def main() -> None:
         ratio = f"{r['encode_s'] / native['encode_s']:.2f}x" if native else "-"
         print(f"| {name} | {r['load_s']:.1f} | {r['first_encode_s']:.2f} | {r['encode_s']:.3f} | "
               f"{ratio} | {r['tokens']} | {r['peak_vram_gb']:.1f} GB |")
+    ours, torch_path = result["rows"]["ours, GGUF Q4_K_M"], result["rows"]["ours, torch dequant"]
+    print(f"conditioning, ours against ours with the torch dequantizers: relative difference "
+          f"{ours['rel_diff_to_torch_dequant']:.2e}")
+    for name, r in result["rows"].items():
+        print(f"conditioning, {name}: runs differ from the first by up to {r['runs_vs_first']:.2e}")
     if native:
-        diff = result["rows"]["ours, GGUF Q4_K_M"]["rel_diff_to_native"]
-        print(f"conditioning, ours against native: relative difference {diff:.2e}")
+        print(f"conditioning, ours against native: relative difference {ours['rel_diff_to_native']:.2e} "
+              f"(torch dequant: {torch_path['rel_diff_to_native']:.2e})")
+        if ours["rel_diff_to_native"] > 1e-2:
+            print("conditioning: WARNING: ours differs from native by more than bf16 rounding explains")
 
 
 if __name__ == "__main__":

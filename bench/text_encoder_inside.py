@@ -1,6 +1,7 @@
 """The part of text_encoder.py that runs inside a started ComfyUI (see tests/comfy_runner.py)."""
 
 import gc
+import os
 import statistics
 import sys
 import time
@@ -59,8 +60,14 @@ def write_gguf(path, weights, spec, tokenizer_folder):
     write_encoded(path, weights, "qwen2vl", meta)
 
 
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
 def measure(build, runs):
-    """Load seconds, first encode (weights brought to the GPU), median encode seconds, peak VRAM (GiB)."""
+    """Load seconds, first encode (weights brought to the GPU), median encode seconds, peak VRAM (GiB),
+    how far the runs' conditionings stray from the first (a race would make them differ), and the
+    last run's conditioning."""
     from qwen_step_inside import PeakVRAM
     mm.unload_all_models()
     gc.collect()
@@ -69,17 +76,19 @@ def measure(build, runs):
         start = time.perf_counter()
         clip = build()
         load_s = time.perf_counter() - start
-        times = []
+        times, conds = [], []
         for _ in range(runs + 1):
             start = time.perf_counter()
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            conds.append(cond[0][0].float().cpu())
     tokens = cond[0][0].shape[1]
     finite = bool(torch.isfinite(cond[0][0]).all())
     return {"load_s": load_s, "first_encode_s": times[0], "encode_s": statistics.median(times[1:]),
-            "peak_vram_gb": peak.peak / 2**30, "tokens": tokens, "finite": finite}, cond[0][0].float().cpu()
+            "peak_vram_gb": peak.peak / 2**30, "tokens": tokens, "finite": finite,
+            "runs_vs_first": max(rel(c, conds[0]) for c in conds)}, conds[-1]
 
 
 def run(cfg):
@@ -94,9 +103,20 @@ def run(cfg):
         rows["native bf16"], ref = measure(lambda: comfy.sd.load_text_encoder_state_dicts(
             [dict(native)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE), cfg["runs"])
     native.clear()
-    rows["ours, GGUF Q4_K_M"], got = measure(lambda: pkg.nodes.text_encoder.build_clip(
-        pkg.loaders.text_encoder.open_text_encoder(cfg["gguf"])), cfg["runs"])
+    def ours():
+        return pkg.nodes.text_encoder.build_clip(pkg.loaders.text_encoder.open_text_encoder(cfg["gguf"]))
+
+    rows["ours, GGUF Q4_K_M"], got = measure(ours, cfg["runs"])
+    # The same model with the torch dequantizers instead of the Triton kernels (same values bit for
+    # bit): tells a kernel or launch fault from one of the loading path.
+    os.environ["QWEN_GGUF_TORCH_DEQUANT"] = "1"
+    try:
+        rows["ours, torch dequant"], got_torch = measure(ours, 2)
+    finally:
+        del os.environ["QWEN_GGUF_TORCH_DEQUANT"]
+    rows["ours, GGUF Q4_K_M"]["rel_diff_to_torch_dequant"] = rel(got, got_torch)
     if not cfg["smoke"]:
-        rows["ours, GGUF Q4_K_M"]["rel_diff_to_native"] = ((got - ref).norm() / ref.norm()).item()
+        rows["ours, GGUF Q4_K_M"]["rel_diff_to_native"] = rel(got, ref)
+        rows["ours, torch dequant"]["rel_diff_to_native"] = rel(got_torch, ref)
     return {"rows": rows, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__}

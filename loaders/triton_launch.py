@@ -30,9 +30,12 @@ class Launcher:
     ``kernel`` as ``kernel[grid](*args, **constexprs_and_options)`` would."""
 
     def __init__(self, kernel, **named):
+        # Only attributes are set here: torch.compile traces this constructor (a launcher made in a
+        # compiled region) and cannot read the kernel's own attributes.
         self.kernel, self.named = kernel, named
-        # The compiled kernel takes every parameter positionally: the bound ones follow the call's.
-        self.tail = tuple(named[p] for p in kernel.arg_names if p in named)
+        # The bound parameters in the kernel's order, worked out at the first direct launch: the
+        # compiled kernel takes every parameter positionally, the bound ones after the call's.
+        self.tail = None
         # Per key: the compiled kernel, or False where Triton hands none back (its interpreter).
         self.compiled = {}
 
@@ -49,3 +52,5 @@ class Launcher:
         launched = self.kernel[grid](*args, **self.named)
         if compiled is None:
             self.compiled[key] = launched if hasattr(launched, "packed_metadata") else False
+            if self.tail is None:
+                self.tail = tuple(self.named[p] for p in self.kernel.arg_names if p in self.named)

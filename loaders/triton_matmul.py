@@ -18,12 +18,12 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from .quants import DEQUANTIZERS
-from .triton_dequant import TILES, block_tile, lookup_table
+from .triton_dequant import TILES, block_tile
 from .triton_launch import Launcher
 
 
 @triton.jit
-def _fused_kernel(x, src, table, bias, out, M, N, K, stride_xm, stride_om,
+def _fused_kernel(x, src, bias, out, M, N, K, stride_xm, stride_om,
                   QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr, NSUB: tl.constexpr,
                   G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
@@ -47,7 +47,8 @@ def _fused_kernel(x, src, table, bias, out, M, N, K, stride_xm, stride_om,
     for kb in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, steps)):
         # G consecutive blocks of each of the BN weight rows: a [BN, G*QK] slice of W.
         blk = tl.reshape(rn[:, None] * blocks_per_row + kb * G + tl.arange(0, G)[None, :], (BN * G,))
-        v, _, _ = block_tile(src, table, blk, n_blocks, QTYPE, QK, TS, NSUB)
+        # No table: IQ4 codes are decoded from registers here (see triton_dequant._iq4).
+        v, _, _ = block_tile(src, src, blk, n_blocks, QTYPE, QK, TS, NSUB, True)
         w = tl.reshape(v, (BN, BK)).to(x.dtype.element_ty)
         a = tl.load(x_rows + kb * BK + rk[None, :], mask=rm[:, None] < M, other=0.0)
         if IEEE:
@@ -118,6 +119,6 @@ def fused_linear(x: torch.Tensor, raw: torch.Tensor, qtype: T, shape, bias: torc
     launch = _launcher(QTYPE=int(qtype), QK=qcls.block_size, TS=qcls.type_size, NSUB=TILES[qtype].nsub, G=g, BM=bm,
                        BN=block_n, SPLIT=split, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
-    launch(grid_nm + (split,), x2, raw, lookup_table(raw.device), bias if bias is not None else out, out, m, n, k,
+    launch(grid_nm + (split,), x2, raw, bias if bias is not None else out, out, m, n, k,
            x2.stride(0), out.stride(0))
     return out.to(x.dtype).reshape(*x.shape[:-1], n)

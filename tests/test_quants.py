@@ -11,6 +11,7 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
+from loaders.kernel_tiles import GPU_TILES, TILES
 from loaders.quants import DEQUANTIZERS
 from loaders.tensor import GGMLTensor, dequantize
 
@@ -74,10 +75,15 @@ needs_kernel_device = pytest.mark.skipif(KERNEL_DEVICE == "cuda" and not torch.c
                                          reason="the Triton kernels need a CUDA GPU")
 
 
+# Every GPU's tile table, whatever the GPU here: tiles change how blocks are split, never a value.
+TILE_TABLES = {"default": TILES, **GPU_TILES}
+
+
 @needs_kernel_device
 @pytest.mark.parametrize("name", sorted(F16_FIELDS))
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype):
+@pytest.mark.parametrize("tiles", sorted(TILE_TABLES))
+def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype, tiles):
     from loaders import triton_dequant
     qtype = GGMLQuantizationType[name]
     block_size, _ = GGML_QUANT_SIZES[qtype]
@@ -85,7 +91,7 @@ def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype):
     rows, cols = 37, block_size * 9
     blocks = torch.from_numpy(random_blocks(qtype, rows * 9, seed=11)).to(KERNEL_DEVICE)
     t = GGMLTensor(blocks, qtype, (rows, cols))
-    got = triton_dequant.dequantize_cuda(t.contiguous(), qtype, (rows, cols), dtype)
+    got = triton_dequant.dequantize_cuda(t.contiguous(), qtype, (rows, cols), dtype, TILE_TABLES[tiles][qtype])
     cls = DEQUANTIZERS[qtype]
     with torch._C.DisableTorchFunctionSubclass():
         expected = cls.dequantize_blocks(blocks.reshape(-1, cls.type_size)).reshape(rows, cols).to(dtype)
@@ -144,5 +150,14 @@ def test_triton_kernels_in_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                         "-k", "test_triton_kernel_equals_torch_path_bit_for_bit or test_fused_matmul"],
                        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
-    expected = 12 + 12 * len(INTERPRETED_FUSED_ROWS)
+    expected = 12 * len(TILE_TABLES) + 12 * len(INTERPRETED_FUSED_ROWS)
     assert r.returncode == 0 and f"{expected} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_tile_tables_cover_every_kernel_type_and_fall_back_to_the_default():
+    from loaders.kernel_tiles import tiles_for
+    for tiles in TILE_TABLES.values():
+        assert set(tiles) == set(TILES)
+        # The sweeps vary blocks per program and warps: each type's sub-block split is the same in every table.
+        assert all(tiles[q].nsub == TILES[q].nsub for q in TILES)
+    assert tiles_for(-1) is TILES  # a CPU tensor's device (the interpreter)
