@@ -114,35 +114,38 @@ def quantize_input(x: torch.Tensor, w: FP8Weight) -> tuple[torch.Tensor, torch.T
 
 class SharedInput:
     """One activation quantization for a group of layers that read the same input one after another
-    (an attention's q, k and v projections): the first to run quantizes it, the others take that
-    while their input is the very same tensor object, and the last lets go of it. (Inference tensors
-    carry no version counter, so this is for groups whose model code changes nothing in between.)"""
+    (an attention's q, k and v projections): a member given the very tensor object the one before it
+    quantized takes that quantization. The group's last member lets go of it whichever way it runs
+    (an fp8 matmul, or a LoRA-patched or fp32 path: see release), so nothing is held past the group
+    even where some members never quantize. (Inference tensors carry no version counter, so this is
+    for groups whose model code changes nothing in between.)"""
 
-    def __init__(self, members: int):
-        self.members = members
+    def __init__(self):
         self.source = self.quantized = None
-        self.left = 0
 
-    def quantize(self, x: torch.Tensor, w: FP8Weight) -> tuple[torch.Tensor, torch.Tensor]:
-        if x is self.source:
-            quantized = self.quantized
-            self.left -= 1
-            if not self.left:
-                self.source = self.quantized = None
-            return quantized
-        quantized = quantize_input(x, w)
-        self.source, self.quantized, self.left = x, quantized, self.members - 1
+    def quantize(self, x: torch.Tensor, w: FP8Weight, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        quantized = self.quantized if x is self.source else quantize_input(x, w)
+        if last:
+            self.release()
+        else:
+            self.source, self.quantized = x, quantized
         return quantized
+
+    def release(self) -> None:
+        self.source = self.quantized = None
 
 
 def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: torch.Tensor | None = None,
-               shared: SharedInput | None = None) -> torch.Tensor:
+               shared: SharedInput | None = None, last: bool = True) -> torch.Tensor:
     """``linear(x, W, bias)`` for W held as FP8 rows. A bf16 ``x`` on an fp8-capable GPU takes an fp8
-    matmul (its quantization shared with the layers of ``shared``); anything else (fp32 as the NaN
-    guard's recomputation asks, a CPU) gets the dequantized weight."""
+    matmul (its quantization shared with the layers of ``shared``, of which this is the ``last``
+    or not); anything else (fp32 as the NaN guard's recomputation asks, a CPU) gets the dequantized
+    weight."""
     if w.path is None or x.dtype != torch.bfloat16:
+        if shared is not None and last:
+            shared.release()
         return torch.nn.functional.linear(x, dequantize_weight(w, x.dtype), bias)
-    xq, x_scale = shared.quantize(x, w) if shared is not None else quantize_input(x, w)
+    xq, x_scale = shared.quantize(x, w, last) if shared is not None else quantize_input(x, w)
     n, k = w.shape
     fast = k <= FAST_ACCUM_MAX_IN
     if w.path == "rowwise":

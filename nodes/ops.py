@@ -39,7 +39,10 @@ class FileWeights:
     expects_bias = False
     weight_qtype = None
     weight_qshape = None
+    # In fp8 mode, the activation quantization this layer shares (see share_inputs), and whether it
+    # is its group's last member (which lets go of it).
     shared_input = None
+    shared_last = False
     # ComfyUI sets these per layer when it patches one; read as attributes on every forward.
     weight_lowvram_function = None
     bias_lowvram_function = None
@@ -99,9 +102,10 @@ def share_inputs(model: torch.nn.Module) -> int:
         for names in SHARED_INPUT_GROUPS:
             layers = [getattr(parent, name, None) for name in names]
             if all(isinstance(m, FileWeights) and m.weight_qtype is fp8.FP8_ROWS for m in layers):
-                shared = fp8.SharedInput(len(layers))
+                shared = fp8.SharedInput()
                 for layer in layers:
                     layer.shared_input = shared
+                layers[-1].shared_last = True
                 groups += 1
     return groups
 
@@ -126,6 +130,7 @@ class GGUFOps(comfy.ops.manual_cast):
             # Runs per layer per step, in sampling that can wait on the host: attributes are read once.
             weight = self.weight
             if self.weight_qtype is None or weight.dtype != torch.uint8:
+                self._release_shared()  # a LoRA merged into this weight (full load)
                 return super().forward_comfy_cast_weights(input, *args, **kwargs)
             patches, lowvram_patch = self.weight_function, self.weight_lowvram_function
             patched = bool(patches) or lowvram_patch is not None
@@ -140,6 +145,7 @@ class GGUFOps(comfy.ops.manual_cast):
             try:
                 if not patched:
                     return self._linear(input, raw.contiguous(), bias)
+                self._release_shared()
                 patches = ([lowvram_patch] if lowvram_patch is not None else []) + list(patches)
                 weight = apply_patches(dequantize_bytes(raw, self.weight_qtype, self.weight_qshape, input.dtype), patches)
                 return torch.nn.functional.linear(input, weight, bias)
@@ -150,7 +156,13 @@ class GGUFOps(comfy.ops.manual_cast):
             if self.weight_qtype is not fp8.FP8_ROWS:
                 return quantized_linear(input, raw, self.weight_qtype, self.weight_qshape, bias)
             shared = None if torch.compiler.is_compiling() else self.shared_input
-            return fp8.fp8_linear(input, self._fp8_weight(raw), bias, shared)
+            return fp8.fp8_linear(input, self._fp8_weight(raw), bias, shared, self.shared_last)
+
+        def _release_shared(self):
+            """On the paths that take no fp8 matmul: the group's last member still lets go."""
+            shared = self.shared_input
+            if shared is not None and self.shared_last and not torch.compiler.is_compiling():
+                shared.release()
 
         def _fp8_weight(self, raw) -> fp8.FP8Weight:
             """The fp8 operands (views) of the bytes ``raw``. Those of the dynamic VRAM loader's

@@ -219,3 +219,14 @@ def test_gguf_linear_compiles_without_graph_breaks(models, tmp_path):
     for result in r.values():
         assert result["graphs"] == 1 and result["breaks"] == 0, r
         assert result["max_diff"] <= 1e-5 * result["scale"], r
+
+
+def test_fp8_group_lets_go_of_its_shared_quantization_on_every_path(tmp_path):
+    from comfy_env import PACKAGE_NAME, REPO, run_script
+    (tmp_path / "models").mkdir()
+    r = run_script(tmp_path, tmp_path / "models", REPO / "tests" / "comfy_scripts" / "fp8_shared_release.py",
+                   package=PACKAGE_NAME)
+    assert r["groups"] == 1 and r["last"] == [False, False, True] and r["one_object"], r
+    assert r["kept_by_earlier_member"], r
+    assert r["released_when_last_is_patched"] and r["released_when_last_is_merged"], r
+    assert r["patched_output_error"] < 1e-4, r

@@ -58,16 +58,33 @@ def test_matmul_operands_view_the_bytes_where_they_lie():
 def test_layers_of_a_group_share_one_quantization_of_the_same_input(monkeypatch):
     calls = []
     monkeypatch.setattr(fp8, "quantize_input", lambda x, w: calls.append(x) or (object(), object()))
-    shared = fp8.SharedInput(3)
+    shared = fp8.SharedInput()
     x, y = torch.zeros(2), torch.zeros(2)
-    first = shared.quantize(x, None)
-    assert shared.quantize(x, None) is first and shared.quantize(x, None) is first and calls == [x]
+    first = shared.quantize(x, None, last=False)
+    assert shared.quantize(x, None, last=False) is first and shared.quantize(x, None, last=True) is first
+    assert calls == [x]
     # After the group's last layer nothing is held, and the next input is quantized anew.
     assert shared.source is None and shared.quantized is None
-    again = shared.quantize(x, None)
+    again = shared.quantize(x, None, last=False)
     assert again is not first and len(calls) == 2
     # Another tensor (even with equal values) is never taken for the held one.
-    assert shared.quantize(y, None) is not again and calls[-1] is y
+    assert shared.quantize(y, None, last=False) is not again and calls[-1] is y
+
+
+def test_group_lets_go_when_its_last_layer_takes_another_path():
+    # The last member (a LoRA-patched v projection, or an fp32 input) takes no fp8 matmul: what the
+    # earlier members quantized must not stay held on the GPU until the next step.
+    w = weight(32, 64)
+    ops = fp8.operands(fp8.quantize_rows(w), w.shape)._replace(path="rowwise")
+    shared = fp8.SharedInput()
+    x = torch.randn(3, 64)
+    shared.source, shared.quantized = x, (object(), object())
+    out = fp8.fp8_linear(x, ops, None, shared, last=True)  # fp32 input: the dequantized weight
+    torch.testing.assert_close(out, x @ fp8.dequantize_weight(ops, torch.float32).T)
+    assert shared.source is None and shared.quantized is None
+    shared.source = x
+    fp8.fp8_linear(x, ops, None, shared, last=False)
+    assert shared.source is x  # an earlier member leaves it for the later ones
 
 
 def test_only_matrices_of_multiples_of_16_are_held():
