@@ -34,9 +34,11 @@ requires_comfyui = pytest.mark.skipif(comfyui_missing_reason() is not None,
                                       reason=comfyui_missing_reason() or "")
 
 
-def run_prompts(workdir: Path, models: Path, prompts: list[dict], timeout: int = 900) -> list[dict]:
-    """Run API-format prompts in a fresh ComfyUI process with this package installed as a custom node."""
-    results = _run(workdir, models, {"prompts": prompts}, timeout)
+def run_prompts(workdir: Path, models: Path, prompts: list[dict], timeout: int = 900,
+                args: list[str] | None = None) -> list[dict]:
+    """Run API-format prompts in a fresh ComfyUI process with this package installed as a custom node
+    (started with ``args``: by default on the CPU)."""
+    results = _run(workdir, models, {"prompts": prompts, **({} if args is None else {"args": args})}, timeout)
     if len([r for r in results if "index" in r]) != len(prompts):
         raise AssertionError(f"ComfyUI answered {len(results)} of {len(prompts)} prompts: {results}")
     return [r for r in results if "index" in r]
