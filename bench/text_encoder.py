@@ -57,6 +57,8 @@ def main() -> None:
     if native:
         print(f"conditioning, ours against native: relative difference {ours['rel_diff_to_native']:.2e} "
               f"(torch dequant: {torch_path['rel_diff_to_native']:.2e})")
+        print("conditioning, ours against native after each decoder layer (one more encode): "
+              + ", ".join(f"{d:.1e}" for d in ours["layers_vs_native"]))
         if ours["rel_diff_to_native"] > 1e-2:
             print("conditioning: WARNING: ours differs from native by more than bf16 rounding explains")
 

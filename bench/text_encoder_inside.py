@@ -64,10 +64,30 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def layer_outputs(clip) -> list[torch.Tensor]:
+    """Each decoder layer's output in one more encode (hooks copying to the CPU, so after the timed
+    runs): where two encoders part, layer by layer."""
+    layers = next(m for name, m in clip.cond_stage_model.named_modules() if name.endswith("model.layers"))
+    outputs = [None] * len(layers)
+
+    def keep(i):
+        def hook(module, args, output):
+            outputs[i] = (output[0] if isinstance(output, tuple) else output).float().cpu()
+        return hook
+
+    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+    try:
+        clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
 def measure(build, runs):
     """Load seconds, first encode (weights brought to the GPU), median encode seconds, peak VRAM (GiB),
-    how far the runs' conditionings stray from the first (a race would make them differ), and the
-    last run's conditioning."""
+    how far the runs' conditionings stray from the first (a race would make them differ), the last
+    run's conditioning and each layer's output of one more encode."""
     from qwen_step_inside import PeakVRAM
     mm.unload_all_models()
     gc.collect()
@@ -88,7 +108,7 @@ def measure(build, runs):
     finite = bool(torch.isfinite(cond[0][0]).all())
     return {"load_s": load_s, "first_encode_s": times[0], "encode_s": statistics.median(times[1:]),
             "peak_vram_gb": peak.peak / 2**30, "tokens": tokens, "finite": finite,
-            "runs_vs_first": max(rel(c, conds[0]) for c in conds)}, conds[-1]
+            "runs_vs_first": max(rel(c, conds[0]) for c in conds)}, conds[-1], layer_outputs(clip)
 
 
 def run(cfg):
@@ -100,23 +120,28 @@ def run(cfg):
     del ours
     rows = {}
     if not cfg["smoke"]:  # ComfyUI's own classes only build the full size
-        rows["native bf16"], ref = measure(lambda: comfy.sd.load_text_encoder_state_dicts(
+        rows["native bf16"], ref, ref_layers = measure(lambda: comfy.sd.load_text_encoder_state_dicts(
             [dict(native)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE), cfg["runs"])
     native.clear()
+
     def ours():
         return pkg.nodes.text_encoder.build_clip(pkg.loaders.text_encoder.open_text_encoder(cfg["gguf"]))
 
-    rows["ours, GGUF Q4_K_M"], got = measure(ours, cfg["runs"])
+    rows["ours, GGUF Q4_K_M"], got, got_layers = measure(ours, cfg["runs"])
     # The same model with the torch dequantizers instead of the Triton kernels (same values bit for
-    # bit): tells a kernel or launch fault from one of the loading path.
+    # bit): tells a kernel or launch fault from one of the loading path. (The switch is read once and
+    # cached: cleared on the way in and out.)
     os.environ["QWEN_GGUF_TORCH_DEQUANT"] = "1"
+    pkg.loaders.tensor.cuda_kernels.cache_clear()
     try:
-        rows["ours, torch dequant"], got_torch = measure(ours, 2)
+        rows["ours, torch dequant"], got_torch, _ = measure(ours, 2)
     finally:
         del os.environ["QWEN_GGUF_TORCH_DEQUANT"]
+        pkg.loaders.tensor.cuda_kernels.cache_clear()
     rows["ours, GGUF Q4_K_M"]["rel_diff_to_torch_dequant"] = rel(got, got_torch)
     if not cfg["smoke"]:
         rows["ours, GGUF Q4_K_M"]["rel_diff_to_native"] = rel(got, ref)
         rows["ours, torch dequant"]["rel_diff_to_native"] = rel(got_torch, ref)
+        rows["ours, GGUF Q4_K_M"]["layers_vs_native"] = [rel(a, b) for a, b in zip(got_layers, ref_layers)]
     return {"rows": rows, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__}
