@@ -4,6 +4,7 @@ requantized run fp8 matmuls, see ``fp8``.)"""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -12,14 +13,28 @@ from gguf import GGMLQuantizationType
 from .fp8 import FP8_ROWS, fp8_linear, operands
 from .tensor import cuda_kernels, dequantize_bytes
 
+log = logging.getLogger(__name__)
+
 # Where the fused kernel beats dequant + cuBLAS (bench/fused_matmul.py on an H100, every type): up to
 # 16 rows on weights of 32M elements and more (a Qwen2.5-VL MLP 1.4-1.5x, Qwen-Image's modulation
-# 1.3x); on smaller weights the dequant is too short to matter and with more rows the tensor cores
-# of cuBLAS win. The rule depends only on shapes, so it is the same in eager and compiled runs.
+# 1.3x; on an H200 the same picks run 0.96-1.52x); on smaller weights the dequant is too short to
+# matter and with more rows the tensor cores of cuBLAS win. The rule depends only on shapes, so it
+# is the same in eager and compiled runs.
 FUSED_MAX_ROWS = 16
 FUSED_MIN_ELEMENTS = 32 << 20
 # "auto" (the rule above), "on" (fused wherever the kernel applies: for benchmarks) or "off".
-FUSED = os.environ.get("QWEN_GGUF_FUSED", "auto")
+FUSED_CHOICES = ("auto", "on", "off")
+
+
+def fused_choice(value: str) -> str:
+    """The QWEN_GGUF_FUSED setting ``value``, or "auto" (with a warning saying so) for anything else."""
+    if value in FUSED_CHOICES:
+        return value
+    log.warning("QWEN_GGUF_FUSED=%r is not one of %s: using auto", value, ", ".join(FUSED_CHOICES))
+    return "auto"
+
+
+FUSED = fused_choice(os.environ.get("QWEN_GGUF_FUSED", "auto"))
 # Rows beyond which even "on" does not use the fused kernel (dequant + cuBLAS wins long before).
 FORCED_MAX_ROWS = 512
 

@@ -161,3 +161,11 @@ def test_tile_tables_cover_every_kernel_type_and_fall_back_to_the_default():
         # The sweeps vary blocks per program and warps: each type's sub-block split is the same in every table.
         assert all(tiles[q].nsub == TILES[q].nsub for q in TILES)
     assert tiles_for(-1) is TILES  # a CPU tensor's device (the interpreter)
+
+
+def test_an_unknown_fused_setting_is_said_and_read_as_auto(caplog):
+    from loaders.linear import fused_choice
+    assert fused_choice("off") == "off" and fused_choice("on") == "on"
+    with caplog.at_level("WARNING"):
+        assert fused_choice("yes") == "auto"
+    assert "QWEN_GGUF_FUSED='yes'" in caplog.text and "auto, on, off" in caplog.text
