@@ -54,6 +54,11 @@ def main() -> None:
           f"{ours['rel_diff_to_torch_dequant']:.2e}")
     for name, r in result["rows"].items():
         print(f"conditioning, {name}: runs differ from the first by up to {r['runs_vs_first']:.2e}")
+    if "checks" in ours:
+        c = ours["checks"]
+        print(f"conditioning, checks after our encodes: {c['resident_layers']} layers resident; bytes differing "
+              f"from the file: {c['wrong_bytes'] or 'none'}; Triton fp32 values differing from the torch "
+              f"dequantizers: {c['wrong_values'] or 'none'}")
     if native:
         print(f"conditioning, ours against native: relative difference {ours['rel_diff_to_native']:.2e} "
               f"(torch dequant: {torch_path['rel_diff_to_native']:.2e})")

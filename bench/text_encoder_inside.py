@@ -84,10 +84,39 @@ def layer_outputs(clip) -> list[torch.Tensor]:
     return outputs
 
 
-def measure(build, runs):
+def byte_checks(pkg):
+    """After our encodes, per quantized layer: are the bytes the dynamic loader holds on the GPU the
+    file's, and does the Triton kernel give the torch dequantizers' fp32 values on them (the text
+    encoder computes in fp32, which nothing else runs at full size)? Names the layers that fail."""
+    kernels = pkg.loaders.tensor.cuda_kernels()
+
+    def check(clip):
+        resident, wrong_bytes, wrong_values = 0, [], []
+        for name, m in clip.cond_stage_model.named_modules():
+            if not isinstance(m, pkg.nodes.ops.FileWeights) or not m.quantized():
+                continue
+            file_bytes = m.weight.to("cuda")
+            held = m.__dict__.get("_v_weight")
+            if held is not None:
+                resident += 1
+                if not torch.equal(held.reshape(-1), file_bytes.reshape(-1)):
+                    wrong_bytes.append(name)
+            if m.weight_qtype in kernels.KERNEL_TYPES:
+                qcls = pkg.loaders.quants.DEQUANTIZERS[m.weight_qtype]
+                got = kernels.dequantize_cuda(file_bytes.contiguous(), m.weight_qtype, m.weight_qshape, torch.float32)
+                with torch._C.DisableTorchFunctionSubclass():
+                    want = qcls.dequantize_blocks(file_bytes.reshape(-1, qcls.type_size)).reshape(m.weight_qshape)
+                if not torch.equal(got, want.float()):
+                    wrong_values.append(name)
+        return {"resident_layers": resident, "wrong_bytes": wrong_bytes, "wrong_values": wrong_values}
+    return check if kernels is not None else None
+
+
+def measure(build, runs, inspect=None):
     """Load seconds, first encode (weights brought to the GPU), median encode seconds, peak VRAM (GiB),
-    how far the runs' conditionings stray from the first (a race would make them differ), the last
-    run's conditioning and each layer's output of one more encode."""
+    how far the runs' conditionings stray from the first (a race would make them differ), what
+    ``inspect(clip)`` finds after them, the last run's conditioning and each layer's output of one
+    more encode."""
     from qwen_step_inside import PeakVRAM
     mm.unload_all_models()
     gc.collect()
@@ -106,9 +135,12 @@ def measure(build, runs):
             conds.append(cond[0][0].float().cpu())
     tokens = cond[0][0].shape[1]
     finite = bool(torch.isfinite(cond[0][0]).all())
-    return {"load_s": load_s, "first_encode_s": times[0], "encode_s": statistics.median(times[1:]),
-            "peak_vram_gb": peak.peak / 2**30, "tokens": tokens, "finite": finite,
-            "runs_vs_first": max(rel(c, conds[0]) for c in conds)}, conds[-1], layer_outputs(clip)
+    row = {"load_s": load_s, "first_encode_s": times[0], "encode_s": statistics.median(times[1:]),
+           "peak_vram_gb": peak.peak / 2**30, "tokens": tokens, "finite": finite,
+           "runs_vs_first": max(rel(c, conds[0]) for c in conds)}
+    if inspect is not None:
+        row["checks"] = inspect(clip)
+    return row, conds[-1], layer_outputs(clip)
 
 
 def run(cfg):
@@ -127,7 +159,7 @@ def run(cfg):
     def ours():
         return pkg.nodes.text_encoder.build_clip(pkg.loaders.text_encoder.open_text_encoder(cfg["gguf"]))
 
-    rows["ours, GGUF Q4_K_M"], got, got_layers = measure(ours, cfg["runs"])
+    rows["ours, GGUF Q4_K_M"], got, got_layers = measure(ours, cfg["runs"], byte_checks(pkg))
     # The same model with the torch dequantizers instead of the Triton kernels (same values bit for
     # bit): tells a kernel or launch fault from one of the loading path. (The switch is read once and
     # cached: cleared on the way in and out.)
