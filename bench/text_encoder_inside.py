@@ -87,7 +87,9 @@ def layer_outputs(clip) -> list[torch.Tensor]:
 def byte_checks(pkg):
     """After our encodes, per quantized layer: are the bytes the dynamic loader holds on the GPU the
     file's, and does the Triton kernel give the torch dequantizers' fp32 values on them (the text
-    encoder computes in fp32, which nothing else runs at full size)? Names the layers that fail."""
+    encoder computes in fp32, which nothing else runs at full size)? Names the layers that fail.
+    (The loader's view counts as held while nothing was evicted: the encoder is small next to the
+    GPUs this runs on.)"""
     kernels = pkg.loaders.tensor.cuda_kernels()
 
     def check(clip):

@@ -94,11 +94,11 @@ class FP8Weight(NamedTuple):
 
 def operands(raw: torch.Tensor, shape) -> FP8Weight:
     """The FP8Weight viewing the contiguous FP8-rows bytes ``raw`` of logical ``shape`` (out, in)."""
-    # Per layer per step where the bytes are not kept resident: as few tensor calls as possible,
-    # each view taken straight from the bytes.
+    # Per layer per step where the bytes are not kept resident: few tensor calls, each a view of the
+    # bytes. (Only tensor ops: reading the storage offset on the host would break a compiled graph.)
     n, k = shape
     values_t = raw.as_strided((k, n), (1, k)).view(FP8)
-    scales = raw.as_strided((1, 4 * n), (4 * n, 1), raw.storage_offset() + n * k).view(torch.float32)
+    scales = raw.reshape(-1)[n * k:].view(torch.float32).view(1, n)
     return FP8Weight(values_t, scales, (n, k), fast_path(raw.device))
 
 

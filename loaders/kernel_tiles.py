@@ -28,7 +28,8 @@ TILES = {
     T.Q6_K: Tile(16, 8, 2), T.IQ4_XS: Tile(16, 4, 2),
 }
 
-# GPUs whose own sweep found better tiles, by a part of the device's name; the others take TILES.
+# GPUs whose own sweep found better tiles, by a whole word of the device's name ("H200" is not a
+# GH200, which nobody swept); the others take TILES.
 # On an H200 (the H100's SMs with 1.4x its memory bandwidth) these types ran 3-9 points of the copy
 # bandwidth higher with fewer warps or other block counts (2026-12-01: Q5_0 81% -> 88%, Q5_1 91% ->
 # 96%, Q2_K 83% -> 92%, Q3_K 78% -> 83%, Q5_K 88% -> 91%, Q6_K 76% -> 79%).
@@ -42,5 +43,5 @@ GPU_TILES = {
 def tiles_for(device_index: int) -> dict[T, Tile]:
     """The tile table for the CUDA device ``device_index`` (TILES for anything else, the CPU under
     Triton's interpreter included)."""
-    name = torch.cuda.get_device_name(device_index) if device_index >= 0 else ""
-    return next((tiles for part, tiles in GPU_TILES.items() if part in name), TILES)
+    words = torch.cuda.get_device_name(device_index).split() if device_index >= 0 else []
+    return next((tiles for word, tiles in GPU_TILES.items() if word in words), TILES)

@@ -163,6 +163,18 @@ def test_tile_tables_cover_every_kernel_type_and_fall_back_to_the_default():
     assert tiles_for(-1) is TILES  # a CPU tensor's device (the interpreter)
 
 
+def test_tile_table_is_chosen_by_a_whole_word_of_the_gpu_name(monkeypatch):
+    from loaders import kernel_tiles
+    names = {0: "NVIDIA H200", 1: "NVIDIA GH200 480GB", 2: "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(kernel_tiles.torch.cuda, "get_device_name", names.__getitem__)
+    kernel_tiles.tiles_for.cache_clear()
+    try:
+        assert kernel_tiles.tiles_for(0) is GPU_TILES["H200"]
+        assert kernel_tiles.tiles_for(1) is TILES and kernel_tiles.tiles_for(2) is TILES
+    finally:
+        kernel_tiles.tiles_for.cache_clear()
+
+
 def test_an_unknown_fused_setting_is_said_and_read_as_auto(caplog):
     from loaders.linear import fused_choice
     assert fused_choice("off") == "off" and fused_choice("on") == "on"

@@ -19,21 +19,33 @@ def run(cfg):
     mm.load_models_gpu([patcher])
     device, dtype = mm.get_torch_device(), patcher.model.get_dtype_inference()
     results = {}
-    for name, module in patcher.model.named_modules():
-        if not isinstance(module, pkg.nodes.ops.GGUFOps.Linear) or not module.quantized():
-            continue
-        if module.weight_qtype.name in results:
-            continue
+
+    def check(key, module, name):
         x = torch.randn(5, module.in_features, device=device, dtype=dtype)
         torch._dynamo.reset()
         explained = torch._dynamo.explain(module)(x)
         compiled = torch.compile(module, backend=cfg["backend"], fullgraph=True)
         with torch.no_grad():
             got, ref = compiled(x), module(x)
-        results[module.weight_qtype.name] = {
+        results[key] = {
             "graphs": explained.graph_count, "breaks": explained.graph_break_count, "layer": name,
             "reasons": [str(b.reason)[:300] + " @ " + "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
                                                            for f in b.user_stack[-3:])
                         for b in explained.break_reasons],
             "max_diff": (got.float() - ref.float()).abs().max().item(), "scale": ref.float().abs().max().item()}
+
+    for name, module in patcher.model.named_modules():
+        if not isinstance(module, pkg.nodes.ops.GGUFOps.Linear) or not module.quantized():
+            continue
+        if module.weight_qtype.name not in results:
+            check(module.weight_qtype.name, module, name)
+    # An fp8-compute layer (FP8 rows), built directly: the loader makes them only on fp8 GPUs. On the
+    # CPU it runs the dequantized weight, on such a GPU the fp8 matmul; either must trace whole.
+    fp8 = pkg.loaders.fp8
+    layer = pkg.nodes.ops.GGUFOps.Linear(256, 128)
+    raw = fp8.quantize_rows(torch.randn(128, 256, generator=torch.Generator().manual_seed(0)))
+    layer.load_state_dict({"weight": pkg.loaders.tensor.wrap(raw, fp8.FP8_ROWS, (128, 256)),
+                           "bias": torch.zeros(128, dtype=dtype)})
+    layer.to(device)
+    check("FP8_ROWS", layer, "fp8 rows (built)")
     return results
