@@ -39,16 +39,16 @@ FUSED = fused_choice(os.environ.get("QWEN_GGUF_FUSED", "auto"))
 FORCED_MAX_ROWS = 512
 
 
-def uses_fused(rows: int, qtype: GGMLQuantizationType, shape, dtype: torch.dtype) -> bool:
-    """Whether a CUDA layer of this type and ``shape`` takes the fused kernel for ``rows`` rows of input."""
+def uses_fused(rows: int, shape, dtype: torch.dtype) -> bool:
+    """Whether a CUDA layer whose type has a Triton kernel takes the fused kernel for ``rows`` rows of
+    input on a weight of ``shape``."""
     # Runs for every layer on every forward: the shape tests that rule out most calls come first.
     if FUSED == "on":
         if not 0 < rows <= FORCED_MAX_ROWS:
             return False
     elif FUSED == "off" or not 0 < rows <= FUSED_MAX_ROWS or shape[0] * shape[1] < FUSED_MIN_ELEMENTS:
         return False
-    kernels = cuda_kernels()
-    return dtype in (torch.bfloat16, torch.float16) and kernels is not None and qtype in kernels.KERNEL_TYPES
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 def quantized_linear(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantizationType, shape,
@@ -60,7 +60,7 @@ def quantized_linear(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantization
     if raw.is_cuda:
         kernels = cuda_kernels()
         if kernels is not None and qtype in kernels.KERNEL_TYPES:
-            if uses_fused(x.numel() // shape[-1], qtype, shape, x.dtype):
+            if uses_fused(x.numel() // shape[-1], shape, x.dtype):
                 from .triton_matmul import fused_linear
                 return fused_linear(x, raw, qtype, shape, bias)
             return torch.nn.functional.linear(x, kernels.dequantize_cuda(raw, qtype, shape, x.dtype), bias)
