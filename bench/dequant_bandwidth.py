@@ -1,10 +1,11 @@
 """Each Triton dequant kernel's throughput against the GPU's copy bandwidth, measured in the same run,
 with the torch path (the same math as 15-25 small torch ops) alongside. Needs a CUDA GPU:
 
-    python bench/dequant_bandwidth.py [--sweep] [rows cols]
+    python bench/dequant_bandwidth.py [--sweep] [--types Q3_K,Q6_K] [rows cols]
 
 ``--sweep`` also times other tile shapes (blocks per program, warps) per type, to choose the tile
-tables of ``loaders/kernel_tiles.py``; the main table uses the one for this GPU.
+tables of ``loaders/kernel_tiles.py``; the main table uses the one for this GPU. ``--types`` measures
+only the named types.
 
 Bytes counted per kernel: the quantized bytes read plus the bf16 bytes written, as for the copy
 (bytes read + bytes written). Times are medians of triton.testing.do_bench.
@@ -12,6 +13,7 @@ Bytes counted per kernel: the quantized bytes read plus the bf16 bytes written, 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -56,8 +58,13 @@ def sweep(qtype: T, blocks: torch.Tensor, shape: tuple[int, int], copy_bw: float
 
 
 def main() -> None:
-    do_sweep = "--sweep" in sys.argv
-    args = [a for a in sys.argv[1:] if a != "--sweep"]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--types", default="", help="comma-separated type names (default: every kernel type)")
+    parser.add_argument("shape", nargs="*", type=int, help="rows cols of the weight")
+    a = parser.parse_args()
+    do_sweep, args = a.sweep, a.shape
+    types = sorted(KERNEL_TYPES, key=int) if not a.types else [T[name] for name in a.types.split(",")]
     rows, cols = (int(args[0]), int(args[1])) if len(args) > 1 else (12288, 3072 * 4)
     n = rows * cols
     src = torch.empty(n * 2, dtype=torch.uint8, device="cuda")
@@ -70,7 +77,7 @@ def main() -> None:
     print("| type | triton ms | GB/s | % of copy | torch path ms | speed-up |")
     print("|---|---|---|---|---|---|")
     worst = 1.0
-    for qtype in sorted(KERNEL_TYPES, key=int):
+    for qtype in types:
         qcls = DEQUANTIZERS[qtype]
         blocks = random_blocks(qtype, n // qcls.block_size)
         ms = triton.testing.do_bench(lambda: dequantize_cuda(blocks, qtype, (rows, cols), torch.bfloat16),

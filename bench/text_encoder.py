@@ -4,7 +4,7 @@ metadata) against ComfyUI's own loading of the same values in bf16 (Hugging Face
 qwen_2.5_vl_7b.safetensors), in one run. Weights are random (small finite scales); the prompt is
 encoded through ComfyUI's Qwen-Image template, as CLIPTextEncode does.
 
-    COMFYUI_PATH=../ComfyUI python bench/text_encoder.py [--runs 5] [--out result.json]
+    COMFYUI_PATH=../ComfyUI python bench/text_encoder.py [--runs 5] [--out result.json] [--comfy-args "..."]
 
 Load = building the CLIP from the file (ours) or the bf16 state dict in RAM (native); first encode
 includes bringing the weights to the GPU; encode = median of the following runs; peak VRAM = the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", default=None)
     parser.add_argument("--cpu", action="store_true", help="a smoke run of this script on the CPU with a 2-layer model")
+    parser.add_argument("--comfy-args", default="", help="ComfyUI command-line options for the run, e.g. --disable-dynamic-vram")
     a = parser.parse_args()
     sys.path.insert(0, str(REPO / "tests"))
     from comfy_env import PACKAGE_NAME, comfyui_path, run_script
@@ -36,7 +38,7 @@ def main() -> None:
     (work / "models").mkdir()
     spec = {**QWEN25_VL_7B, "layers": 2, "hidden": 512, "intermediate": 1024, "heads": 4} if a.cpu else QWEN25_VL_7B
     result = run_script(work, work / "models", REPO / "bench" / "text_encoder_inside.py", timeout=3000,
-                        args=["--cpu"] if a.cpu else [], device="cpu" if a.cpu else "cuda",
+                        args=(["--cpu"] if a.cpu else []) + shlex.split(a.comfy_args), device="cpu" if a.cpu else "cuda",
                         package=PACKAGE_NAME, repo=str(REPO), spec=spec, runs=a.runs, smoke=a.cpu,
                         gguf=str(work / "random-Qwen2.5-VL-7B-Q4_K_M.gguf"), comfyui=str(comfyui_path()))
     if a.out:

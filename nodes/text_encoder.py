@@ -139,6 +139,10 @@ def build_clip(te: TextEncoder) -> comfy.sd.CLIP:
     model_options = {
         "custom_operations": GGUFOps,
         "dtype": dtype,
+        # Our weights go in after the CLIP is built. ComfyUI's classic loader (no dynamic VRAM) would
+        # otherwise place a large encoder on a roomy GPU while it is still empty, count it as loaded,
+        # and stream every weight from RAM on every encode.
+        "initial_device": comfy.model_management.text_encoder_offload_device(),
         f"{family.name}_class": _clip_model_class(family, _transformer_class(family, te)),
     }
     tokenizer_data = {}

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_env import PACKAGE_NAME, REPO, requires_comfyui, run_prompts, run_script
-from test_comfy_clip import encode_graph, gguf_clip, native_clip
+from test_comfy_clip import PROMPT, encode_graph, gguf_clip, native_clip
 from test_comfy_clip import models as te_models  # noqa: F401  (the tiny text-encoder fixture)
 from test_comfy_unet import models  # noqa: F401  (the tiny-model fixture)
 
@@ -46,8 +46,9 @@ def test_triton_path_compiles_without_graph_breaks(models, tmp_path):  # noqa: F
 
 def test_text_encoder_under_dynamic_vram_matches_native(te_models, tmp_path):  # noqa: F811
     # CLIPTextEncode on the GPU (ComfyUI's dynamic VRAM loader, our Triton kernels) against ComfyUI's own
-    # encoder on the same weights, with and without an image, three times each: a full-size benchmark run
-    # on an H200 saw the two differ by 0.21, so this also checks that repeated encodes agree.
+    # encoder on the same weights, with and without an image, three times each (a full-size benchmark run
+    # on an H200, on an earlier commit, saw the two differ by 0.21: this also checks that repeated
+    # encodes agree).
     ours = gguf_clip("Qwen2.5-VL-tiny-Q4_K_M.gguf", "mmproj-F16.gguf")
     native = native_clip(te_models, "Qwen2.5-VL-tiny-Q4_K_M.gguf", "qwen25vl-tiny.safetensors", "qwen25vl",
                          "mmproj-F16.gguf")
@@ -64,3 +65,16 @@ def test_text_encoder_under_dynamic_vram_matches_native(te_models, tmp_path):  #
             assert got.shape == ref.shape and torch.isfinite(got).all()
             # Same weights on both sides: only rounding differs (weights and kernel order).
             assert ((got - ref).norm() / ref.norm()).item() < 1e-2, (images, i)
+
+
+def test_text_encoder_under_the_classic_loader_runs_from_the_gpu(te_models, tmp_path):  # noqa: F811
+    # Without the dynamic VRAM loader ComfyUI places a large text encoder on a roomy GPU when the CLIP
+    # is built, before our weights are in it; it then counted the model as loaded and every encode
+    # streamed the whole file from RAM (a 7B Q4_K_M: 0.75 s per encode against 0.07 s native, on an H200).
+    llm = "Qwen2.5-VL-tiny-Q4_K_M.gguf"
+    native = native_clip(te_models, llm, "qwen25vl-tiny.safetensors", "qwen25vl", "mmproj-F16.gguf")["inputs"]
+    r = run_script(tmp_path, te_models, REPO / "tests" / "comfy_scripts" / "te_classic_loader.py",
+                   args=["--disable-dynamic-vram"], package=PACKAGE_NAME, gguf=llm, native=native, prompt=PROMPT)
+    assert not r["aimdo_enabled"] and r["patcher"] == "ModelPatcher", r
+    assert r["quantized_layers"] > 0 and r["quantized_layers_on_gpu"] == r["quantized_layers"], r
+    assert r["finite"] and max(r["diffs"]) < 1e-2, r
