@@ -139,10 +139,11 @@ def build_clip(te: TextEncoder) -> comfy.sd.CLIP:
     model_options = {
         "custom_operations": GGUFOps,
         "dtype": dtype,
-        # Our weights go in after the CLIP is built. ComfyUI's classic loader (no dynamic VRAM) would
-        # otherwise place a large encoder on a roomy GPU while it is still empty, count it as loaded,
-        # and stream every weight from RAM on every encode.
-        "initial_device": comfy.model_management.text_encoder_offload_device(),
+        # Built where the file's tensors are: they go in after the CLIP is built, and ComfyUI's classic
+        # loader (no dynamic VRAM) would otherwise put a large encoder on a roomy GPU (with --gpu-only,
+        # any encoder) while still empty, count it as loaded, and stream every weight from RAM on
+        # every encode.
+        "initial_device": torch.device("cpu"),
         f"{family.name}_class": _clip_model_class(family, _transformer_class(family, te)),
     }
     tokenizer_data = {}

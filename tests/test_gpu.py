@@ -67,14 +67,16 @@ def test_text_encoder_under_dynamic_vram_matches_native(te_models, tmp_path):  #
             assert ((got - ref).norm() / ref.norm()).item() < 1e-2, (images, i)
 
 
-def test_text_encoder_under_the_classic_loader_runs_from_the_gpu(te_models, tmp_path):  # noqa: F811
-    # Without the dynamic VRAM loader ComfyUI places a large text encoder on a roomy GPU when the CLIP
-    # is built, before our weights are in it; it then counted the model as loaded and every encode
-    # streamed the whole file from RAM (a 7B Q4_K_M: 0.75 s per encode against 0.07 s native, on an H200).
+@pytest.mark.parametrize("args", [["--disable-dynamic-vram"], ["--gpu-only"]])
+def test_text_encoder_under_the_classic_loader_runs_from_the_gpu(te_models, tmp_path, args):  # noqa: F811
+    # Without the dynamic VRAM loader ComfyUI places a large text encoder on a roomy GPU (with
+    # --gpu-only, any one) when the CLIP is built, before our weights are in it; it then counted the
+    # model as loaded and every encode streamed the whole file from RAM (a 7B Q4_K_M: 0.75 s per
+    # encode against 0.07 s native, on an H200).
     llm = "Qwen2.5-VL-tiny-Q4_K_M.gguf"
     native = native_clip(te_models, llm, "qwen25vl-tiny.safetensors", "qwen25vl", "mmproj-F16.gguf")["inputs"]
     r = run_script(tmp_path, te_models, REPO / "tests" / "comfy_scripts" / "te_classic_loader.py",
-                   args=["--disable-dynamic-vram"], package=PACKAGE_NAME, gguf=llm, native=native, prompt=PROMPT)
+                   args=args, package=PACKAGE_NAME, gguf=llm, native=native, prompt=PROMPT)
     assert not r["aimdo_enabled"] and r["patcher"] == "ModelPatcher", r
     assert r["quantized_layers"] > 0 and r["quantized_layers_on_gpu"] == r["quantized_layers"], r
     assert r["finite"] and max(r["diffs"]) < 1e-2, r

@@ -1,8 +1,8 @@
 """Runs inside a started ComfyUI on an NVIDIA GPU with its classic (estimate-based) loader, as on GPUs
-without the dynamic VRAM loader or with --disable-dynamic-vram / --highvram (see comfy_runner.py): our
-CLIP where ComfyUI puts a large text encoder on a roomy GPU from the start, encoded twice. Reports where
-the quantized bytes are after the encodes and the conditionings against ComfyUI's own encoder on the
-same weights."""
+without the dynamic VRAM loader or with --disable-dynamic-vram, --highvram or --gpu-only (see
+comfy_runner.py): our CLIP where ComfyUI puts a large text encoder on a roomy GPU from the start,
+encoded twice. Reports where the quantized bytes are after the encodes and the conditionings against
+ComfyUI's own encoder on the same weights."""
 
 import torch
 
