@@ -64,7 +64,12 @@ def main() -> None:
     parser.add_argument("shape", nargs="*", type=int, help="rows cols of the weight")
     a = parser.parse_args()
     do_sweep, args = a.sweep, a.shape
-    types = sorted(KERNEL_TYPES, key=int) if not a.types else [T[name] for name in a.types.split(",")]
+    names = [name.strip() for name in a.types.split(",") if name.strip()]
+    unknown = [name for name in names if name not in {t.name for t in KERNEL_TYPES}]
+    if unknown:
+        parser.error(f"--types: no kernel for {', '.join(unknown)} (kernel types: "
+                     f"{', '.join(t.name for t in sorted(KERNEL_TYPES, key=int))})")
+    types = [T[name] for name in names] if names else sorted(KERNEL_TYPES, key=int)
     rows, cols = (int(args[0]), int(args[1])) if len(args) > 1 else (12288, 3072 * 4)
     n = rows * cols
     src = torch.empty(n * 2, dtype=torch.uint8, device="cuda")

@@ -4,7 +4,7 @@ metadata) against ComfyUI's own loading of the same values in bf16 (Hugging Face
 qwen_2.5_vl_7b.safetensors), in one run. Weights are random (small finite scales); the prompt is
 encoded through ComfyUI's Qwen-Image template, as CLIPTextEncode does.
 
-    COMFYUI_PATH=../ComfyUI python bench/text_encoder.py [--runs 5] [--out result.json] [--comfy-args "..."]
+    COMFYUI_PATH=../ComfyUI python bench/text_encoder.py [--runs 5] [--out result.json] [--comfy-args=--disable-dynamic-vram]
 
 Load = building the CLIP from the file (ours) or the bf16 state dict in RAM (native); first encode
 includes bringing the weights to the GPU; encode = median of the following runs; peak VRAM = the

@@ -30,7 +30,7 @@ TILES = {
 
 # GPUs whose own sweep found better tiles, by a whole word of the device's name ("H200" is not a
 # GH200, which nobody swept); the others take TILES.
-# On an H200 (the H100's SMs with 1.4x its memory bandwidth) these types ran 3-11 points of the copy
+# On an H200 (the H100's SMs with 1.4x its memory bandwidth) these types ran 3-10 points of the copy
 # bandwidth higher with fewer warps or other block counts (2026-12-01: Q5_0 81% -> 88%, Q5_1 91% ->
 # 96%, Q2_K 83% -> 92%, Q3_K 78% -> 83%, Q5_K 88% -> 91%, Q6_K 76% -> 79%, IQ4_NL 75% -> 85%).
 GPU_TILES = {

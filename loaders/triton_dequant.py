@@ -7,7 +7,8 @@ byte is read once and split into its fields by shifts along a tile axis, so the 
 the block bytes once plus contiguous stores.
 Decoding per element instead (every element re-reading and re-decoding its block's scales) left the
 K-quants at 40% of the copy bandwidth. The arithmetic is the torch path's, in the same order and
-in fp32, with FMA contraction off, so the results are equal to it bit for bit.
+in fp32, with FMA contraction off (Q3_K's integer-to-float step by an exact equivalent, see _minus),
+so the results are equal to it bit for bit.
 """
 
 from __future__ import annotations
