@@ -181,3 +181,10 @@ def test_an_unknown_fused_setting_is_said_and_read_as_auto(caplog):
     with caplog.at_level("WARNING"):
         assert fused_choice("yes") == "auto"
     assert "QWEN_GGUF_FUSED='yes'" in caplog.text and "auto, on, off" in caplog.text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_bandwidth_bench_names_a_type_without_a_kernel():
+    bench = Path(__file__).resolve().parent.parent / "bench" / "dequant_bandwidth.py"
+    r = subprocess.run([sys.executable, str(bench), "--types", "Q3_K, F16"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no kernel for F16" in r.stderr and "IQ4_XS" in r.stderr, r.stderr[-2000:]
