@@ -1,14 +1,15 @@
 """Triton kernels that dequantize GGUF blocks straight to the compute dtype on CUDA.
 
 One kernel, specialised per type at compile time. A program takes ``R`` whole blocks as an
-``[R, NSUB, SUB]`` tile (Q3_K and Q6_K: a higher-rank one, see their functions): a block's scales are
+``[R, NSUB, SUB]`` tile (Q3_K, Q6_K and IQ4_XS: other shapes, see their functions): a block's scales are
 read and decoded once per sub-block (the rows of the tile) and broadcast along it, and each code
 byte is read once and split into its fields by shifts along a tile axis, so the memory traffic is
 the block bytes once plus contiguous stores.
 Decoding per element instead (every element re-reading and re-decoding its block's scales) left the
 K-quants at 40% of the copy bandwidth. The arithmetic is the torch path's, in the same order and
 in fp32, with FMA contraction off (Q3_K's integer-to-float step by an exact equivalent, see _minus),
-so the results are equal to it bit for bit.
+so the results are equal to it bit for bit. Q6_K and IQ4_XS read their scales by loads of the
+fields' own widths (2 and 8 bytes), which need the blocks at an 8-byte aligned address: aligned().
 """
 
 from __future__ import annotations
@@ -103,9 +104,15 @@ def _q3_k(src, blk, n_blocks, TS: tl.constexpr):
 
 
 @triton.jit
-def _q6_k(src, blk, n_blocks, TS: tl.constexpr):
-    """Q6_K as a [blocks, half, nibble, 2, 2, 16] tile: each low-bits byte is read once for its two
-    nibbles and each high-bits byte once for its four 2-bit fields (block size 210: no wide loads)."""
+def _as(ptr, dtype: tl.constexpr, mask):
+    """The ``dtype`` value at ``ptr`` (aligned for it: see aligned()), as fp32."""
+    return tl.load(ptr.to(tl.pointer_type(dtype)), mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def _q6_k_rows(src, blk, n_blocks, TS: tl.constexpr):
+    """Q6_K as a [blocks, half, nibble, 2, 2, 16] tile, in the order a dot takes (see _q6_k): a
+    byte's fields sit in different threads, each loading the byte itself."""
     b = blk[:, None, None, None, None, None]
     h = tl.arange(0, 2)[None, :, None, None, None, None]
     a = tl.arange(0, 2)[None, None, :, None, None, None]
@@ -121,6 +128,49 @@ def _q6_k(src, blk, n_blocks, TS: tl.constexpr):
 
 
 @triton.jit
+def _q6_k(src, blk, n_blocks, TS: tl.constexpr):
+    """Q6_K as an [a, c, blocks, half, 2, 16] tile: a low-bits byte holds fields a = 0, 1 (its two
+    nibbles), a high-bits byte fields (a, c) (its four 2-bit pairs). With those axes outermost one
+    thread holds every field of the bytes it loads, read at their own shapes and broadcast: each byte
+    is loaded once, not once per field. On an H200: 8% less time than a blocks-first tile under Nsight
+    Compute, 87% of the copy bandwidth against 80% in one run, but 71% in two runs of
+    bench/dequant_bandwidth.py on other machines (README). The fused matmul takes _q6_k_rows:
+    permuted to the blocks' rows a dot needs, this tile made it 0.8-0.9x of dequant + cuBLAS, where
+    _q6_k_rows gives 1.2-1.4x."""
+    a = tl.arange(0, 2)[:, None, None, None, None, None]
+    c = tl.arange(0, 2)[None, :, None, None, None, None]
+    b = blk[None, None, :, None, None, None]
+    h = tl.arange(0, 2)[None, None, None, :, None, None]
+    hb = tl.arange(0, 2)[None, None, None, None, :, None]
+    i = tl.arange(0, 16)[None, None, None, None, None, :]
+    mask = b < n_blocks
+    base = src + b * TS
+    lo = (_u8(base, h * 64 + c * 32 + hb * 16 + i, mask) >> (4 * a)) & 0xF
+    hi = (_u8(base, 128 + h * 32 + hb * 16 + i, mask) >> (2 * (a * 2 + c))) & 3
+    dl = _as(base + 208, tl.float16, mask) * _as(base + 192 + h * 8 + a * 4 + c * 2 + hb, tl.int8, mask)
+    return dl * _minus(lo | (hi << 4), 32), b * 256 + h * 128 + a * 64 + c * 32 + hb * 16 + i, mask
+
+
+@triton.jit
+def _iq4_xs(src, table, blk, n_blocks, TS: tl.constexpr, IQ4_REGS: tl.constexpr):
+    """IQ4_XS as a [nibble, blocks, sub-block, 16] tile, the nibble outermost for the reason of
+    Q6_K's a (on an H200 88-89% of the copy bandwidth in two runs and 66% in a third, against 70-71%
+    as [blocks, 16, 16]). A block's d, scales_h and scales_l are its first 8 bytes, one load (blocks
+    are 136 = 8 * 17 bytes)."""
+    n = tl.arange(0, 2)[:, None, None, None]
+    b = blk[None, :, None, None]
+    k = tl.arange(0, 8)[None, None, :, None]
+    i = tl.arange(0, 16)[None, None, None, :]
+    mask = b < n_blocks
+    base = src + b * TS
+    head = tl.load(base.to(tl.pointer_type(tl.int64)), mask=mask, other=0)
+    d = (head & 0xFFFF).to(tl.int32).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    sc = (((head >> 32).to(tl.int32) >> (4 * k)) & 0xF) | ((((head >> 16).to(tl.int32) >> (2 * k)) & 3) << 4)
+    code = (_u8(base, 8 + k * 16 + i, mask) >> (4 * n)) & 0xF
+    return d * _minus(sc, 32) * _iq4(table, code, mask, IQ4_REGS), b * 256 + k * 32 + n * 16 + i, mask
+
+
+@triton.jit
 def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
             R: tl.constexpr, NSUB: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
@@ -130,17 +180,32 @@ def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS
 
 @triton.jit
 def block_tile(src, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
-               NSUB: tl.constexpr, IQ4_REGS: tl.constexpr):
+               NSUB: tl.constexpr, FOR_DOT: tl.constexpr):
     """The values of blocks ``blk`` (fp32, one tile axis per field of the type's layout, in element
-    order: reshaped to ``[len(blk), QK]`` they are the blocks' rows), each value's index in the
-    dequantized tensor, and which blocks exist (``blk < n_blocks``). IQ4 codes are looked up in
-    ``table``, or decoded from registers (IQ4_REGS, see _iq4)."""
+    order: with block_rows, reshaped to ``[len(blk), QK]`` they are the blocks' rows), each value's
+    index in the dequantized tensor, and which blocks exist (``blk < n_blocks``). IQ4 codes are looked
+    up in ``table``. FOR_DOT: the tile of the fused matmul, with IQ4 codes decoded from registers
+    (see _iq4) and Q6_K's tile in the blocks' order (see _q6_k)."""
     if QTYPE == 11:
         return _q3_k(src, blk, n_blocks, TS)
     elif QTYPE == 14:
-        return _q6_k(src, blk, n_blocks, TS)
+        if FOR_DOT:
+            return _q6_k_rows(src, blk, n_blocks, TS)
+        else:
+            return _q6_k(src, blk, n_blocks, TS)
+    elif QTYPE == 23:
+        return _iq4_xs(src, table, blk, n_blocks, TS, FOR_DOT)
     else:
-        return _sub_block_tile(src, table, blk, n_blocks, QTYPE, QK, TS, NSUB, IQ4_REGS)
+        return _sub_block_tile(src, table, blk, n_blocks, QTYPE, QK, TS, NSUB, FOR_DOT)
+
+
+@triton.jit
+def block_rows(v, QTYPE: tl.constexpr):
+    """A FOR_DOT block_tile's values with the blocks' axis first (IQ4_XS has its nibble axis before it)."""
+    if QTYPE == 23:
+        return tl.permute(v, (1, 2, 0, 3))
+    else:
+        return v
 
 
 @triton.jit
@@ -191,16 +256,9 @@ def _sub_block_tile(src, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.const
             q = (_u8(base, 48 + (s // 2) * 32 + i, mask) >> (4 * (s % 2))) & 0xF
             q = q | (((_u8(base, 16 + i, mask) >> s) & 1) << 4)
         v = dl * q.to(tl.float32) - ml
-    elif QTYPE == 20:  # IQ4_NL
+    else:  # 20: IQ4_NL
         code = (_u8(base, 2 + i, mask) >> (4 * s)) & 0xF
         v = _f16(base, 0, mask) * _iq4(table, code, mask, IQ4_REGS)
-    else:  # 23: IQ4_XS: sixteen 16-element halves of eight scaled 32-element sub-blocks
-        k = s // 2
-        low = (_u8(base, 4 + k // 2, mask) >> (4 * (k % 2))) & 0xF
-        high = ((_u8(base, 2, mask) | (_u8(base, 3, mask) << 8)) >> (2 * k)) & 3
-        dl = _f16(base, 0, mask) * (_signed(low | (high << 4)) - 32).to(tl.float32)
-        code = (_u8(base, 8 + k * 16 + i, mask) >> (4 * (s % 2))) & 0xF
-        v = dl * _iq4(table, code, mask, IQ4_REGS)
     return v, b * QK + s * SUB + i, mask
 
 
@@ -216,8 +274,17 @@ def lookup_table(device: torch.device) -> torch.Tensor:
     return table
 
 
+def aligned(raw: torch.Tensor) -> torch.Tensor:
+    """``raw``, or where it starts off an 8-byte boundary (a view into a larger buffer) a copy that
+    does not. Traced code (torch.compile) has no addresses: there ``raw`` is taken as it is."""
+    if torch.compiler.is_compiling() or raw.data_ptr() % 8 == 0:
+        return raw
+    return raw.clone()
+
+
 def dequantize_cuda(raw: torch.Tensor, qtype: T, shape, dtype: torch.dtype, tile: Tile | None = None) -> torch.Tensor:
     """Dequantize the contiguous uint8 blocks ``raw`` (on a CUDA device) to ``dtype`` of ``shape``."""
+    raw = aligned(raw)
     # Traced code (torch.compile) takes the default tiles: the device's name is not read there.
     tile = tile or (TILES if torch.compiler.is_compiling() else tiles_for(raw.get_device()))[qtype]
     launch, block_size, blocks, uses_table = _plan(qtype, tile)

@@ -18,7 +18,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from .quants import DEQUANTIZERS
-from .triton_dequant import TILES, block_tile
+from .triton_dequant import TILES, aligned, block_rows, block_tile
 from .triton_launch import Launcher
 
 
@@ -49,7 +49,7 @@ def _fused_kernel(x, src, bias, out, M, N, K, stride_xm, stride_om,
         blk = tl.reshape(rn[:, None] * blocks_per_row + kb * G + tl.arange(0, G)[None, :], (BN * G,))
         # No table: IQ4 codes are decoded from registers here (see triton_dequant._iq4).
         v, _, _ = block_tile(src, src, blk, n_blocks, QTYPE, QK, TS, NSUB, True)
-        w = tl.reshape(v, (BN, BK)).to(x.dtype.element_ty)
+        w = tl.reshape(block_rows(v, QTYPE), (BN, BK)).to(x.dtype.element_ty)
         a = tl.load(x_rows + kb * BK + rk[None, :], mask=rm[:, None] < M, other=0.0)
         if IEEE:
             acc += tl.dot(a, tl.trans(w), input_precision="ieee")
@@ -119,6 +119,6 @@ def fused_linear(x: torch.Tensor, raw: torch.Tensor, qtype: T, shape, bias: torc
     launch = _launcher(QTYPE=int(qtype), QK=qcls.block_size, TS=qcls.type_size, NSUB=TILES[qtype].nsub, G=g, BM=bm,
                        BN=block_n, SPLIT=split, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
-    launch(grid_nm + (split,), x2, raw, bias if bias is not None else out, out, m, n, k,
+    launch(grid_nm + (split,), x2, aligned(raw), bias if bias is not None else out, out, m, n, k,
            x2.stride(0), out.stride(0))
     return out.to(x.dtype).reshape(*x.shape[:-1], n)

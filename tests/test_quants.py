@@ -101,6 +101,27 @@ def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype, tiles):
         assert torch.equal(dequantize(t, dtype), got)
 
 
+@needs_kernel_device
+@pytest.mark.skipif(KERNEL_DEVICE == "cpu", reason="the interpreter reads any address; a GPU's 2- and 8-byte loads do not")
+@pytest.mark.parametrize("name", sorted(F16_FIELDS))
+def test_kernels_read_blocks_that_start_off_an_8_byte_boundary(name):
+    from loaders import triton_dequant, triton_matmul
+    qtype = GGMLQuantizationType[name]
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    rows, cols = 37, block_size * 9
+    blocks = torch.from_numpy(random_blocks(qtype, rows * 9, seed=3)).to(KERNEL_DEVICE).reshape(rows, -1)
+    buffer = torch.zeros(blocks.numel() + 1, dtype=torch.uint8, device=KERNEL_DEVICE)
+    shifted = buffer[1:].view(rows, -1)
+    shifted.copy_(blocks)
+    assert shifted.data_ptr() % 2 == 1
+    expected = triton_dequant.dequantize_cuda(blocks, qtype, (rows, cols), torch.float32)
+    got = triton_dequant.dequantize_cuda(shifted, qtype, (rows, cols), torch.float32)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    x = torch.randn(3, cols, device=KERNEL_DEVICE)
+    assert torch.equal(triton_matmul.fused_linear(x, shifted, qtype, (rows, cols)),
+                       triton_matmul.fused_linear(x, blocks, qtype, (rows, cols)))
+
+
 INTERPRETED_FUSED_ROWS = (1, 19)  # the interpreter is slow
 FUSED_ROWS = INTERPRETED_FUSED_ROWS if KERNEL_DEVICE == "cpu" else (1, 19, 40, 300)
 
