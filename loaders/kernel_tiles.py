@@ -21,8 +21,10 @@ class Tile(NamedTuple):
     num_warps: int = 4
 
 
-# Chosen with bench/dequant_bandwidth.py --sweep on an H100 (the best or within 1% of it); Q6_K and
-# IQ4_XS on an H200 (their kernels of 2026-12-01 have not been swept on an H100).
+# Chosen with bench/dequant_bandwidth.py --sweep on an H100 (the best or within 1% of it). Q6_K and
+# IQ4_XS: the best of a sweep of their kernels of 2026-12-01 on an H200 in an experiment script
+# (8 blocks x 2 warps; a later dequant_bandwidth.py sweep ranked Q6_K's 16 x 4 warps 3 points
+# higher, see the README); no H100 was lent to sweep them.
 TILES = {
     T.Q4_0: Tile(2, 64), T.Q4_1: Tile(2, 64), T.Q5_0: Tile(2, 64), T.Q5_1: Tile(2, 64),
     T.Q8_0: Tile(1, 128), T.IQ4_NL: Tile(2, 64),

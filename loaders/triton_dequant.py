@@ -8,13 +8,14 @@ the block bytes once plus contiguous stores.
 Decoding per element instead (every element re-reading and re-decoding its block's scales) left the
 K-quants at 40% of the copy bandwidth. The arithmetic is the torch path's, in the same order and
 in fp32, with FMA contraction off (Q3_K's integer-to-float step by an exact equivalent, see _minus),
-so the results are equal to it bit for bit. Q6_K and IQ4_XS read their scales by loads of the
-fields' own widths (2 and 8 bytes), which need the blocks at an 8-byte aligned address: aligned().
+so the results are equal to it bit for bit. Q6_K reads its f16 d by a 2-byte load and IQ4_XS its
+d and scales by one 8-byte load, which need the blocks at an 8-byte aligned address: aligned().
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
@@ -25,6 +26,7 @@ from .kernel_tiles import TILES, Tile, tiles_for
 from .quants import DEQUANTIZERS, IQ4_VALUES
 from .triton_launch import Launcher
 
+log = logging.getLogger(__name__)
 
 @triton.jit
 def _u8(base, off, mask):
@@ -132,9 +134,9 @@ def _q6_k(src, blk, n_blocks, TS: tl.constexpr):
     """Q6_K as an [a, c, blocks, half, 2, 16] tile: a low-bits byte holds fields a = 0, 1 (its two
     nibbles), a high-bits byte fields (a, c) (its four 2-bit pairs). With those axes outermost one
     thread holds every field of the bytes it loads, read at their own shapes and broadcast: each byte
-    is loaded once, not once per field. On an H200: 8% less time than a blocks-first tile under Nsight
-    Compute, 87% of the copy bandwidth against 80% in one run, but 71% in two runs of
-    bench/dequant_bandwidth.py on other machines (README). The fused matmul takes _q6_k_rows:
+    is loaded once, not once per field. On an H200 (README): 8% less time under Nsight Compute than
+    the blocks-first tile with the same scale loads, 87% of the copy bandwidth in one run against
+    79.5% for _q6_k_rows's tile, but 71% in two runs of bench/dequant_bandwidth.py. The fused matmul takes _q6_k_rows:
     permuted to the blocks' rows a dot needs, this tile made it 0.8-0.9x of dequant + cuBLAS, where
     _q6_k_rows gives 1.2-1.4x."""
     a = tl.arange(0, 2)[:, None, None, None, None, None]
@@ -181,9 +183,9 @@ def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS
 @triton.jit
 def block_tile(src, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
                NSUB: tl.constexpr, FOR_DOT: tl.constexpr):
-    """The values of blocks ``blk`` (fp32, one tile axis per field of the type's layout, in element
-    order: with block_rows, reshaped to ``[len(blk), QK]`` they are the blocks' rows), each value's
-    index in the dequantized tensor, and which blocks exist (``blk < n_blocks``). IQ4 codes are looked
+    """The values of blocks ``blk`` (fp32, one tile axis per field of the type's layout; FOR_DOT, with
+    block_rows and reshaped to ``[len(blk), QK]``, they are the blocks' rows), each value's index in
+    the dequantized tensor, and which blocks exist (``blk < n_blocks``). IQ4 codes are looked
     up in ``table``. FOR_DOT: the tile of the fused matmul, with IQ4 codes decoded from registers
     (see _iq4) and Q6_K's tile in the blocks' order (see _q6_k)."""
     if QTYPE == 11:
@@ -274,11 +276,17 @@ def lookup_table(device: torch.device) -> torch.Tensor:
     return table
 
 
+@functools.cache
+def _warn_misaligned() -> None:
+    log.warning("GGUF blocks at an address off an 8-byte boundary: each dequant copies them first (slower)")
+
+
 def aligned(raw: torch.Tensor) -> torch.Tensor:
     """``raw``, or where it starts off an 8-byte boundary (a view into a larger buffer) a copy that
     does not. Traced code (torch.compile) has no addresses: there ``raw`` is taken as it is."""
     if torch.compiler.is_compiling() or raw.data_ptr() % 8 == 0:
         return raw
+    _warn_misaligned()
     return raw.clone()
 
 

@@ -104,22 +104,36 @@ def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype, tiles):
 @needs_kernel_device
 @pytest.mark.skipif(KERNEL_DEVICE == "cpu", reason="the interpreter reads any address; a GPU's 2- and 8-byte loads do not")
 @pytest.mark.parametrize("name", sorted(F16_FIELDS))
-def test_kernels_read_blocks_that_start_off_an_8_byte_boundary(name):
+@pytest.mark.parametrize("shift", (1, 2, 4))
+def test_kernels_read_blocks_that_start_off_an_8_byte_boundary(name, shift):
     from loaders import triton_dequant, triton_matmul
     qtype = GGMLQuantizationType[name]
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    block_size, _ = GGML_QUANT_SIZES[qtype]
     rows, cols = 37, block_size * 9
     blocks = torch.from_numpy(random_blocks(qtype, rows * 9, seed=3)).to(KERNEL_DEVICE).reshape(rows, -1)
-    buffer = torch.zeros(blocks.numel() + 1, dtype=torch.uint8, device=KERNEL_DEVICE)
-    shifted = buffer[1:].view(rows, -1)
+    buffer = torch.zeros(blocks.numel() + shift, dtype=torch.uint8, device=KERNEL_DEVICE)
+    shifted = buffer[shift:].view(rows, -1)
     shifted.copy_(blocks)
-    assert shifted.data_ptr() % 2 == 1
+    assert shifted.data_ptr() % 8 == shift
     expected = triton_dequant.dequantize_cuda(blocks, qtype, (rows, cols), torch.float32)
     got = triton_dequant.dequantize_cuda(shifted, qtype, (rows, cols), torch.float32)
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
     x = torch.randn(3, cols, device=KERNEL_DEVICE)
     assert torch.equal(triton_matmul.fused_linear(x, shifted, qtype, (rows, cols)),
                        triton_matmul.fused_linear(x, blocks, qtype, (rows, cols)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_blocks_off_an_8_byte_boundary_are_copied_once_said(caplog):
+    from loaders import triton_dequant
+    buffer = torch.arange(64, dtype=torch.uint8)
+    assert triton_dequant.aligned(buffer) is buffer
+    triton_dequant._warn_misaligned.cache_clear()
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            copy = triton_dequant.aligned(buffer[3:])
+            assert copy.data_ptr() % 8 == 0 and torch.equal(copy, buffer[3:])
+    assert sum("off an 8-byte boundary" in r.getMessage() for r in caplog.records) == 1
 
 
 INTERPRETED_FUSED_ROWS = (1, 19)  # the interpreter is slow
