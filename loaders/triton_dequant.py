@@ -132,13 +132,14 @@ def _q6_k_rows(src, blk, n_blocks, TS: tl.constexpr):
 @triton.jit
 def _q6_k(src, blk, n_blocks, TS: tl.constexpr):
     """Q6_K as an [a, c, blocks, half, 2, 16] tile: a low-bits byte holds fields a = 0, 1 (its two
-    nibbles), a high-bits byte fields (a, c) (its four 2-bit pairs). With those axes outermost one
-    thread holds every field of the bytes it loads, read at their own shapes and broadcast: each byte
-    is loaded once, not once per field. On an H200 (README): 8% less time under Nsight Compute than
-    the blocks-first tile with the same scale loads, 87% of the copy bandwidth in one run against
-    79.5% for _q6_k_rows's tile, but 71% in two runs of bench/dequant_bandwidth.py. The fused matmul takes _q6_k_rows:
-    permuted to the blocks' rows a dot needs, this tile made it 0.8-0.9x of dequant + cuBLAS, where
-    _q6_k_rows gives 1.2-1.4x."""
+    nibbles), a high-bits byte fields (a, c) (its four 2-bit pairs). The bytes are read at their own
+    shapes (without those axes) and broadcast: each is loaded once per program, and Triton hands it
+    to its fields' threads through shared memory, instead of every field's thread loading it. On an
+    H200 (README): 8% less time under Nsight Compute than the blocks-first tile with the same scale
+    loads, 87% of the copy bandwidth in one run against 79.5% for _q6_k_rows's tile, but 71% in two
+    runs of bench/dequant_bandwidth.py. The fused matmul takes _q6_k_rows: permuted to the blocks'
+    rows a dot needs, this tile made it 0.8-0.9x of dequant + cuBLAS, where _q6_k_rows gives
+    1.2-1.4x."""
     a = tl.arange(0, 2)[:, None, None, None, None, None]
     c = tl.arange(0, 2)[None, :, None, None, None, None]
     b = blk[None, None, :, None, None, None]
@@ -155,8 +156,8 @@ def _q6_k(src, blk, n_blocks, TS: tl.constexpr):
 
 @triton.jit
 def _iq4_xs(src, table, blk, n_blocks, TS: tl.constexpr, IQ4_REGS: tl.constexpr):
-    """IQ4_XS as a [nibble, blocks, sub-block, 16] tile, the nibble outermost for the reason of
-    Q6_K's a (on an H200 88-89% of the copy bandwidth in two runs and 66% in a third, against 70-71%
+    """IQ4_XS as a [nibble, blocks, sub-block, 16] tile, each code byte read once for both nibbles as
+    in _q6_k (on an H200 88-89% of the copy bandwidth in two runs and 66% in a third, against 70-71%
     as [blocks, 16, 16]). A block's d, scales_h and scales_l are its first 8 bytes, one load (blocks
     are 136 = 8 * 17 bytes)."""
     n = tl.arange(0, 2)[:, None, None, None]
