@@ -28,6 +28,7 @@ from .triton_launch import Launcher
 
 log = logging.getLogger(__name__)
 
+
 @triton.jit
 def _u8(base, off, mask):
     return tl.load(base + off, mask=mask, other=0).to(tl.int32)
@@ -112,6 +113,15 @@ def _as(ptr, dtype: tl.constexpr, mask):
 
 
 @triton.jit
+def _q6_k_codes(base, mask, b, h, a, c, hb, i):
+    """Q6_K's 6-bit codes (0..63) and their indices in the dequantized tensor for the element axes
+    ``b`` (block), ``h`` (half), ``a`` (nibble), ``c``, ``hb``, ``i``, broadcast in either tile order."""
+    lo = (_u8(base, h * 64 + c * 32 + hb * 16 + i, mask) >> (4 * a)) & 0xF
+    hi = (_u8(base, 128 + h * 32 + hb * 16 + i, mask) >> (2 * (a * 2 + c))) & 3
+    return lo | (hi << 4), b * 256 + h * 128 + a * 64 + c * 32 + hb * 16 + i
+
+
+@triton.jit
 def _q6_k_rows(src, blk, n_blocks, TS: tl.constexpr):
     """Q6_K as a [blocks, half, nibble, 2, 2, 16] tile, in the order a dot takes (see _q6_k): a
     byte's fields sit in different threads, each loading the byte itself."""
@@ -123,10 +133,9 @@ def _q6_k_rows(src, blk, n_blocks, TS: tl.constexpr):
     i = tl.arange(0, 16)[None, None, None, None, None, :]
     mask = b < n_blocks
     base = src + b * TS
-    lo = (_u8(base, h * 64 + c * 32 + hb * 16 + i, mask) >> (4 * a)) & 0xF
-    hi = (_u8(base, 128 + h * 32 + hb * 16 + i, mask) >> (2 * (a * 2 + c))) & 3
+    q, index = _q6_k_codes(base, mask, b, h, a, c, hb, i)
     dl = _f16(base, 208, mask) * _signed(_u8(base, 192 + h * 8 + a * 4 + c * 2 + hb, mask)).to(tl.float32)
-    return dl * (_signed(lo | (hi << 4)) - 32).to(tl.float32), b * 256 + h * 128 + a * 64 + c * 32 + hb * 16 + i, mask
+    return dl * (_signed(q) - 32).to(tl.float32), index, mask
 
 
 @triton.jit
@@ -148,10 +157,9 @@ def _q6_k(src, blk, n_blocks, TS: tl.constexpr):
     i = tl.arange(0, 16)[None, None, None, None, None, :]
     mask = b < n_blocks
     base = src + b * TS
-    lo = (_u8(base, h * 64 + c * 32 + hb * 16 + i, mask) >> (4 * a)) & 0xF
-    hi = (_u8(base, 128 + h * 32 + hb * 16 + i, mask) >> (2 * (a * 2 + c))) & 3
+    q, index = _q6_k_codes(base, mask, b, h, a, c, hb, i)
     dl = _as(base + 208, tl.float16, mask) * _as(base + 192 + h * 8 + a * 4 + c * 2 + hb, tl.int8, mask)
-    return dl * _minus(lo | (hi << 4), 32), b * 256 + h * 128 + a * 64 + c * 32 + hb * 16 + i, mask
+    return dl * _minus(q, 32), index, mask
 
 
 @triton.jit
