@@ -1,15 +1,16 @@
 """Triton kernels that dequantize GGUF blocks straight to the compute dtype on CUDA.
 
 One kernel, specialised per type at compile time. A program takes ``R`` whole blocks as an
-``[R, NSUB, SUB]`` tile (Q3_K, Q6_K and IQ4_XS: other shapes, see their functions): a block's scales are
-read and decoded once per sub-block (the rows of the tile) and broadcast along it, and each code
-byte is read once and split into its fields by shifts along a tile axis, so the memory traffic is
-the block bytes once plus contiguous stores.
+``[R, NSUB, SUB]`` tile (Q3_K: another shape, see _q3_k): a block's scales are read and decoded
+once per sub-block (the rows of the tile) and broadcast along it, and each code byte is read once
+and split into its fields by shifts along a tile axis, so the memory traffic is the block bytes once
+plus contiguous stores. Q6_K and the IQ4 types decode 2-byte words instead, both bytes at once, and
+store each value pair from the thread that loaded its bytes (see _q6_k_store).
 Decoding per element instead (every element re-reading and re-decoding its block's scales) left the
 K-quants at 40% of the copy bandwidth. The arithmetic is the torch path's, in the same order and
-in fp32, with FMA contraction off (Q3_K's integer-to-float step by an exact equivalent, see _minus),
-so the results are equal to it bit for bit. Q6_K reads its f16 d by a 2-byte load and IQ4_XS its
-d and scales by one 8-byte load, which need the blocks at an 8-byte aligned address: aligned().
+in fp32, with FMA contraction off (integer-to-float steps by an exact equivalent, see _minus),
+so the results are equal to it bit for bit. Q6_K and IQ4_NL read 2-byte words and IQ4_XS its d and
+scales as one 8-byte load, which need the blocks at an 8-byte aligned address: aligned().
 """
 
 from __future__ import annotations
@@ -59,22 +60,18 @@ def _pack(values) -> int:
 
 
 # The 16 IQ4 code values as int8 bytes in two 64-bit constants, for decoding a code by shifts of a
-# register instead of a gather from the table in memory (see _iq4).
+# register instead of a gather from the table in memory (see _iq4_regs).
 _IQ4_LOW = tl.constexpr(_pack(IQ4_VALUES[:8]))
 _IQ4_HIGH = tl.constexpr(_pack(IQ4_VALUES[8:]))
 
 
 @triton.jit
-def _iq4(table, code, mask, IQ4_REGS: tl.constexpr):
-    """IQ4_VALUES[code] as fp32, from ``table`` or (IQ4_REGS) from the packed constants. Measured on
-    an H200: the dequant kernel runs faster with the table (an L1-resident gather: IQ4_NL at 74% of
-    the copy bandwidth against 67%, both with the H100 tile), the fused kernel 5-8x faster with the
-    registers."""
-    if IQ4_REGS:
-        word = tl.where(code < 8, tl.full(code.shape, _IQ4_LOW, tl.int64), tl.full(code.shape, _IQ4_HIGH, tl.int64))
-        return _signed((word >> ((code & 7) * 8).to(tl.int64)).to(tl.int32)).to(tl.float32)
-    else:
-        return tl.load(table + code, mask=mask, other=0.0)
+def _iq4_regs(code):
+    """IQ4_VALUES[code] as fp32, from the packed constants. Measured on an H200: the fused kernel
+    runs 5-8x faster this way than with a gather from the table in memory, the dequant kernel faster
+    with the gather (an L1-resident table: IQ4_NL at 74% of the copy bandwidth against 67%)."""
+    word = tl.where(code < 8, tl.full(code.shape, _IQ4_LOW, tl.int64), tl.full(code.shape, _IQ4_HIGH, tl.int64))
+    return _signed((word >> ((code & 7) * 8).to(tl.int64)).to(tl.int32)).to(tl.float32)
 
 
 @triton.jit
@@ -113,18 +110,10 @@ def _as(ptr, dtype: tl.constexpr, mask):
 
 
 @triton.jit
-def _q6_k_codes(base, mask, b, h, a, c, hb, i):
-    """Q6_K's 6-bit codes (0..63) and their indices in the dequantized tensor for the element axes
-    ``b`` (block), ``h`` (half), ``a`` (nibble), ``c``, ``hb``, ``i``, broadcast in either tile order."""
-    lo = (_u8(base, h * 64 + c * 32 + hb * 16 + i, mask) >> (4 * a)) & 0xF
-    hi = (_u8(base, 128 + h * 32 + hb * 16 + i, mask) >> (2 * (a * 2 + c))) & 3
-    return lo | (hi << 4), b * 256 + h * 128 + a * 64 + c * 32 + hb * 16 + i
-
-
-@triton.jit
-def _q6_k_rows(src, blk, n_blocks, TS: tl.constexpr):
-    """Q6_K as a [blocks, half, nibble, 2, 2, 16] tile, in the order a dot takes (see _q6_k): a
-    byte's fields sit in different threads, each loading the byte itself."""
+def _q6_k(src, blk, n_blocks, TS: tl.constexpr):
+    """Q6_K as a [blocks, half, nibble, 2, 2, 16] tile, in the blocks' order a dot takes (the fused
+    kernel's; the dequant kernel stores through _q6_k_store): a byte's fields sit in different
+    threads, each loading the byte itself."""
     b = blk[:, None, None, None, None, None]
     h = tl.arange(0, 2)[None, :, None, None, None, None]
     a = tl.arange(0, 2)[None, None, :, None, None, None]
@@ -133,81 +122,160 @@ def _q6_k_rows(src, blk, n_blocks, TS: tl.constexpr):
     i = tl.arange(0, 16)[None, None, None, None, None, :]
     mask = b < n_blocks
     base = src + b * TS
-    q, index = _q6_k_codes(base, mask, b, h, a, c, hb, i)
+    lo = (_u8(base, h * 64 + c * 32 + hb * 16 + i, mask) >> (4 * a)) & 0xF
+    hi = (_u8(base, 128 + h * 32 + hb * 16 + i, mask) >> (2 * (a * 2 + c))) & 3
     dl = _f16(base, 208, mask) * _signed(_u8(base, 192 + h * 8 + a * 4 + c * 2 + hb, mask)).to(tl.float32)
-    return dl * (_signed(q) - 32).to(tl.float32), index, mask
+    return dl * (_signed(lo | (hi << 4)) - 32).to(tl.float32), b * 256 + h * 128 + a * 64 + c * 32 + hb * 16 + i, mask
 
 
 @triton.jit
-def _q6_k(src, blk, n_blocks, TS: tl.constexpr):
-    """Q6_K as an [a, c, blocks, half, 2, 16] tile: a low-bits byte holds fields a = 0, 1 (its two
-    nibbles), a high-bits byte fields (a, c) (its four 2-bit pairs). The bytes are read at their own
-    shapes (without those axes) and broadcast: each is loaded once per program, and Triton hands it
-    to its fields' threads through shared memory, instead of every field's thread loading it. On an
-    H200 (README): 8% less time under Nsight Compute than the blocks-first tile with the same scale
-    loads, 87% of the copy bandwidth in one run against 79.5% for _q6_k_rows's tile, but 71% in two
-    runs of bench/dequant_bandwidth.py. The fused matmul takes _q6_k_rows: permuted to the blocks'
-    rows a dot needs, this tile made it 0.8-0.9x of dequant + cuBLAS, where _q6_k_rows gives
-    1.2-1.4x."""
-    a = tl.arange(0, 2)[:, None, None, None, None, None]
-    c = tl.arange(0, 2)[None, :, None, None, None, None]
-    b = blk[None, None, :, None, None, None]
-    h = tl.arange(0, 2)[None, None, None, :, None, None]
-    hb = tl.arange(0, 2)[None, None, None, None, :, None]
-    i = tl.arange(0, 16)[None, None, None, None, None, :]
+def _u16(base, off, p, mask):
+    """Words ``p`` (2 bytes each, 2-byte aligned) of the bytes at ``base + off``, as int32s with the
+    first byte low. Indexed in words, so that Triton sees consecutive ``p`` as contiguous."""
+    return tl.load((base + off).to(tl.pointer_type(tl.uint16)) + p, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _store_pairs(out, start, first, second, mask):
+    """Store ``first`` at ``out + start`` and ``second`` at the element after it, two contiguous
+    elements per thread. The pair kernels' tiles put the word axis first: Triton lays out loads and
+    stores by their contiguous axis, ties in axis order, so the words' loads and these stores get the
+    same layout (consecutive words in consecutive threads) and need no exchange through shared memory."""
+    index = tl.expand_dims(start, -1) + tl.arange(0, 2)
+    tl.store(out + index, tl.join(first, second).to(out.dtype.element_ty), mask=tl.expand_dims(mask, -1))
+
+
+@triton.jit
+def _q6_k_pair(lo, hi, A: tl.constexpr, C: tl.constexpr):
+    """Fields (A, C) of two values at once, one 6-bit code per byte of an int32: nibble A of the
+    low-bits byte pair ``lo`` with 2-bit pair 2 * A + C of the high-bits byte pair ``hi`` on top."""
+    SHIFT: tl.constexpr = 2 * (A * 2 + C)
+    if SHIFT <= 4:
+        top = (hi << (4 - SHIFT)) & 0x3030
+    else:
+        top = (hi >> (SHIFT - 4)) & 0x3030
+    return ((lo >> (4 * A)) & 0x0F0F) | top
+
+
+@triton.jit
+def _q6_k_store(src, out, blk, n_blocks, TS: tl.constexpr):
+    """Dequantize Q6_K blocks ``blk`` into ``out`` from a [4, half, 2, blocks, 2] tile of the
+    high-bits bytes' words (word p + 4 * q of a 16-byte row at (p, ..., q)). A high-bits byte holds
+    the top bits of four values (fields a, c) whose low nibbles are in two low-bits bytes (c = 0, 1;
+    nibbles a = 0, 1), so each thread loads three words for each of its two words of a row, decodes
+    both bytes of a word in one int32 and stores four value pairs. The last axis keeps two words of
+    a row in one thread, which then loads the row's four scales once for both: on an H200 this ran
+    at 94% of the copy bandwidth, with one word per thread 91%."""
+    p = tl.arange(0, 4)[:, None, None, None, None] + 4 * tl.arange(0, 2)[None, None, None, None, :]
+    h = tl.arange(0, 2)[None, :, None, None, None]
+    hb = tl.arange(0, 2)[None, None, :, None, None]
+    b = blk[None, None, None, :, None]
     mask = b < n_blocks
     base = src + b * TS
-    q, index = _q6_k_codes(base, mask, b, h, a, c, hb, i)
-    dl = _as(base + 208, tl.float16, mask) * _as(base + 192 + h * 8 + a * 4 + c * 2 + hb, tl.int8, mask)
-    return dl * _minus(q, 32), index, mask
+    hi = _u16(base, 128 + h * 32 + hb * 16, p, mask)
+    d = _as(base + 208, tl.float16, mask)
+    for c in tl.static_range(2):
+        lo = _u16(base, h * 64 + c * 32 + hb * 16, p, mask)
+        for a in tl.static_range(2):
+            q = _q6_k_pair(lo, hi, a, c)
+            dl = d * _as(base + 192 + h * 8 + a * 4 + c * 2 + hb, tl.int8, mask)
+            _store_pairs(out, b * 256 + h * 128 + a * 64 + c * 32 + hb * 16 + p * 2,
+                         dl * _minus(q & 0xFF, 32), dl * _minus(q >> 8, 32), mask)
 
 
 @triton.jit
-def _iq4_xs(src, table, blk, n_blocks, TS: tl.constexpr, IQ4_REGS: tl.constexpr):
-    """IQ4_XS as a [nibble, blocks, sub-block, 16] tile, each code byte read once for both nibbles as
-    in _q6_k (on an H200 88-89% of the copy bandwidth in two runs and 66% in a third, against 70-71%
-    as [blocks, 16, 16]). A block's d, scales_h and scales_l are its first 8 bytes, one load (blocks
-    are 136 = 8 * 17 bytes)."""
+def _iq4_xs_scales(base, k, mask):
+    """IQ4_XS's d (fp32) and the 6-bit scales of sub-blocks ``k``, from the block's first 8 bytes
+    (d, scales_h, scales_l) read as one int64 (blocks are 136 = 8 * 17 bytes)."""
+    head = tl.load(base.to(tl.pointer_type(tl.int64)), mask=mask, other=0)
+    d = (head & 0xFFFF).to(tl.int32).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    sc = (((head >> 32).to(tl.int32) >> (4 * k)) & 0xF) | ((((head >> 16).to(tl.int32) >> (2 * k)) & 3) << 4)
+    return d, sc
+
+
+@triton.jit
+def _iq4_xs(src, blk, n_blocks, TS: tl.constexpr):
+    """IQ4_XS as a [nibble, blocks, sub-block, 16] tile for the fused kernel, each code byte read
+    once for both nibbles (block_rows puts the blocks first)."""
     n = tl.arange(0, 2)[:, None, None, None]
     b = blk[None, :, None, None]
     k = tl.arange(0, 8)[None, None, :, None]
     i = tl.arange(0, 16)[None, None, None, :]
     mask = b < n_blocks
     base = src + b * TS
-    head = tl.load(base.to(tl.pointer_type(tl.int64)), mask=mask, other=0)
-    d = (head & 0xFFFF).to(tl.int32).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    sc = (((head >> 32).to(tl.int32) >> (4 * k)) & 0xF) | ((((head >> 16).to(tl.int32) >> (2 * k)) & 3) << 4)
+    d, sc = _iq4_xs_scales(base, k, mask)
     code = (_u8(base, 8 + k * 16 + i, mask) >> (4 * n)) & 0xF
-    return d * _minus(sc, 32) * _iq4(table, code, mask, IQ4_REGS), b * 256 + k * 32 + n * 16 + i, mask
+    return d * _minus(sc, 32) * _iq4_regs(code), b * 256 + k * 32 + n * 16 + i, mask
+
+
+@triton.jit
+def _iq4_pairs(out, start, table, dl, w, mask):
+    """Store the four IQ4 values of the code byte pairs ``w`` (scaled by ``dl``): the low nibbles
+    at ``start``, the high nibbles 16 elements on."""
+    for n in tl.static_range(2):
+        _store_pairs(out, start + n * 16, dl * tl.load(table + ((w >> (4 * n)) & 0xF), mask=mask, other=0.0),
+                     dl * tl.load(table + ((w >> (8 + 4 * n)) & 0xF), mask=mask, other=0.0), mask)
+
+
+@triton.jit
+def _iq4_xs_store(src, out, table, blk, n_blocks, TS: tl.constexpr):
+    """Dequantize IQ4_XS blocks ``blk`` into ``out`` from an [8, sub-block, blocks] tile of the code
+    bytes' words (see _q6_k_store), looking codes up in ``table``."""
+    p = tl.arange(0, 8)[:, None, None]
+    k = tl.arange(0, 8)[None, :, None]
+    b = blk[None, None, :]
+    mask = b < n_blocks
+    base = src + b * TS
+    d, sc = _iq4_xs_scales(base, k, mask)
+    dl = d * _minus(sc, 32)
+    w = _u16(base, 8 + k * 16, p, mask)
+    r = tl.arange(0, 16)[:, None, None]
+    for n in tl.static_range(2):
+        v = tl.join(dl * tl.load(table + ((w >> (4 * n)) & 0xF), mask=mask, other=0.0),
+                    dl * tl.load(table + ((w >> (8 + 4 * n)) & 0xF), mask=mask, other=0.0))
+        v = tl.reshape(tl.permute(v, (0, 3, 1, 2)), (16, 8, v.shape[2]))
+        tl.store(out + b * 256 + k * 32 + n * 16 + r, v.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _iq4_nl_store(src, out, table, blk, n_blocks, TS: tl.constexpr):
+    """Dequantize IQ4_NL blocks ``blk`` into ``out`` from an [8, blocks] tile of the code bytes' words."""
+    p = tl.arange(0, 8)[:, None]
+    b = blk[None, :]
+    mask = b < n_blocks
+    base = src + b * TS
+    _iq4_pairs(out, b * 32 + p * 2, table, _as(base, tl.float16, mask), _u16(base, 2, p, mask), mask)
 
 
 @triton.jit
 def _kernel(src, out, table, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
             R: tl.constexpr, NSUB: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-    v, index, mask = block_tile(src, table, blk, n_blocks, QTYPE, QK, TS, NSUB, False)
-    tl.store(out + index, v.to(out.dtype.element_ty), mask=mask)
+    if QTYPE == 14:
+        _q6_k_store(src, out, blk, n_blocks, TS)
+    elif QTYPE == 20:
+        _iq4_nl_store(src, out, table, blk, n_blocks, TS)
+    elif QTYPE == 23:
+        _iq4_xs_store(src, out, table, blk, n_blocks, TS)
+    else:
+        v, index, mask = block_tile(src, blk, n_blocks, QTYPE, QK, TS, NSUB)
+        tl.store(out + index, v.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def block_tile(src, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
-               NSUB: tl.constexpr, FOR_DOT: tl.constexpr):
-    """The values of blocks ``blk`` (fp32, one tile axis per field of the type's layout; FOR_DOT, with
+def block_tile(src, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr, NSUB: tl.constexpr):
+    """The values of blocks ``blk`` (fp32, one tile axis per field of the type's layout; with
     block_rows and reshaped to ``[len(blk), QK]``, they are the blocks' rows), each value's index in
-    the dequantized tensor, and which blocks exist (``blk < n_blocks``). IQ4 codes are looked
-    up in ``table``. FOR_DOT: the tile of the fused matmul, with IQ4 codes decoded from registers
-    (see _iq4) and Q6_K's tile in the blocks' order (see _q6_k)."""
+    the dequantized tensor, and which blocks exist (``blk < n_blocks``). The fused matmul's tile for
+    every type, the dequant kernel's for all but Q6_K and the IQ4 types (their _store functions)."""
     if QTYPE == 11:
         return _q3_k(src, blk, n_blocks, TS)
     elif QTYPE == 14:
-        if FOR_DOT:
-            return _q6_k_rows(src, blk, n_blocks, TS)
-        else:
-            return _q6_k(src, blk, n_blocks, TS)
+        return _q6_k(src, blk, n_blocks, TS)
     elif QTYPE == 23:
-        return _iq4_xs(src, table, blk, n_blocks, TS, FOR_DOT)
+        return _iq4_xs(src, blk, n_blocks, TS)
     else:
-        return _sub_block_tile(src, table, blk, n_blocks, QTYPE, QK, TS, NSUB, FOR_DOT)
+        return _sub_block_tile(src, blk, n_blocks, QTYPE, QK, TS, NSUB)
 
 
 @triton.jit
@@ -220,8 +288,8 @@ def block_rows(v, QTYPE: tl.constexpr):
 
 
 @triton.jit
-def _sub_block_tile(src, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
-                    NSUB: tl.constexpr, IQ4_REGS: tl.constexpr):
+def _sub_block_tile(src, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
+                    NSUB: tl.constexpr):
     SUB: tl.constexpr = QK // NSUB
     b = blk[:, None, None]
     s = tl.arange(0, NSUB)[None, :, None]
@@ -267,9 +335,9 @@ def _sub_block_tile(src, table, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.const
             q = (_u8(base, 48 + (s // 2) * 32 + i, mask) >> (4 * (s % 2))) & 0xF
             q = q | (((_u8(base, 16 + i, mask) >> s) & 1) << 4)
         v = dl * q.to(tl.float32) - ml
-    else:  # 20: IQ4_NL
+    else:  # 20: IQ4_NL (in the fused kernel only: the dequant kernel takes _iq4_nl_store)
         code = (_u8(base, 2 + i, mask) >> (4 * s)) & 0xF
-        v = _f16(base, 0, mask) * _iq4(table, code, mask, IQ4_REGS)
+        v = _f16(base, 0, mask) * _iq4_regs(code)
     return v, b * QK + s * SUB + i, mask
 
 

@@ -47,8 +47,7 @@ def _fused_kernel(x, src, bias, out, M, N, K, stride_xm, stride_om,
     for kb in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, steps)):
         # G consecutive blocks of each of the BN weight rows: a [BN, G*QK] slice of W.
         blk = tl.reshape(rn[:, None] * blocks_per_row + kb * G + tl.arange(0, G)[None, :], (BN * G,))
-        # No table: IQ4 codes are decoded from registers here (see triton_dequant._iq4).
-        v, _, _ = block_tile(src, src, blk, n_blocks, QTYPE, QK, TS, NSUB, True)
+        v, _, _ = block_tile(src, blk, n_blocks, QTYPE, QK, TS, NSUB)
         w = tl.reshape(block_rows(v, QTYPE), (BN, BK)).to(x.dtype.element_ty)
         a = tl.load(x_rows + kb * BK + rk[None, :], mask=rm[:, None] < M, other=0.0)
         if IEEE:
