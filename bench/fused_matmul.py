@@ -76,7 +76,7 @@ def main() -> None:
                 fused_ms = median_ms(lambda: fused_linear(x, raw, qtype, (n, k)))
                 plain_ms = median_ms(lambda: torch.nn.functional.linear(
                     x, dequantize_bytes(raw, qtype, (n, k), torch.bfloat16)))
-                chose = linear.uses_fused(m, (n, k), x.dtype)
+                chose = linear.uses_fused(m, (n, k), qtype, x.dtype)
                 print(f"| {qtype.name} | {what} {n}x{k} | {m} | {fused_ms:.3f} | {plain_ms:.3f} | "
                       f"{plain_ms / fused_ms:.2f}x | {'fused' if chose else 'dequant + cuBLAS'} |")
                 if a.sweep and m in (2, 16):

@@ -18,10 +18,14 @@ log = logging.getLogger(__name__)
 # Where the fused kernel beats dequant + cuBLAS (bench/fused_matmul.py on an H100, every type): up to
 # 16 rows on weights of 32M elements and more (a Qwen2.5-VL MLP 1.4-1.5x, Qwen-Image's modulation
 # 1.3x; on an H200 the same picks run 0.96-1.52x); on smaller weights the dequant is too short to
-# matter and with more rows the tensor cores of cuBLAS win. The rule depends only on shapes, so it
-# is the same in eager and compiled runs.
+# matter and with more rows the tensor cores of cuBLAS win. The rule depends only on shapes and
+# types, so it is the same in eager and compiled runs.
 FUSED_MAX_ROWS = 16
 FUSED_MIN_ELEMENTS = 32 << 20
+# Types whose dequant + cuBLAS beats their fused kernel on those shapes too: IQ4_NL's dequant kernel
+# reads 2-byte words at 95% of the copy bandwidth, and its fused kernel ran 0.88-0.96x of it on every
+# shape the rule picks (H200, 2026-12-01; before that dequant kernel, 0.91-1.15x).
+DEQUANT_ONLY = frozenset({GGMLQuantizationType.IQ4_NL})
 # "auto" (the rule above), "on" (fused wherever the kernel applies: for benchmarks) or "off".
 FUSED_CHOICES = ("auto", "on", "off")
 
@@ -39,14 +43,15 @@ FUSED = fused_choice(os.environ.get("QWEN_GGUF_FUSED", "auto"))
 FORCED_MAX_ROWS = 512
 
 
-def uses_fused(rows: int, shape, dtype: torch.dtype) -> bool:
-    """Whether a CUDA layer whose type has a Triton kernel takes the fused kernel for ``rows`` rows of
-    input on a weight of ``shape``."""
+def uses_fused(rows: int, shape, qtype: GGMLQuantizationType, dtype: torch.dtype) -> bool:
+    """Whether a CUDA layer of ``qtype`` (a type with a Triton kernel) takes the fused kernel for
+    ``rows`` rows of input on a weight of ``shape``."""
     # Runs for every layer on every forward: the shape tests that rule out most calls come first.
     if FUSED == "on":
         if not 0 < rows <= FORCED_MAX_ROWS:
             return False
-    elif FUSED == "off" or not 0 < rows <= FUSED_MAX_ROWS or shape[0] * shape[1] < FUSED_MIN_ELEMENTS:
+    elif (FUSED == "off" or not 0 < rows <= FUSED_MAX_ROWS or shape[0] * shape[1] < FUSED_MIN_ELEMENTS
+          or qtype in DEQUANT_ONLY):
         return False
     return dtype in (torch.bfloat16, torch.float16)
 
@@ -60,7 +65,7 @@ def quantized_linear(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantization
     if raw.is_cuda:
         kernels = cuda_kernels()
         if kernels is not None and qtype in kernels.KERNEL_TYPES:
-            if uses_fused(x.numel() // shape[-1], shape, x.dtype):
+            if uses_fused(x.numel() // shape[-1], shape, qtype, x.dtype):
                 from .triton_matmul import fused_linear
                 return fused_linear(x, raw, qtype, shape, bias)
             return torch.nn.functional.linear(x, kernels.dequantize_cuda(raw, qtype, shape, x.dtype), bias)

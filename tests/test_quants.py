@@ -218,6 +218,23 @@ def test_an_unknown_fused_setting_is_said_and_read_as_auto(caplog):
     assert "QWEN_GGUF_FUSED='yes'" in caplog.text and "auto, on, off" in caplog.text
 
 
+def test_the_fused_kernel_is_picked_for_few_rows_on_large_weights_except_iq4_nl(monkeypatch):
+    from loaders import linear
+    Q = GGMLQuantizationType
+    monkeypatch.setattr(linear, "FUSED", "auto")
+    modulation, q_proj = (18432, 3072), (3584, 3584)
+    assert linear.uses_fused(2, modulation, Q.Q4_K, torch.bfloat16)
+    assert linear.uses_fused(16, modulation, Q.IQ4_XS, torch.bfloat16)
+    assert not linear.uses_fused(2, modulation, Q.IQ4_NL, torch.bfloat16)
+    assert not linear.uses_fused(17, modulation, Q.Q4_K, torch.bfloat16)
+    assert not linear.uses_fused(2, q_proj, Q.Q4_K, torch.bfloat16)
+    assert not linear.uses_fused(2, modulation, Q.Q4_K, torch.float32)
+    monkeypatch.setattr(linear, "FUSED", "on")
+    assert linear.uses_fused(2, modulation, Q.IQ4_NL, torch.bfloat16)
+    monkeypatch.setattr(linear, "FUSED", "off")
+    assert not linear.uses_fused(2, modulation, Q.Q4_K, torch.bfloat16)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_bandwidth_bench_names_a_type_without_a_kernel():
     bench = Path(__file__).resolve().parent.parent / "bench" / "dequant_bandwidth.py"
