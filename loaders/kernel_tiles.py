@@ -23,8 +23,9 @@ class Tile(NamedTuple):
 
 
 # Chosen with bench/dequant_bandwidth.py --sweep on an H100 (the best or within 1% of it). Q6_K, IQ4_NL
-# and IQ4_XS: their word kernels' best (or within 1%) in a sweep of 2026-12-01 on an H200 (Q6_K 94.8%,
-# IQ4_NL 94.6%, IQ4_XS 94.1% of the copy bandwidth); no H100 was lent to sweep them.
+# and IQ4_XS: their word kernels' best (or within 1%) in a sweep of 1-8 warps by an experiment script
+# of 2026-12-01 on an H200 (Q6_K 94.8%, IQ4_NL 94.6%, IQ4_XS 94.1% of the copy bandwidth); no H100 was
+# lent to sweep them.
 TILES = {
     T.Q4_0: Tile(2, 64), T.Q4_1: Tile(2, 64), T.Q5_0: Tile(2, 64), T.Q5_1: Tile(2, 64),
     T.Q8_0: Tile(1, 128), T.IQ4_NL: Tile(2, 64, 2),

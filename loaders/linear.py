@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 
 # Where the fused kernel beats dequant + cuBLAS (bench/fused_matmul.py on an H100, every type): up to
 # 16 rows on weights of 32M elements and more (a Qwen2.5-VL MLP 1.4-1.5x, Qwen-Image's modulation
-# 1.3x; on an H200 the same picks run 0.96-1.52x); on smaller weights the dequant is too short to
-# matter and with more rows the tensor cores of cuBLAS win. The rule depends only on shapes and
-# types, so it is the same in eager and compiled runs.
+# 1.3x; on an H200 the same picks ran 0.92-1.55x, IQ4_NL aside); on smaller weights the dequant is
+# too short to matter and with more rows the tensor cores of cuBLAS win. The rule depends only on
+# shapes and types, so it is the same in eager and compiled runs.
 FUSED_MAX_ROWS = 16
 FUSED_MIN_ELEMENTS = 32 << 20
 # Types whose dequant + cuBLAS beats their fused kernel on those shapes too: IQ4_NL's dequant kernel

@@ -5,12 +5,13 @@ One kernel, specialised per type at compile time. A program takes ``R`` whole bl
 once per sub-block (the rows of the tile) and broadcast along it, and each code byte is read once
 and split into its fields by shifts along a tile axis, so the memory traffic is the block bytes once
 plus contiguous stores. Q6_K and the IQ4 types decode 2-byte words instead, both bytes at once, and
-store each value pair from the thread that loaded its bytes (see _q6_k_store).
+store the values from the threads that loaded their bytes (see _store_pairs).
 Decoding per element instead (every element re-reading and re-decoding its block's scales) left the
 K-quants at 40% of the copy bandwidth. The arithmetic is the torch path's, in the same order and
-in fp32, with FMA contraction off (integer-to-float steps by an exact equivalent, see _minus),
-so the results are equal to it bit for bit. Q6_K and IQ4_NL read 2-byte words and IQ4_XS its d and
-scales as one 8-byte load, which need the blocks at an 8-byte aligned address: aligned().
+in fp32, with FMA contraction off (some integer-to-float steps by an exact equivalent, see _minus),
+so the results are equal to it bit for bit. Q6_K and IQ4_NL read 2-byte words, which any of their
+blocks is aligned for, and IQ4_XS its d and scales as one 8-byte load, which needs the blocks at an
+8-byte aligned address: aligned().
 """
 
 from __future__ import annotations
@@ -139,9 +140,11 @@ def _u16(base, off, p, mask):
 @triton.jit
 def _store_pairs(out, start, first, second, mask):
     """Store ``first`` at ``out + start`` and ``second`` at the element after it, two contiguous
-    elements per thread. The pair kernels' tiles put the word axis first: Triton lays out loads and
-    stores by their contiguous axis, ties in axis order, so the words' loads and these stores get the
-    same layout (consecutive words in consecutive threads) and need no exchange through shared memory."""
+    elements per thread. The word kernels' tiles put the word axis first: Triton 3.6 lays out loads
+    and stores by their contiguous axis, ties in axis order, so the words' loads and these stores get
+    the same layout (consecutive words in consecutive threads) and need no exchange through shared
+    memory (offline TTGIR). Triton 3.8 breaks the ties the other way and exchanges the values
+    through shared memory before the stores (offline; not timed)."""
     index = tl.expand_dims(start, -1) + tl.arange(0, 2)
     tl.store(out + index, tl.join(first, second).to(out.dtype.element_ty), mask=tl.expand_dims(mask, -1))
 
@@ -165,8 +168,8 @@ def _q6_k_store(src, out, blk, n_blocks, TS: tl.constexpr):
     the top bits of four values (fields a, c) whose low nibbles are in two low-bits bytes (c = 0, 1;
     nibbles a = 0, 1), so each thread loads three words for each of its two words of a row, decodes
     both bytes of a word in one int32 and stores four value pairs. The last axis keeps two words of
-    a row in one thread, which then loads the row's four scales once for both: on an H200 this ran
-    at 94% of the copy bandwidth, with one word per thread 91%."""
+    a row in one thread, which then loads the row's four scales once for both: on an H200 (Triton
+    3.6) this ran at 94-95% of the copy bandwidth, with one word per thread 91-92.5%."""
     p = tl.arange(0, 4)[:, None, None, None, None] + 4 * tl.arange(0, 2)[None, None, None, None, :]
     h = tl.arange(0, 2)[None, :, None, None, None]
     hb = tl.arange(0, 2)[None, None, :, None, None]
@@ -220,9 +223,10 @@ def _iq4_values(table, w, N: tl.constexpr, dl, mask):
 @triton.jit
 def _iq4_xs_store(src, out, table, blk, n_blocks, TS: tl.constexpr):
     """Dequantize IQ4_XS blocks ``blk`` into ``out`` from an [8, sub-block, blocks] tile of the code
-    bytes' words (see _q6_k_store). The blocks start at 8-byte boundaries, so Triton loads four
-    words per thread at once; their values are put in memory order (a permute and a reshape, both
-    within each thread's registers) and stored eight at a time, in the loads' layout again."""
+    bytes' words (see _q6_k_store). The blocks start at 8-byte boundaries, so where ``src`` is
+    16-byte aligned (what Triton specialises on) Triton loads four words per thread at once; their
+    values are put in memory order (a permute and a reshape, both within each thread's registers)
+    and stored eight at a time, in the loads' layout again (Triton 3.6, offline TTGIR)."""
     p = tl.arange(0, 8)[:, None, None]
     k = tl.arange(0, 8)[None, :, None]
     b = blk[None, None, :]
@@ -286,7 +290,7 @@ def block_tile(src, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl
 
 @triton.jit
 def block_rows(v, QTYPE: tl.constexpr):
-    """A FOR_DOT block_tile's values with the blocks' axis first (IQ4_XS has its nibble axis before it)."""
+    """A block_tile's values with the blocks' axis first (IQ4_XS has its nibble axis before it)."""
     if QTYPE == 23:
         return tl.permute(v, (1, 2, 0, 3))
     else:

@@ -3,8 +3,9 @@
 With a handful of rows in ``x`` (a text encoder's prompt, a batch-1 edit, the diffusion model's
 per-step modulation inputs) a linear layer is bound by reading its weight. Dequantizing first
 writes and re-reads the weight in bf16, 2 bytes per element on top of its 0.5-1 byte of blocks;
-this kernel decodes each tile of blocks in registers (the dequant kernel's tile functions, Q6_K's
-in the blocks' order: the same bits) and feeds it straight to the tensor cores. Where it pays off is
+this kernel decodes each tile of blocks in registers (triton_dequant.block_tile: the dequant
+kernel's tiles for most types, tiles of the blocks' rows for Q6_K and the IQ4 types, the same bits)
+and feeds it straight to the tensor cores. Where it pays off is
 decided in ``linear`` (a rule on the weight's size and the row count).
 """
 
