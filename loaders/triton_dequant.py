@@ -1,10 +1,10 @@
 """Triton kernels that dequantize GGUF blocks straight to the compute dtype on CUDA.
 
 One kernel, specialised per type at compile time. A program takes ``R`` whole blocks as an
-``[R, NSUB, SUB]`` tile (Q3_K: another shape, see _q3_k): a block's scales are read and decoded
-once per sub-block (the rows of the tile) and broadcast along it, and each code byte is read once
-and split into its fields by shifts along a tile axis, so the memory traffic is the block bytes once
-plus contiguous stores. Q6_K and the IQ4 types decode 2-byte words instead, both bytes at once, and
+``[R, NSUB, SUB]`` tile (Q3_K, and in the fused kernel Q6_K and IQ4_XS: other shapes, see their
+functions): a block's scales are read and decoded once per sub-block (the rows of the tile) and
+broadcast along it, and each code byte is read once and split into its fields by shifts along a
+tile axis, so the memory traffic is the block bytes once plus contiguous stores. Q6_K and the IQ4 types decode 2-byte words instead, both bytes at once, and
 store the values from the threads that loaded their bytes (see _store_pairs).
 Decoding per element instead (every element re-reading and re-decoding its block's scales) left the
 K-quants at 40% of the copy bandwidth. The arithmetic is the torch path's, in the same order and
