@@ -2,11 +2,14 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from .nodes import folders
+from .nodes import folders, model_files
 from .nodes.clip_loader import ClipLoaderGGUF
 from .nodes.guard import NaNGuard
 from .nodes.unet_loader import UnetLoaderGGUF
 from .nodes.vae import VAEDecodeChecked, VAELoaderGGUF
+
+
+WEB_DIRECTORY = "./web"
 
 
 class QwenImageGGUFExtension(ComfyExtension):
@@ -16,4 +19,5 @@ class QwenImageGGUFExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> QwenImageGGUFExtension:
     folders.register()
+    model_files.register_routes()
     return QwenImageGGUFExtension()

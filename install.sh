@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
-# One command on a fresh GPU machine: ComfyUI, this package, the model files of our presets, then
-# ComfyUI itself. Safe to run again: it picks up where it stopped and skips what is already done.
-#
-#   bash install.sh [--workspace DIR | --comfyui DIR] [--models SET[,SET]] [--quant Q]
-#                   [--listen ADDR] [--port N] [--no-start] [--dry-run] [-- COMFYUI_ARGS...]
-#
-# Model sets: qwen-image-2512 (default), qwen-image-edit-2511, z-image-turbo, or all.
-# HF_ENDPOINT (a Hugging Face mirror) and HF_TOKEN are honoured.
+# One command on a fresh GPU machine: ComfyUI, this package (a git clone, so it can be updated), the
+# model files of our presets, then ComfyUI itself. Safe to run again: it resumes and skips what is done.
+# From a clone:  bash install.sh [options]
+# Piped:         curl -fsSL https://raw.githubusercontent.com/comfyui-qwenimage-gguf/ComfyUI-QwenImage-GGUF/main/install.sh | bash -s -- [options]
 set -euo pipefail
 
+# The one place the repository's address is written (README and pyproject.toml are tested against it).
 REPO_URL="${QWEN_GGUF_REPO_URL:-https://github.com/comfyui-qwenimage-gguf/ComfyUI-QwenImage-GGUF}"
 PACKAGE_DIR_NAME="ComfyUI-QwenImage-GGUF"
 WORKSPACE="${HOME}/comfy"
@@ -23,12 +20,12 @@ VRAM_GB=""
 SKIP_GPU_CHECK=0
 PYTHON="${PYTHON:-}"
 MANIFEST=""
-HF_ENDPOINT="${HF_ENDPOINT:-https://huggingface.co}"
 COMFY_ARGS=()
+ARGS=("$@")
 
 SCRIPT_DIR=""
 if [[ -n "${BASH_SOURCE[0]:-}" && -f "${BASH_SOURCE[0]}" ]]; then
-  SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+  SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 fi
 
 say() { printf '==> %s\n' "$*"; }
@@ -38,22 +35,34 @@ run() {
 }
 
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
+Installs ComfyUI, ComfyUI-QwenImage-GGUF and the model files of its presets, then starts ComfyUI.
+
+  bash install.sh [options] [-- COMFYUI_ARGS...]
+  curl -fsSL <raw URL of install.sh> | bash -s -- [options]
+
 Options:
   --workspace DIR   where to install ComfyUI with comfy-cli (default ~/comfy)
   --comfyui DIR     use this existing ComfyUI instead of installing one
   --python PATH     the Python of that ComfyUI (default: DIR/venv, DIR/.venv, else python3)
-  --models LIST     model sets, comma separated: qwen-image-2512, qwen-image-edit-2511, z-image-turbo, all
-  --quant Q         diffusion-model quant (e.g. Q4_K_M); default: chosen from the GPU's VRAM
+  --models LIST     model sets, comma separated: qwen-image-2512 (default), qwen-image-edit-2511,
+                    z-image-turbo, or all
+  --quant Q         diffusion-model quant, e.g. Q4_K_M (default: chosen from the GPU's VRAM). A set
+                    without Q gets its file of the same bits (z-image-turbo: Q4_K for Q4_K_M/Q4_K_S);
+                    a set with no such file stops the install with what each set offers.
   --vram GB         assume this much VRAM when choosing the quant
   --manifest FILE   model manifest (default: install/models.json of this package)
-  --listen ADDR     address ComfyUI listens on (default 127.0.0.1)
+  --listen ADDR     address ComfyUI listens on (default 127.0.0.1: only this machine; reach it
+                    through an SSH tunnel. 0.0.0.0 exposes it to anyone who can reach the machine)
   --port N          port (default 8188)
   --no-start        do not start ComfyUI at the end
   --skip-gpu-check  do not require an NVIDIA driver
   --dry-run         print every step and download without doing it
   -- ARGS...        passed on to ComfyUI's main.py (e.g. -- --lowvram)
+
+The presets name Q4_K_M files; where another quant of the same model is installed, the loader uses
+it (and says so). Downloads resume, and are checked for size and sha256 (see README).
+Environment: HF_ENDPOINT (a Hugging Face mirror), HF_TOKEN, QWEN_GGUF_REPO_URL (clone from elsewhere).
 EOF
 }
 
@@ -76,6 +85,30 @@ while (( $# )); do
     *) fail "unknown option '$1' (see: bash install.sh --help)" ;;
   esac
 done
+
+# --- piped from curl: get a git clone of the package and run its own installer ---------------------
+if [[ -z "$SCRIPT_DIR" || ! -f "$SCRIPT_DIR/loaders/downloads.py" ]]; then
+  command -v git >/dev/null 2>&1 || fail "git is needed to fetch the package: install git and rerun"
+  if (( DRY_RUN )); then
+    src="$(mktemp -d)"
+    trap 'rm -rf "$src"' EXIT
+  else
+    src="$WORKSPACE/src/$PACKAGE_DIR_NAME"
+  fi
+  if [[ -d "$src/.git" ]]; then
+    say "Updating $src"
+    git -C "$src" pull -q --ff-only || fail "git pull in $src failed: resolve local changes there and rerun"
+  else
+    say "Cloning $REPO_URL into $src"
+    mkdir -p "$(dirname "$src")"
+    git clone -q --depth 1 "$REPO_URL" "$src" || fail "git clone of $REPO_URL failed: check the network and rerun"
+  fi
+  if (( DRY_RUN )); then
+    bash "$src/install.sh" "${ARGS[@]}"
+    exit $?
+  fi
+  exec bash "$src/install.sh" "${ARGS[@]}"
+fi
 
 # --- checks ---------------------------------------------------------------------------------------
 check_python() {
@@ -100,14 +133,6 @@ check_gpu() {
   [[ -n "$VRAM_GB" ]] || VRAM_GB=$(( ${line##*, } / 1024 ))
 }
 
-free_bytes() {  # free bytes on the filesystem holding $1 (or its nearest existing parent)
-  local dir="$1"
-  while [[ ! -d "$dir" ]]; do dir="$(dirname "$dir")"; done
-  df -PB1 "$dir" | awk 'NR == 2 { print $4 }'
-}
-
-human() { awk -v b="$1" 'BEGIN { printf "%.1f GB", b / 1e9 }'; }
-
 # --- ComfyUI and this package ---------------------------------------------------------------------
 find_python() {
   [[ -n "$PYTHON" ]] && return
@@ -121,6 +146,7 @@ find_python() {
 install_comfyui() {
   if [[ -n "$COMFYUI" ]]; then
     [[ -f "$COMFYUI/main.py" ]] || fail "--comfyui $COMFYUI is not a ComfyUI folder (no main.py in it)"
+    COMFYUI="$(cd "$COMFYUI" && pwd -P)"
     return
   fi
   COMFYUI="$WORKSPACE/ComfyUI"
@@ -136,162 +162,87 @@ install_comfyui() {
     || fail "comfy install failed (see above): run install.sh again to resume"
 }
 
+# The package in custom_nodes is a git clone with origin at the public repository, so a rerun and
+# ComfyUI-Manager can update it; a checkout linked there by a developer is used as it is.
 install_package() {
   local target="$COMFYUI/custom_nodes/$PACKAGE_DIR_NAME"
-  if [[ -n "$SCRIPT_DIR" && -f "$SCRIPT_DIR/__init__.py" && "$SCRIPT_DIR" != "$target" ]]; then
-    say "Installing this package into $target"
-    run mkdir -p "$target"
-    if (( DRY_RUN )); then
-      printf '[dry-run] copy %s -> %s\n' "$SCRIPT_DIR" "$target"
-    else
-      tar -C "$SCRIPT_DIR" --exclude=./.git --exclude=./.venv --exclude='*/__pycache__' -cf - . | tar -C "$target" -xf - \
-        || fail "could not copy the package into $target"
-    fi
+  PACKAGE="$target"
+  if [[ -L "$target" ]]; then
+    PACKAGE="$(cd "$target" && pwd -P)"
+    say "$target links to $PACKAGE: using that checkout as it is"
+  elif [[ "$SCRIPT_DIR" == "$target" ]]; then
+    say "Updating $target from its origin"
+    run git -C "$target" pull -q --ff-only || say "git pull in $target failed; going on with the version there"
   elif [[ -d "$target/.git" ]]; then
-    say "Updating $target"
-    run git -C "$target" pull --ff-only || fail "git pull in $target failed: resolve local changes there and rerun"
-  elif [[ ! -f "$target/__init__.py" ]]; then
-    say "Cloning $REPO_URL into $target"
-    run git clone --depth 1 "$REPO_URL" "$target" || fail "git clone of $REPO_URL failed: check the network and rerun"
+    # The version of the checkout whose installer runs (a piped install's checkout follows the public one).
+    say "Updating $target from $SCRIPT_DIR"
+    run git -C "$target" pull -q --ff-only "$SCRIPT_DIR" HEAD \
+      || fail "git pull in $target failed: resolve local changes there and rerun"
+  else
+    if [[ -e "$target" ]]; then
+      local aside
+      aside="$target.old-$(date +%Y%m%d-%H%M%S)"
+      say "$target is not a git clone (an older copy?): moving it to $aside"
+      run mv "$target" "$aside"
+    fi
+    local origin="$REPO_URL"
+    if git -C "$SCRIPT_DIR" rev-parse --git-dir >/dev/null 2>&1; then
+      origin="$(git -C "$SCRIPT_DIR" remote get-url origin 2>/dev/null || echo "$REPO_URL")"
+      say "Installing this checkout into $target (git clone; updates come from $origin)"
+      run mkdir -p "$COMFYUI/custom_nodes"
+      run git clone -q "$SCRIPT_DIR" "$target" || fail "could not clone $SCRIPT_DIR into $target"
+      run git -C "$target" remote set-url origin "$origin"
+    else
+      say "Cloning $REPO_URL into $target"
+      run git clone -q --depth 1 "$REPO_URL" "$target" || fail "git clone of $REPO_URL failed: check the network and rerun"
+    fi
   fi
+  (( DRY_RUN )) && [[ ! -d "$PACKAGE" ]] && PACKAGE="$SCRIPT_DIR"
   say "Installing the package's Python requirements with $PYTHON"
-  run "$PYTHON" -m pip install -q -r "$target/requirements.txt" \
-    || fail "pip could not install $target/requirements.txt into $PYTHON's environment"
-  if [[ -d "$target/workflows/input" ]]; then
-    run mkdir -p "$COMFYUI/input"
-    run cp -n "$target/workflows/input/"*.png "$COMFYUI/input/" 2>/dev/null || true
+  run "$PYTHON" -m pip install -q -r "$PACKAGE/requirements.txt" \
+    || fail "pip could not install $PACKAGE/requirements.txt into $PYTHON's environment"
+  run mkdir -p "$COMFYUI/input"
+  if (( ! DRY_RUN )); then
+    cp -n "$PACKAGE/workflows/input/"*.png "$COMFYUI/input/" 2>/dev/null || true
   fi
-  [[ -n "$MANIFEST" ]] || MANIFEST="$target/install/models.json"
-  (( DRY_RUN )) && [[ ! -f "$MANIFEST" && -n "$SCRIPT_DIR" ]] && MANIFEST="$SCRIPT_DIR/install/models.json"
+  [[ -n "$MANIFEST" ]] || MANIFEST="$PACKAGE/install/models.json"
   return 0
 }
 
-# --- models ----------------------------------------------------------------------------------------
-plan_downloads() {  # prints "url<TAB>destination<TAB>size<TAB>sha256" lines; the quant choice on stderr
-  "$PYTHON" - "$MANIFEST" "$MODELS" "$QUANT" "$VRAM_GB" "$HF_ENDPOINT" "$COMFYUI/models" <<'EOF'
-import json, sys
-manifest_path, sets_arg, quant, vram, endpoint, models_dir = sys.argv[1:7]
-m = json.load(open(manifest_path))
-names = list(m["sets"]) if sets_arg == "all" else [s.strip() for s in sets_arg.split(",") if s.strip()]
-unknown = [n for n in names if n not in m["sets"]]
-if unknown:
-    sys.exit(f"unknown model set(s) {', '.join(unknown)}: choose from {', '.join(m['sets'])} or all")
-def line(entry, file):
-    path = entry.get("path", file)
-    url = f"{endpoint.rstrip('/')}/{entry['repo']}/resolve/main/{path}"
-    return f"{url}\t{models_dir}/{entry['folder']}/{file}\t{entry.get('size') or ''}\t{entry.get('sha256') or ''}"
-seen = set()
-for name in names:
-    s = m["sets"][name]
-    dm = s["diffusion_model"]
-    available = dm["quants"]
-    if quant:
-        if quant not in available:
-            sys.exit(f"quant {quant} is not available for {name}: choose from {', '.join(available)}")
-        chosen, why = quant, "as asked with --quant"
-    else:
-        gb = float(vram) if vram else 0.0
-        fits = [(c["quant"], c["why"]) for c in sorted(m["vram_choices"], key=lambda c: -c["min_gb"])
-                if gb >= c["min_gb"] and c["quant"] in available]
-        chosen, why = fits[0] if fits else (next(iter(available)), "the only quant listed for this set")
-    print(f"{name}: diffusion model {chosen} ({why}; {vram or '?'} GB VRAM)", file=sys.stderr)
-    q = available[chosen]
-    entries = [({**dm, **q}, q["file"])] + [(m["files"][k], m["files"][k]["file"]) for k in s["files"]]
-    for entry, file in entries:
-        if file not in seen:
-            seen.add(file)
-            print(line(entry, file))
-EOF
-}
-
-file_size() { stat -c %s "$1" 2>/dev/null || echo 0; }
-
-download() {  # url dest size sha256: resumable, atomic, verified
-  local url="$1" dest="$2" size="$3" sha="$4" part="$2.part"
-  local name
-  name="$(basename "$dest")"
-  if [[ -f "$dest" ]] && [[ -z "$size" || "$(file_size "$dest")" == "$size" ]]; then
-    if [[ -z "$sha" ]] || echo "$sha  $dest" | sha256sum -c --status; then
-      say "$name: already present"
-      return 0
-    fi
-    say "$name: present but its sha256 differs; downloading it again"
-    run rm -f "$dest"
-  fi
-  if (( DRY_RUN )); then
-    printf '[dry-run] download %s -> %s (%s)\n' "$url" "$dest" "${size:+$(human "$size")}"
-    return 0
-  fi
-  mkdir -p "$(dirname "$dest")"
-  local auth=()
-  [[ -n "${HF_TOKEN:-}" ]] && auth=(-H "Authorization: Bearer $HF_TOKEN")
-  local attempt code
-  for attempt in 1 2 3 4 5; do
-    say "$name: downloading$( [[ -s "$part" ]] && printf ' (resuming at %s)' "$(human "$(file_size "$part")")" )"
-    code=0
-    curl -fL --retry 3 --retry-delay 2 -C - "${auth[@]}" --progress-bar -o "$part" "$url" || code=$?
-    if (( code == 0 )); then break; fi
-    if (( code == 22 )); then
-      local status
-      status="$(curl -sIL -o /dev/null -w '%{http_code}' "${auth[@]}" "$url" || true)"
-      if [[ "$status" == 404 ]]; then
-        rm -f "$part"
-        fail "$name: not found at $url (HTTP 404): the file was renamed or removed upstream; check install/models.json"
-      fi
-      if [[ "$status" == 401 || "$status" == 403 ]]; then
-        fail "$name: access denied at $url (HTTP $status): set HF_TOKEN to a Hugging Face token that can read it"
-      fi
-      if [[ "$status" == 416 ]]; then rm -f "$part"; continue; fi
-    fi
-    say "$name: the connection broke (curl exit $code); resuming (try $attempt of 5)"
-    sleep 1
-  done
-  (( code == 0 )) || fail "$name: download failed after 5 tries; run install.sh again to resume from $(human "$(file_size "$part")")"
-  if [[ -n "$size" && "$(file_size "$part")" != "$size" ]]; then
-    local got
-    got="$(file_size "$part")"
-    rm -f "$part"
-    fail "$name: downloaded $got bytes but $size were expected; the partial file was removed, run install.sh again"
-  fi
-  if [[ -n "$sha" ]] && ! echo "$sha  $part" | sha256sum -c --status; then
-    rm -f "$part"
-    fail "$name: sha256 does not match the manifest (corrupted download); run install.sh again to fetch it anew"
-  fi
-  mv -f "$part" "$dest"
-  say "$name: done"
-}
-
 download_models() {
-  [[ -f "$MANIFEST" ]] || fail "model manifest $MANIFEST not found"
-  local plan needed=0 url dest size sha have
-  plan="$(plan_downloads)" || fail "could not plan the downloads (see the message above)"
-  while IFS=$'\t' read -r url dest size sha; do
-    [[ -z "$url" || -z "$size" ]] && continue
-    have=$(( $(file_size "$dest") == size ? size : $(file_size "$dest.part") ))
-    needed=$(( needed + size - have ))
-  done <<< "$plan"
-  local free
-  free="$(free_bytes "$COMFYUI/models")"
-  say "Model files still to download: $(human "$needed"); free disk: $(human "$free")"
-  if (( needed > free )); then
-    fail "not enough disk space: $(human "$needed") needed in $COMFYUI/models but only $(human "$free") free; free some space or choose fewer --models"
+  local args=(--manifest "$MANIFEST" --models-dir "$COMFYUI/models" --sets "$MODELS")
+  [[ -n "$QUANT" ]] && args+=(--quant "$QUANT")
+  [[ -n "$VRAM_GB" ]] && args+=(--vram "$VRAM_GB")
+  (( DRY_RUN )) && args+=(--dry-run)
+  # Size and sha256 checks, resume and progress live in the package's downloader, which the
+  # front end's download button uses too.
+  "$PYTHON" "$PACKAGE/loaders/downloads.py" "${args[@]}" || exit 1
+}
+
+how_to_open() {
+  say "Presets: the Templates button in ComfyUI's sidebar > Extensions > $PACKAGE_DIR_NAME"
+  if [[ "$LISTEN" == "127.0.0.1" || "$LISTEN" == "localhost" ]]; then
+    say "ComfyUI listens on this machine only. From your own computer, open a tunnel and browse to it:"
+    say "    ssh -N -L $PORT:127.0.0.1:$PORT ${USER:-user}@$(hostname -f 2>/dev/null || hostname)   # then http://localhost:$PORT"
+    say "(--listen 0.0.0.0 would expose ComfyUI to anyone who can reach this machine: it has no login.)"
+  else
+    say "ComfyUI listens on $LISTEN:$PORT: anyone who can reach this machine on that port can use it (no login)."
   fi
-  while IFS=$'\t' read -r url dest size sha; do
-    [[ -n "$url" ]] && download "$url" "$dest" "$size" "$sha"
-  done <<< "$plan"
 }
 
 start_comfyui() {
   if (( ! START )); then
     say "Done. Start ComfyUI with: cd $COMFYUI && $PYTHON main.py --listen $LISTEN --port $PORT"
+    how_to_open
     return
   fi
-  say "Starting ComfyUI: http://$LISTEN:$PORT (presets: Workflow > Browse Templates > $PACKAGE_DIR_NAME)"
-  cd "$COMFYUI"
+  how_to_open
+  say "Starting ComfyUI on $LISTEN:$PORT"
   if (( DRY_RUN )); then
-    printf '[dry-run] %s main.py --listen %s --port %s %s\n' "$PYTHON" "$LISTEN" "$PORT" "${COMFY_ARGS[*]}"
+    printf '[dry-run] cd %s && %s main.py --listen %s --port %s %s\n' "$COMFYUI" "$PYTHON" "$LISTEN" "$PORT" "${COMFY_ARGS[*]}"
     return
   fi
+  cd "$COMFYUI"
   exec "$PYTHON" main.py --listen "$LISTEN" --port "$PORT" "${COMFY_ARGS[@]}"
 }
 
@@ -299,6 +250,7 @@ check_python python3
 check_gpu
 install_comfyui
 find_python
+(( DRY_RUN )) && [[ ! -x "$PYTHON" ]] && ! command -v "$PYTHON" >/dev/null 2>&1 && PYTHON=python3
 check_python "$PYTHON"
 install_package
 download_models

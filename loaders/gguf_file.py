@@ -231,6 +231,8 @@ class GGUFFile:
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a uint8 view of the map (no copy)."""
         t = self.tensors[name]
+        if t.nbytes == 0:  # valid GGUF (Edit-2511's marker is F32 [0]); torch.frombuffer refuses count 0
+            return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(self._map, dtype=torch.uint8, count=t.nbytes, offset=t.offset)
 
     def __repr__(self) -> str:

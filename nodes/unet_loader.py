@@ -7,6 +7,9 @@ from comfy_api.latest import io
 
 from ..loaders.file_kind import UNET_LOADER
 from .model import AUTO, CACHED, FP8, MODES, ON_THE_FLY, load_gguf_unet
+from .model_files import full_path, validate
+
+FOLDER = "diffusion_models_gguf"
 
 
 class UnetLoaderGGUF(io.ComfyNode):
@@ -22,9 +25,11 @@ class UnetLoaderGGUF(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "unet_name",
-                    options=folder_paths.get_filename_list("diffusion_models_gguf"),
+                    options=folder_paths.get_filename_list(FOLDER),
                     tooltip="A .gguf diffusion model from models/diffusion_models or models/unet, e.g. "
-                            "qwen-image-2512-Q4_K_M.gguf. Its size and variant are read from the file.",
+                            "qwen-image-2512-Q4_K_M.gguf. Its size and variant are read from the file. A "
+                            "preset's file that is not installed is replaced by another installed quant of "
+                            "the same model (logged).",
                 ),
                 io.Combo.Input(
                     "mode", options=MODES, default=AUTO, optional=True,
@@ -41,6 +46,11 @@ class UnetLoaderGGUF(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, unet_name: str) -> bool | str:
+        # Taking unet_name here replaces ComfyUI's "value not in list" check with one that accepts
+        # another installed quant of a preset's model.
+        return validate(FOLDER, unet_name)
+
+    @classmethod
     def execute(cls, unet_name: str, mode: str = AUTO) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("diffusion_models_gguf", unet_name)
-        return io.NodeOutput(load_gguf_unet(path, mode))
+        return io.NodeOutput(load_gguf_unet(full_path(FOLDER, unet_name), mode))

@@ -24,8 +24,8 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, workdir: Path, models: Path, extra_args: tuple[str, ...] = ()):
-        self.workdir, self.models = workdir, models
+    def __init__(self, workdir: Path, models: Path, extra_args: tuple[str, ...] = (), env: dict | None = None):
+        self.workdir, self.models, self.env = workdir, models, env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = extra_args
@@ -41,7 +41,8 @@ class ComfyServer:
             (self.workdir / sub).mkdir(exist_ok=True)
         folders = {k: str(self.models / k) for k in ("diffusion_models", "text_encoders", "vae", "loras")}
         config = self.workdir / "extra_model_paths.yaml"
-        config.write_text("test:\n" + "".join(f"  {k}: {v}\n" for k, v in folders.items())
+        # is_default: these folders come first, so downloads from the UI land in them.
+        config.write_text("test:\n  is_default: true\n" + "".join(f"  {k}: {v}\n" for k, v in folders.items())
                           + f"  custom_nodes: {custom_nodes}\n")
         self.log = open(self.workdir / "server.log", "w")
         self.proc = subprocess.Popen(
@@ -49,7 +50,7 @@ class ComfyServer:
              "--disable-api-nodes", "--extra-model-paths-config", str(config),
              "--input-directory", str(self.workdir / "input"), "--output-directory", str(self.workdir / "output"),
              "--user-directory", str(self.workdir / "user"), *self.extra_args],
-            cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -82,7 +83,7 @@ class ComfyServer:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())
+                return json.loads(r.read() or b"{}")
         except urllib.error.HTTPError as e:
             return {"http_error": e.code, **json.loads(e.read() or b"{}")}
 

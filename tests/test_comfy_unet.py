@@ -43,7 +43,7 @@ def models(tmp_path_factory):
     qwen = random_weights(qwen_image_shapes(**QWEN_IMAGE), seed=0)
     write_model(dm / "qwen-tiny-Q4_K_M.gguf", qwen, qwen_image_recipe(), twin=str(dm / "qwen-tiny.safetensors"))
     write_model(dm / "qwen-tiny-sdcpp.gguf", qwen, qwen_image_recipe(), arch=None, prefix="model.diffusion_model.")
-    marker = {"__index_timestep_zero__": np.zeros(1, dtype=np.float32)}
+    marker = {"__index_timestep_zero__": np.zeros(0, dtype=np.float32)}
     write_model(dm / "qwen-edit-2511-tiny.gguf", qwen, qwen_image_recipe(T.Q8_0), extra_tensors=marker,
                 twin=str(dm / "qwen-edit-2511-tiny.safetensors"))
     zimg = random_weights(z_image_shapes(**Z_IMAGE), seed=1)
@@ -56,10 +56,12 @@ def models(tmp_path_factory):
     return root
 
 
-def sampling_graph(loader: dict, out: str, width: int, lora: str | None = None) -> dict:
+def sampling_graph(loader: dict, out: str, width: int, lora: str | None = None, reference: int = 0) -> dict:
     g = {"loader": loader,
-         "pos": {"class_type": "TestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": width}},
-         "neg": {"class_type": "TestConditioning", "inputs": {"seed": 2, "tokens": 6, "width": width}},
+         "pos": {"class_type": "TestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": width,
+                                                              "reference": reference}},
+         "neg": {"class_type": "TestConditioning", "inputs": {"seed": 2, "tokens": 6, "width": width,
+                                                              "reference": reference}},
          "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
          "save": {"class_type": "TestSaveLatent", "inputs": {"samples": ["sampler", 0], "path": out}}}
     model = ["loader", 0]
@@ -105,7 +107,9 @@ def latents(models, tmp_path_factory):
         "zimage_native": (native_loader(models, "z-image-tiny-Q4_K.gguf", "z-image-tiny.safetensors", "z_image"),
                           256, None),
     }
-    prompts = [sampling_graph(loader, str(work / f"{name}.safetensors"), width, lora)
+    # The edit cases carry a reference latent, so the reference method (Edit-2511's marker) counts.
+    prompts = [sampling_graph(loader, str(work / f"{name}.safetensors"), width, lora,
+                              reference=8 if name.startswith("edit") else 0)
                for name, (loader, width, lora) in cases.items()]
     prompts.append({"loader": gguf_loader("Qwen2.5-VL-tiny-Q4_K_M.gguf"),
                      "shift": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["loader", 0], "shift": 3.1}},

@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 
 from loaders.diffusion import open_diffusion_model
 from loaders.errors import GGUFError
+from loaders.gguf_file import GGUFFile
 from loaders.tensor import GGMLTensor, dequantize
 from loaders.weight_cache import convert, nbytes, plan_cache
 from loaders.writer import uniform_recipe, write_gguf
@@ -60,13 +61,18 @@ def test_full_size_qwen_image_config_matches_comfyui_defaults():
     assert config["axes_dims_rope"] == (16, 56, 56)
 
 
-def test_edit_2511_marker(tmp_path, qwen_weights):
-    marker = {"__index_timestep_zero__": np.zeros(1, dtype=np.float32)}
-    write_model(tmp_path / "e.gguf", qwen_weights, qwen_image_recipe(), extra_tensors=marker)
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["city96", "sdcpp"])
+def test_edit_2511_marker(tmp_path, qwen_weights, prefix):
+    # As unsloth's Edit-2511 files carry it: F32 with shape [0], a valid zero-element tensor.
+    marker = {prefix + "__index_timestep_zero__": np.zeros(0, dtype=np.float32)}
+    write_model(tmp_path / "e.gguf", qwen_weights, qwen_image_recipe(), prefix=prefix, extra_tensors=marker,
+                arch="qwen_image" if not prefix else None)
+    assert GGUFFile(str(tmp_path / "e.gguf")).tensors[prefix + "__index_timestep_zero__"].shape == (0,)
     dm = open_diffusion_model(str(tmp_path / "e.gguf"))
     assert dm.variant == "Qwen-Image-Edit-2511"
     assert dm.unet_config["default_ref_method"] == "index_timestep_zero"
     assert "__index_timestep_zero__" not in dm.state_dict
+    assert set(dm.state_dict) == set(qwen_weights)
 
 
 def test_sdcpp_prefix_and_no_architecture(tmp_path, qwen_weights):

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,81 +17,10 @@ import pytest
 
 from comfy_env import REPO, comfyui_path, requires_comfyui
 from comfy_server import free_port
+from hf_mirror import Files, files  # noqa: F401  (the fixture)
 
 SCRIPT = REPO / "install.sh"
-
-
-class Files(http.server.ThreadingHTTPServer):
-    """Serves /<repo>/resolve/main/<file> with Range support; can drop a connection or serve wrong bytes."""
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.files: dict[str, bytes] = {}
-        self.drop_after: dict[str, int] = {}    # path -> bytes sent before the first response breaks
-        self.corrupt: set[str] = set()
-        self.requests: list[tuple[str, str | None]] = []
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self.respond(head=True)
-
-    def do_GET(self):
-        self.respond(head=False)
-
-    def respond(self, head: bool):
-        srv: Files = self.server
-        path = self.path.split("?")[0]
-        srv.requests.append((path, self.headers.get("Range")))
-        data = srv.files.get(path)
-        if data is None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if path in srv.corrupt:
-            data = bytes(b ^ 0xFF for b in data)
-        start = 0
-        if self.headers.get("Range", "").startswith("bytes="):
-            start = int(self.headers["Range"][6:].split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        if head:
-            return
-        cut = srv.drop_after.pop(path, None)
-        if cut is not None:
-            self.wfile.write(body[:cut])
-            self.wfile.flush()
-            self.connection.shutdown(2)
-            return
-        self.wfile.write(body)
-
-
-@pytest.fixture
-def files():
-    srv = Files()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
+PACKAGE = "ComfyUI-QwenImage-GGUF"
 
 
 def manifest(tmp_path, entries: dict, sha: bool = True) -> Path:
@@ -121,14 +48,21 @@ def serve(srv: Files, entries: dict) -> None:
         srv.files[f"/org/other/resolve/main/{n}"] = entries[n]
 
 
-def install(tmp_path, srv: Files, man: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def install(tmp_path, srv: Files, man: Path, *extra: str, env: dict | None = None,
+            script: Path | None = None) -> subprocess.CompletedProcess:
     comfy = tmp_path / "ComfyUI"
     (comfy / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (comfy / "main.py").touch()
-    return subprocess.run(["bash", str(SCRIPT), "--comfyui", str(comfy), "--python", sys.executable,
+    return subprocess.run(["bash", str(script or SCRIPT), "--comfyui", str(comfy), "--python", sys.executable,
                            "--skip-gpu-check", "--no-start", "--manifest", str(man), "--models", "tiny", *extra],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_ENDPOINT": srv.url, **(env or {})})
+
+
+@pytest.fixture(autouse=True)
+def _installer_of_this_tree(checkout, monkeypatch):
+    # install.sh installs its checkout's commits: run the one of a commit holding this working tree.
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", checkout / "install.sh")
 
 
 ENTRIES = {"model-Q4_K_M.gguf": os.urandom(300_000), "encoder.gguf": os.urandom(120_000)}
@@ -147,15 +81,20 @@ def test_shellcheck_clean():
     assert result.returncode == 0, result.stdout
 
 
-def test_fresh_download_then_skip(tmp_path, files):
+def test_fresh_download_then_skip(tmp_path, files, checkout):
     serve(files, ENTRIES)
     man = manifest(tmp_path, ENTRIES)
-    r = install(tmp_path, files, man)
+    r = install(tmp_path, files, man, script=checkout / "install.sh")
     assert r.returncode == 0, r.stderr + r.stdout
     assert landed(tmp_path) == ENTRIES
-    assert (tmp_path / "ComfyUI" / "custom_nodes" / "ComfyUI-QwenImage-GGUF" / "__init__.py").exists()
+    target = tmp_path / "ComfyUI" / "custom_nodes" / PACKAGE
+    assert (target / "__init__.py").exists()
+    # A git clone, so a rerun (git pull) and ComfyUI-Manager can update it.
+    assert (target / ".git").is_dir()
+    assert "/s, " in r.stdout and " left" in r.stdout, "progress shows size, speed and time left"
+    assert "ssh -N -L 8188:127.0.0.1:8188" in r.stdout and "0.0.0.0" in r.stdout
     files.requests.clear()
-    again = install(tmp_path, files, man)
+    again = install(tmp_path, files, man, script=checkout / "install.sh")
     assert again.returncode == 0 and again.stdout.count("already present") == 2, again.stdout
     assert not [p for p, _ in files.requests if p.endswith(".gguf")]
 
@@ -221,7 +160,7 @@ def test_quant_chosen_from_vram_and_explained(tmp_path):
     r = subprocess.run(["bash", str(SCRIPT), "--comfyui", str(tmp_path), "--python", sys.executable, "--skip-gpu-check",
                         "--dry-run", "--vram", "24", "--no-start"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "Q5_K_M" in r.stderr and "24 GB VRAM" in r.stderr
+    assert "Q5_K_M" in r.stdout and "24 GB VRAM" in r.stdout
     assert "qwen-image-2512-Q5_K_M.gguf" in r.stdout and "[dry-run]" in r.stdout
 
 
@@ -258,3 +197,122 @@ def test_whole_install_on_a_real_comfyui(tmp_path, files):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+# --- the paths a new user takes ------------------------------------------------------------------------
+
+def piped(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """`curl -fsSL .../install.sh | bash -s -- ARGS`: the script read from standard input."""
+    return subprocess.run(["bash", "-s", "--", *args], input=SCRIPT.read_text(), capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env={**os.environ, **env})
+
+
+def test_piped_help(tmp_path):
+    r = piped(["--help"], {}, tmp_path)
+    assert r.returncode == 0 and "--quant" in r.stdout and "sed:" not in r.stderr, r.stderr
+
+
+def test_piped_dry_run_changes_nothing(tmp_path, checkout):
+    home = tmp_path / "home"
+    home.mkdir()
+    r = piped(["--dry-run", "--skip-gpu-check", "--vram", "16"], {"HOME": str(home),
+                                                                   "QWEN_GGUF_REPO_URL": str(checkout)}, tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "[dry-run] download" in r.stdout and "qwen-image-2512-Q4_K_M.gguf" in r.stdout
+    assert not any(home.iterdir()), "a dry run writes nothing"
+
+
+def test_dry_run_without_an_existing_comfyui(tmp_path):
+    r = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--skip-gpu-check"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "comfy" in r.stdout and "[dry-run]" in r.stdout and "main.py" in r.stdout
+
+
+def test_piped_install_makes_an_updatable_git_clone(tmp_path, files, checkout):
+    serve(files, ENTRIES)
+    man = manifest(tmp_path, ENTRIES)
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "custom_nodes").mkdir(parents=True)
+    (comfy / "main.py").touch()
+    env = {"HOME": str(tmp_path), "HF_ENDPOINT": files.url, "QWEN_GGUF_REPO_URL": str(checkout)}
+    args = ["--comfyui", str(comfy), "--python", sys.executable, "--skip-gpu-check", "--no-start",
+            "--manifest", str(man), "--models", "tiny"]
+    r = piped(args, env, tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    target = comfy / "custom_nodes" / PACKAGE
+    origin = subprocess.run(["git", "-C", str(target), "remote", "get-url", "origin"], capture_output=True,
+                            text=True).stdout.strip()
+    assert origin == str(checkout), "ComfyUI-Manager and reruns update from the public repository"
+    assert landed(tmp_path) == ENTRIES
+    # A new commit upstream reaches the installed package on the next piped run.
+    (checkout / "NEWS").write_text("update\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-C", str(checkout)]
+    subprocess.run(git + ["add", "NEWS"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "news"], check=True)
+    try:
+        r = piped(args, env, tmp_path)
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert (target / "NEWS").read_text() == "update\n"
+    finally:
+        subprocess.run(git + ["reset", "-q", "--hard", "HEAD~1"], check=True)
+
+
+def test_symlinked_checkout_is_used_as_is(tmp_path, files, checkout):
+    serve(files, ENTRIES)
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "custom_nodes").mkdir(parents=True)
+    link = comfy / "custom_nodes" / PACKAGE
+    link.symlink_to(checkout, target_is_directory=True)
+    r = install(tmp_path, files, manifest(tmp_path, ENTRIES))
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "as it is" in r.stdout and link.is_symlink()
+    assert landed(tmp_path) == ENTRIES
+
+
+def test_an_older_copy_is_moved_aside_for_a_clone(tmp_path, files):
+    serve(files, ENTRIES)
+    old = tmp_path / "ComfyUI" / "custom_nodes" / PACKAGE
+    old.mkdir(parents=True)
+    (old / "stale.py").write_text("# removed upstream long ago\n")
+    r = install(tmp_path, files, manifest(tmp_path, ENTRIES))
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert (old / ".git").is_dir() and not (old / "stale.py").exists()
+    assert [p.name for p in old.parent.iterdir() if p.name.startswith(PACKAGE + ".old-")]
+
+
+def dry(tmp_path, *args) -> subprocess.CompletedProcess:
+    (tmp_path / "main.py").touch()
+    return subprocess.run(["bash", str(SCRIPT), "--comfyui", str(tmp_path), "--python", sys.executable,
+                           "--skip-gpu-check", "--dry-run", "--no-start", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_quant_for_every_set_falls_back_to_the_same_bits(tmp_path):
+    r = dry(tmp_path, "--models", "all", "--quant", "Q4_K_M")
+    assert r.returncode == 0, r.stderr
+    assert "z-image-turbo: diffusion model Q4_K (z-image-turbo has no Q4_K_M" in r.stdout
+    assert "z_image_turbo-Q4_K.gguf" in r.stdout and "qwen-image-edit-2511-Q4_K_M.gguf" in r.stdout
+
+
+def test_quant_no_set_offers_lists_what_each_offers(tmp_path):
+    r = dry(tmp_path, "--models", "all", "--quant", "Q8_0")
+    assert r.returncode != 0
+    line = r.stderr.strip().splitlines()[-1]
+    assert "Q8_0" in line and "qwen-image-2512: Q4_0, Q4_K_M, Q5_K_M" in line and "z-image-turbo: Q4_K" in line
+
+
+def test_published_sha256_is_checked_without_a_pinned_one(tmp_path, files):
+    serve(files, ENTRIES)
+    files.corrupt.add("/org/other/resolve/main/encoder.gguf")
+    r = install(tmp_path, files, manifest(tmp_path, ENTRIES, sha=False))
+    assert r.returncode != 0 and "sha256 does not match the published one" in r.stderr, r.stderr
+
+
+def test_repository_address_agrees_everywhere():
+    url = next(line.split('"')[1].split(":-")[1].rstrip("}") for line in SCRIPT.read_text().splitlines()
+               if line.startswith("REPO_URL="))
+    assert f'Repository = "{url}"' in (REPO / "pyproject.toml").read_text()
+    readme = (REPO / "README.md").read_text()
+    raw = url.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/install.sh"
+    assert raw in readme and f"git clone {url}" in readme and raw in SCRIPT.read_text()

@@ -8,6 +8,8 @@ import json
 import shutil
 import sys
 import time
+import urllib.parse
+import urllib.request
 
 import pytest
 from PIL import Image
@@ -52,8 +54,11 @@ def models(tmp_path_factory):
         (root / sub).mkdir()
     qwen = random_weights(qwen_image_shapes(**QWEN_IMAGE), 0)
     write_model(root / "diffusion_models" / "qwen-tiny.gguf", qwen, qwen_image_recipe())
+    # Another quant of the presets' model, as the installer fetches on a large card: presets naming
+    # qwen-image-2512-Q4_K_M.gguf must run on it.
+    shutil.copy(root / "diffusion_models" / "qwen-tiny.gguf", root / "diffusion_models" / "qwen-image-2512-Q5_K_M.gguf")
     write_model(root / "diffusion_models" / "qwen-edit-tiny.gguf", qwen, qwen_image_recipe(),
-                extra_tensors={"__index_timestep_zero__": np.zeros(1, np.float32)})
+                extra_tensors={"__index_timestep_zero__": np.zeros(0, np.float32)})
     write_model(root / "diffusion_models" / "z-image-tiny.gguf", random_weights(z_image_shapes(**Z_IMAGE), 1),
                 uniform_recipe(T.Q4_K), arch="lumina2")
     tokenizer = comfyui_path() / "comfy" / "text_encoders" / "qwen25_tokenizer"
@@ -82,11 +87,18 @@ def load(path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_presets_exist():
-    names = {p.stem for p in presets()}
-    assert {"qwen_image_2512_t2i_20steps", "qwen_image_2512_t2i_40steps", "qwen_image_2512_t2i_60steps",
-            "qwen_image_edit_2511_one_image", "qwen_image_edit_2511_two_images", "z_image_turbo",
-            "qwen_image_2512_step_comparison"} <= names
+ORDER = (WORKFLOWS / "order.txt").read_text(encoding="utf-8").split("\n")[:-1]
+T2I_20 = WORKFLOWS / "Qwen-Image-2512 text to image - 20 steps.json"
+
+
+def test_presets_exist_with_titles_order_and_thumbnails():
+    assert ORDER[:3] == [f"Qwen-Image-2512 text to image - {n} steps" for n in (20, 40, 60)]
+    assert sorted(ORDER) == sorted(p.stem for p in presets()) and len(ORDER) == 7
+    for title in ORDER:
+        assert "_" not in title, "the template browser shows the file name as the title"
+        assert (WORKFLOWS / "api" / f"{title}.json").exists()
+        with Image.open(WORKFLOWS / f"{title}.jpg") as thumb:
+            assert thumb.format == "JPEG" and thumb.size == (512, 512)
 
 
 def check_value(node: dict, name: str, spec: list, value) -> str | None:
@@ -156,17 +168,23 @@ def test_api_twin_in_step(server, path):
 
 def test_presets_in_template_browser(server):
     listed = server.get("/workflow_templates")
-    ours = next(v for k, v in listed.items() if "QwenImage-GGUF" in k)
+    module, ours = next((k, v) for k, v in listed.items() if "QwenImage-GGUF" in k)
     assert {p.stem for p in presets()} <= set(ours)
+    for title in ORDER:  # the card's thumbnail, where the front end asks for it
+        url = f"{server.url}/api/workflow_templates/{module}/{urllib.parse.quote(title)}.jpg"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff"
+    assert server.get("/qwen_gguf/models")["presets"] == ORDER
 
 
-def shrink(api: dict) -> dict:
-    """The preset with the tiny fixtures, small images and few steps, runnable on a CPU."""
+def shrink(api: dict, keep: set[str] = frozenset()) -> dict:
+    """The preset with the tiny fixtures (but the names in ``keep``), small images and few steps,
+    runnable on a CPU."""
     api = copy.deepcopy(api)
     for node_id, node in api.items():
         inputs = node["inputs"]
         for key, value in inputs.items():
-            if isinstance(value, str) and value in FIXTURES:
+            if isinstance(value, str) and value in FIXTURES and value not in keep:
                 inputs[key] = FIXTURES[value]
         if node["class_type"] == "EmptySD3LatentImage":
             inputs.update(width=64, height=64)
@@ -189,7 +207,7 @@ def test_preset_runs_over_http(server, path):
     for img in saved:
         image = Image.open(server.workdir / "output" / img.get("subfolder", "") / img["filename"])
         assert image.size[1] >= 64
-    if "step_comparison" in path.stem:
+    if "side by side" in path.stem:
         assert image.size[0] >= 3 * 64, "three images side by side"
 
 
@@ -216,14 +234,16 @@ def browser_missing_reason() -> str | None:
     return None
 
 
-def ui_for_fixtures(ui: dict) -> dict:
-    """The UI preset pointing at the tiny fixtures (widgets and download entries), small and quick."""
+def ui_for_fixtures(ui: dict, keep: set[str] = frozenset()) -> dict:
+    """The UI preset pointing at the tiny fixtures (widgets and download entries; but the names in
+    ``keep``), small and quick."""
     ui = copy.deepcopy(ui)
+    names = {k: v for k, v in FIXTURES.items() if k not in keep}
     for node in ui["nodes"]:
         values = node.get("widgets_values") or []
-        node["widgets_values"] = [FIXTURES.get(v, v) if isinstance(v, str) else v for v in values]
+        node["widgets_values"] = [names.get(v, v) if isinstance(v, str) else v for v in values]
         for model in node.get("properties", {}).get("models", []):
-            model["name"] = FIXTURES.get(model["name"], model["name"])
+            model["name"] = names.get(model["name"], model["name"])
         if node["type"] == "EmptySD3LatentImage":
             node["widgets_values"][:2] = [64, 64]
         if node["type"] == "KSampler":
@@ -232,30 +252,44 @@ def ui_for_fixtures(ui: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def browser(server, tmp_path_factory):
+def browser_factory(tmp_path_factory):
+    """Opens ComfyUI's front end of a server in headless Chromium (closed at the end of the module)."""
     reason = browser_missing_reason()
     if reason:
         pytest.skip(reason)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1600,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(flag)
-    options.binary_location = shutil.which("chromium")
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    driver.set_script_timeout(120)
-    driver.get(server.url)
-    deadline = time.time() + 120
-    while time.time() < deadline and not driver.execute_script("return !!(window.app && window.app.graph)"):
-        time.sleep(1)
-    assert driver.execute_script("return !!(window.app && window.app.graph)"), "the front end did not start"
-    time.sleep(3)
-    close_dialogs(driver)  # a new user's first visit opens the template browser
-    ARTIFACTS.mkdir(exist_ok=True)
-    yield driver
-    driver.quit()
+    drivers = []
+
+    def open_page(server):
+        options = webdriver.ChromeOptions()
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", "--window-size=1600,1000",
+                     f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+            options.add_argument(flag)
+        options.binary_location = shutil.which("chromium")
+        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+        drivers.append(driver)
+        driver.set_script_timeout(120)
+        driver.get(server.url)
+        deadline = time.time() + 120
+        while time.time() < deadline and not driver.execute_script("return !!(window.app && window.app.graph)"):
+            time.sleep(1)
+        assert driver.execute_script("return !!(window.app && window.app.graph)"), "the front end did not start"
+        time.sleep(3)
+        close_dialogs(driver)  # a new user's first visit opens the template browser
+        ARTIFACTS.mkdir(exist_ok=True)
+        return driver
+
+    yield open_page
+    for driver in drivers:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser(server, browser_factory):
+    return browser_factory(server)
 
 
 DIALOGS = "[role=dialog], .p-dialog, .p-dialog-mask, .comfy-modal, .p-toast-message-error"
@@ -296,11 +330,76 @@ def test_preset_loads_in_the_browser(browser, path):
     assert not dialogs, dialogs
     body = browser.execute_script("return document.body.innerText").lower()
     assert "missing node" not in body and "missing models" not in body
+    assert not layout_problems(browser), layout_problems(browser)
+
+
+LAYOUT_JS = """
+const graph = window.app.graph, canvas = window.app.canvas, el = canvas.canvas;
+const rect = (b) => ({x: b[0], y: b[1], w: b[2], h: b[3]});
+const nodes = graph.nodes.map(n => ({id: n.id, type: n.title || n.type, ...rect(n.boundingRect)}));
+const box = el.getBoundingClientRect();
+const groups = graph.groups.map(g => {
+  const b = g.boundingRect ?? g._bounding;
+  const th = g.titleHeight ?? 34;
+  const [cx, cy] = canvas.ds.convertOffsetToCanvas([b[0] + Math.min(b[2], 200) / 2, b[1] + th / 2]);
+  const x = box.left + cx / (window.devicePixelRatio || 1), y = box.top + cy / (window.devicePixelRatio || 1);
+  const hit = document.elementFromPoint(x, y);
+  return {title: g.title, x, y, onCanvas: hit === el};
+});
+return {nodes, groups};
+"""
+
+
+def layout_problems(driver) -> list[str]:
+    """Nodes whose boxes (title bar included) overlap, and group titles that the saved view leaves
+    off the canvas or under the front end's own panels."""
+    found = driver.execute_script(LAYOUT_JS)
+    problems = []
+    nodes = found["nodes"]
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            dx = min(a["x"] + a["w"], b["x"] + b["w"]) - max(a["x"], b["x"])
+            dy = min(a["y"] + a["h"], b["y"] + b["h"]) - max(a["y"], b["y"])
+            if dx > 0 and dy > 0:
+                problems.append(f"{a['type']} and {b['type']} overlap by {dx:.0f} x {dy:.0f} px")
+    problems += [f"group title {g['title']!r} is not visible at ({g['x']:.0f}, {g['y']:.0f})"
+                 for g in found["groups"] if not g["onCanvas"]]
+    return problems
+
+
+def test_template_browser_lists_the_presets_in_order(browser):
+    listed = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "const api = window.comfyAPI?.api?.api ?? window.app.api;"
+        "api.getWorkflowTemplates().then(t => done(t), e => done('error: ' + e));")
+    ours = next(v for k, v in listed.items() if "QwenImage-GGUF" in k)
+    assert ours == ORDER
+
+
+def test_preset_naming_another_installed_quant_runs(server):
+    # qwen-image-2512-Q4_K_M.gguf is not installed here, its Q5_K_M is: POST /prompt must take it.
+    api = shrink(load(WORKFLOWS / "api" / T2I_20.name), keep={"qwen-image-2512-Q4_K_M.gguf"})
+    entry = server.run(api)
+    assert "rejected" not in entry, entry
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert "qwen-image-2512-Q4_K_M.gguf is not installed; using qwen-image-2512-Q5_K_M.gguf" in server.server_log()
+
+
+def test_preset_naming_another_installed_quant_opens_without_a_missing_model(browser):
+    ui = ui_for_fixtures(load(T2I_20), keep={"qwen-image-2512-Q4_K_M.gguf"})
+    assert load_in_browser(browser, ui) == "ok"
+    time.sleep(1.5)
+    value = browser.execute_script(
+        "return window.app.graph.nodes.find(n => n.type === 'QwenImageGGUFUnetLoader').widgets[0].value")
+    assert value == "qwen-image-2512-Q5_K_M.gguf"
+    assert not visible_dialogs(browser), visible_dialogs(browser)
+    body = browser.execute_script("return document.body.innerText").lower()
+    assert "missing models" not in body and "model files this workflow needs" not in body, body[-1500:]
 
 
 def test_queue_from_the_page_produces_an_image(browser, server):
     before = set(server.get("/history"))
-    assert load_in_browser(browser, ui_for_fixtures(load(WORKFLOWS / "qwen_image_2512_t2i_20steps.json"))) == "ok"
+    assert load_in_browser(browser, ui_for_fixtures(load(T2I_20))) == "ok"
     answer = browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"
         "window.app.queuePrompt(0, 1).then(r => done('queued'), e => done('error: ' + e));")
@@ -318,3 +417,131 @@ def test_queue_from_the_page_produces_an_image(browser, server):
         assert not errors, json.dumps(errors[0]["status"])[:2000]
         time.sleep(1)
     raise AssertionError("the queued prompt did not finish")
+
+
+# --- missing models: downloaded from the front end's panel, from a local stand-in for Hugging Face ----
+
+PANEL_FILES = ("qwen-image-2512-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf", "mmproj-F16.gguf",
+               "qwen_image_vae.safetensors")
+
+
+@pytest.fixture(scope="module")
+def mirror(models):
+    from hf_mirror import Files, serve_manifest_files
+    import threading
+    srv = Files()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    real = json.loads((REPO / "install" / "models.json").read_text())
+    contents = {name: next(models.rglob(FIXTURES[name])).read_bytes() for name in PANEL_FILES}
+    srv.manifest = serve_manifest_files(srv, real, contents)
+    srv.contents = contents
+    yield srv
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def empty_server(mirror, tmp_path_factory):
+    """A ComfyUI with none of the files, its downloads going to the mirror."""
+    work = tmp_path_factory.mktemp("dl_server")
+    models = work / "models"
+    for sub in MODEL_FOLDERS:
+        (models / sub).mkdir(parents=True)
+    manifest = work / "manifest.json"
+    manifest.write_text(json.dumps(mirror.manifest))
+    with ComfyServer(work, models, env={"HF_ENDPOINT": mirror.url, "QWEN_GGUF_MANIFEST": str(manifest)}) as s:
+        yield s
+
+
+@pytest.mark.parametrize("name", ["../../main.py", "/etc/passwd", "http://example.invalid/x.gguf",
+                                  "not-in-the-manifest.gguf", "", None, ["mmproj-F16.gguf"]])
+def test_download_route_takes_only_manifest_names(empty_server, name):
+    answer = empty_server.post("/qwen_gguf/download", {"name": name})
+    assert answer.get("http_error") == 400 and "manifest" in answer["error"]
+    assert not [p for p in empty_server.models.rglob("*") if p.is_file()]
+
+
+def test_missing_files_downloaded_from_the_panel(browser_factory, empty_server, mirror):
+    dm = next(p for p in mirror.files if p.endswith("qwen-image-2512-Q4_K_M.gguf"))
+    mirror.drop_after[dm] = len(mirror.contents["qwen-image-2512-Q4_K_M.gguf"]) // 3
+    mirror.slow[dm] = 0.05
+    driver = browser_factory(empty_server)
+    assert load_in_browser(driver, load(T2I_20)) == "ok"
+    time.sleep(2)
+    rows = driver.execute_script(
+        "return [...document.querySelectorAll('#qwen-gguf-downloads .qg-row')].map(r => r.dataset.name)")
+    assert sorted(rows) == sorted(PANEL_FILES)
+    driver.execute_script("document.querySelector('#qwen-gguf-downloads .qg-all').click()")
+    seen, deadline = set(), time.time() + 120
+    while time.time() < deadline:
+        states = driver.execute_script(
+            "return [...document.querySelectorAll('#qwen-gguf-downloads .qg-state')].map(e => e.textContent)")
+        seen.update(states)
+        if states and all(s == "installed" for s in states):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"downloads did not finish: {states}")
+    driver.save_screenshot(str(ARTIFACTS / "downloads_done.png"))
+    assert any("/s, " in s and " left" in s for s in seen), seen  # size, speed and time left shown
+    ranges = [rng for p, rng in mirror.requests if p == dm and rng]
+    assert ranges, "the dropped download resumed with a Range request"
+    for name in PANEL_FILES:
+        assert next(empty_server.models.rglob(name)).read_bytes() == mirror.contents[name]
+    options = driver.execute_script(
+        "return window.app.graph.nodes.find(n => n.type === 'QwenImageGGUFUnetLoader').widgets[0].options.values")
+    assert "qwen-image-2512-Q4_K_M.gguf" in options, "the loader's list refreshed"
+    api = shrink(load(WORKFLOWS / "api" / T2I_20.name), keep=set(PANEL_FILES))
+    entry = empty_server.run(api)
+    assert "rejected" not in entry and entry["status"]["status_str"] == "success", entry
+
+
+# --- after install.sh, for each quant choice: every installed preset validates and runs -----------------
+
+INSTALL_CHOICES = {"auto on a 24 GB card (Q5_K_M)": ["--models", "all", "--vram", "24"],
+                   "--quant Q4_0": ["--models", "qwen-image-2512", "--quant", "Q4_0"],
+                   "--models all --quant Q4_K_M": ["--models", "all", "--quant", "Q4_K_M"]}
+SET_PRESETS = {"qwen-image-2512": "Qwen-Image-2512 ", "qwen-image-edit-2511": "Qwen-Image-Edit-2511 ",
+               "z-image-turbo": "Z-Image-Turbo "}
+
+
+@pytest.mark.parametrize("choice", INSTALL_CHOICES, ids=list(INSTALL_CHOICES))
+def test_installed_presets_validate_for_every_quant_choice(models, checkout, tmp_path, choice):
+    import subprocess
+    import threading
+    from hf_mirror import Files, serve_manifest_files
+    srv = Files()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        real = json.loads((REPO / "install" / "models.json").read_text())
+        # Every file of the manifest served as the tiny fixture of its kind (every quant of a model alike).
+        names = {e["file"] for s in real["sets"].values() for e in s["diffusion_model"]["quants"].values()}
+        names |= {e["file"] for e in real["files"].values()}
+        kind = {n: next((v for k, v in FIXTURES.items() if k.split("-Q")[0] == n.split("-Q")[0]), FIXTURES.get(n))
+                for n in names}
+        contents = {n: next(models.rglob(kind[n])).read_bytes() for n in names if kind[n]}
+        manifest = tmp_path / "models.json"
+        manifest.write_text(json.dumps(serve_manifest_files(srv, real, contents)))
+        comfy = tmp_path / "ComfyUI"
+        (comfy / "custom_nodes").mkdir(parents=True)
+        (comfy / "main.py").touch()
+        r = subprocess.run(["bash", str(checkout / "install.sh"), "--comfyui", str(comfy), "--python", sys.executable,
+                            "--skip-gpu-check", "--no-start", "--manifest", str(manifest),
+                            *INSTALL_CHOICES[choice]], capture_output=True, text=True, timeout=600,
+                           env={**__import__("os").environ, "HF_ENDPOINT": srv.url})
+        assert r.returncode == 0, r.stderr + r.stdout
+    finally:
+        srv.shutdown()
+    installed = {p.name for p in (comfy / "models").rglob("*") if p.is_file()}
+    shutil.copytree(comfy / "input", tmp_path / "server" / "input")  # the edit presets' images, as installed
+    sets = INSTALL_CHOICES[choice][1].split(",")
+    prefixes = tuple(SET_PRESETS.values()) if sets == ["all"] else tuple(SET_PRESETS[s] for s in sets)
+    with ComfyServer(tmp_path / "server", comfy / "models") as server:
+        for path in [p for p in presets() if p.stem.startswith(prefixes)]:
+            api = shrink(load(WORKFLOWS / "api" / path.name), keep=set(FIXTURES))
+            answer = server.post("/prompt", {"prompt": api, "client_id": "validate"})
+            assert "prompt_id" in answer and not answer.get("node_errors"), (path.stem, installed, answer)
+        server.post("/queue", {"clear": True})
+        server.post("/interrupt", {})
+        first = shrink(load(WORKFLOWS / "api" / T2I_20.name), keep=set(FIXTURES))
+        entry = server.run(first)
+        assert "rejected" not in entry and entry["status"]["status_str"] == "success", entry

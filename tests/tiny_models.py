@@ -106,7 +106,8 @@ def write_model(path, weights: dict, recipe: Recipe, arch: str | None = "qwen_im
     chosen = write_gguf(path, tensors, lambda name, shape: recipe(name.removeprefix(prefix), shape), arch=arch)
     if twin:
         chosen_plain = {k[len(prefix):]: v for k, v in chosen.items() if k.startswith(prefix)}
-        save_file(decoded(weights, chosen_plain), twin)
+        save_file({**decoded(weights, chosen_plain), **{k.removeprefix(prefix): v for k, v in (extra_tensors or {}).items()}},
+                  twin)
     return chosen
 
 

@@ -1,7 +1,9 @@
 """Writes the preset workflows (ComfyUI's UI format) from the graphs described here.
 
 Node inputs, widget order and output types come from a running ComfyUI's /object_info, so every
-widget lands where the front end expects it:
+widget lands where the front end expects it. The file names are the titles ComfyUI's template
+browser shows; ``order.txt`` gives the order the package's front-end extension lists them in, and
+each preset gets a thumbnail card (``<title>.jpg``) naming its model, steps and sampler:
 
     python workflows/build_presets.py http://127.0.0.1:8188   # a ComfyUI with this package installed
     python workflows/to_api.py                                # then refresh the API-format twins
@@ -12,26 +14,26 @@ from __future__ import annotations
 import json
 import sys
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+from PIL import Image, ImageDraw, ImageFont
 
 HERE = Path(__file__).resolve().parent
 PACKAGE_ID = "comfyui-qwenimage-gguf"
 PACKAGE_VERSION = "0.1.0"
 
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "loaders"))
+from downloads import DEFAULT_ENDPOINT, load_manifest  # noqa: E402
 from to_api import FRONTEND_ONLY, WIDGET_TYPES  # noqa: E402
 
-HF = "https://huggingface.co/{}/resolve/main/{}"
-MODELS = {
-    "qwen-image-2512-Q4_K_M.gguf": ("unsloth/Qwen-Image-2512-GGUF", "diffusion_models"),
-    "qwen-image-edit-2511-Q4_K_M.gguf": ("unsloth/Qwen-Image-Edit-2511-GGUF", "diffusion_models"),
-    "z_image_turbo-Q4_K.gguf": ("leejet/Z-Image-Turbo-GGUF", "diffusion_models"),
-    "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf": ("unsloth/Qwen2.5-VL-7B-Instruct-GGUF", "text_encoders"),
-    "mmproj-F16.gguf": ("unsloth/Qwen2.5-VL-7B-Instruct-GGUF", "text_encoders"),
-    "Qwen3-4B-Instruct-2507-Q4_K_M.gguf": ("unsloth/Qwen3-4B-Instruct-2507-GGUF", "text_encoders"),
-    "qwen_image_vae.safetensors": ("Comfy-Org/Qwen-Image_ComfyUI", "vae", "split_files/vae/qwen_image_vae.safetensors"),
-    "ae.safetensors": ("Comfy-Org/z_image_turbo", "vae", "split_files/vae/ae.safetensors"),
-}
+MODELS = load_manifest().all_files()  # the download entries of the loader nodes
+
+VIEW = (1600, 900)
+VIEW_MARGINS = (70, 100, 30, 30)  # left (side bar), top (menu bar), right, bottom, in screen pixels
+TITLE_HEIGHT = 30
 
 NEGATIVE_ZH = "低分辨率，低画质，肢体畸形，手指畸形，画面过饱和，蜡像感，人脸无细节，过度光滑，画面具有AI感。构图混乱。文字模糊，扭曲"
 PROMPT_T2I = ("A cozy bookshop café on a rainy evening, warm light spilling from the window onto wet cobblestones. "
@@ -64,8 +66,7 @@ SMALL_GPU_NOTE = """### On a small GPU (12-16 GB)
 
 
 def model_entry(name: str) -> dict:
-    repo, directory, *path = MODELS[name]
-    return {"name": name, "url": HF.format(repo, path[0] if path else name), "directory": directory}
+    return {"name": name, "url": MODELS[name].url(DEFAULT_ENDPOINT), "directory": MODELS[name].folder}
 
 
 def extra_widget_values(opts: dict, widgets: dict) -> list:
@@ -141,20 +142,31 @@ class Graph:
         self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x, y, w, h], "color": color,
                             "font_size": 24, "flags": {}})
 
+    def view(self) -> dict:
+        """The saved view: the whole graph, group titles included, inside a 1600 x 900 window below
+        the front end's menu bar (a template is fitted to the window by the front end itself)."""
+        boxes = [(*n["pos"], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in self.nodes]
+        boxes += [(x, y, x + w, y + h) for x, y, w, h in (g["bounding"] for g in self.groups)]
+        x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes) - TITLE_HEIGHT
+        x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+        (width, height), (left, top, right, bottom) = VIEW, VIEW_MARGINS
+        scale = min(1.0, (width - left - right) / (x1 - x0), (height - top - bottom) / (y1 - y0))
+        return {"scale": round(scale, 4), "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}
+
     def to_json(self) -> dict:
         return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0,
                 "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
                 "links": self.links, "groups": self.groups, "config": {},
-                "extra": {"ds": {"scale": 0.6, "offset": [40, 60]}}, "version": 0.4}
+                "extra": {"ds": self.view()}, "version": 0.4}
 
 
 def loaders(g: Graph, unet: str, clip: str, mmproj: str, vae: str, x: int = 0, y: int = 0):
-    g.group("1. Models (GGUF)", x - 20, y - 60, 380, 560)
+    g.group("1. Models (GGUF)", x - 20, y - 60, 380, 610)
     model = g.add("QwenImageGGUFUnetLoader", (x, y), (340, 106), unet_name=unet)
-    guard = g.add("QwenImageGGUFNaNGuard", (x, y + 130), (340, 50))
+    guard = g.add("QwenImageGGUFNaNGuard", (x, y + 150), (340, 50))
     g.connect(model, 0, guard, "model")
-    clip_node = g.add("QwenImageGGUFClipLoader", (x, y + 230), (340, 106), clip_name=clip, mmproj_name=mmproj)
-    vae_node = g.add("QwenImageGGUFVAELoader", (x, y + 390), (340, 82), vae_name=vae, tile_size=512)
+    clip_node = g.add("QwenImageGGUFClipLoader", (x, y + 250), (340, 106), clip_name=clip, mmproj_name=mmproj)
+    vae_node = g.add("QwenImageGGUFVAELoader", (x, y + 410), (340, 82), vae_name=vae, tile_size=512)
     return guard, clip_node, vae_node
 
 
@@ -198,7 +210,7 @@ def qwen_t2i(info: dict, steps: int) -> dict:
                        sampler_name="dpmpp_2m", scheduler="karras")
     g.group("4. Decode and save", 1280, -60, 640, 900, "#a1309b")
     decode_and_save(g, sampler, vae, guard, f"qwen-image-2512-{steps}steps", 1300, 0)
-    g.add("MarkdownNote", (-20, 520), (380, 300), text=RESOLUTIONS_NOTE)
+    g.add("MarkdownNote", (-20, 580), (380, 300), text=RESOLUTIONS_NOTE)
     g.add("MarkdownNote", (400, 520), (460, 300), text=(
         f"## Qwen-Image-2512 text to image, GGUF, {steps} steps\nQ4_K_M diffusion model, Qwen2.5-VL-7B Q4_K_M text "
         "encoder with its mmproj, Qwen VAE. DPM++ 2M with the Karras schedule, CFG 4, shift 3.1. The NaN Guard "
@@ -223,7 +235,7 @@ def qwen_edit(info: dict, images: int) -> dict:
         g.connect(vae, 0, enc, "vae")
         for i, load in enumerate(loads):
             g.connect(load, 0, enc, f"image{i + 1}")
-    g.group("3. Sampling: 40 steps, CFG 4", 1320, -60, 380, 820, "#b58b2a")
+    g.group("3. Sampling: 40 steps, CFG 4", 1320, -60, 380, 900, "#b58b2a")
     refs = []
     for i, enc in enumerate((pos, neg)):
         ref = g.add("FluxKontextMultiReferenceLatentMethod", (1340, 0 + 100 * i), (340, 60),
@@ -234,14 +246,14 @@ def qwen_edit(info: dict, images: int) -> dict:
     g.connect(guard, 0, shift, "model")
     norm = g.add("CFGNorm", (1340, 320), (340, 60), strength=1.0)
     g.connect(shift, 0, norm, "model")
-    encode = g.add("VAEEncode", (1340, 420), (340, 50))
+    encode = g.add("VAEEncode", (1340, 450), (340, 50))
     g.connect(scaled, 0, encode, "pixels")
     g.connect(vae, 0, encode, "vae")
-    sampler = ksampler(g, (1340, 500), norm, refs[0], refs[1], encode, control_after_generate="randomize", steps=40,
+    sampler = ksampler(g, (1340, 550), norm, refs[0], refs[1], encode, control_after_generate="randomize", steps=40,
                        sampler_name="euler", scheduler="simple")
     g.group("4. Decode and save", 1720, -60, 640, 900, "#a1309b")
     decode_and_save(g, sampler, vae, guard, f"qwen-image-edit-2511-{images}img", 1740, 0)
-    g.add("MarkdownNote", (-20, 520), (380, 320), text=(
+    g.add("MarkdownNote", (-20, 580), (380, 320), text=(
         "## Qwen-Image-Edit-2511, GGUF\nThe mmproj file gives the text encoder its vision tower: without it the "
         "edit nodes cannot see the images (the loader says so). Replace the input images with your own "
         f"({'one image' if images == 1 else 'image 1 is edited, image 2 is the reference'}).\n\n" + SMALL_GPU_NOTE))
@@ -265,7 +277,7 @@ def z_image(info: dict) -> dict:
                        cfg=1.0, sampler_name="res_multistep", scheduler="simple")
     g.group("4. Decode and save", 1280, -60, 640, 900, "#a1309b")
     decode_and_save(g, sampler, vae, guard, "z-image-turbo", 1300, 0)
-    g.add("MarkdownNote", (-20, 520), (380, 260), text=(
+    g.add("MarkdownNote", (-20, 580), (380, 260), text=(
         "## Z-Image-Turbo, GGUF\nQ4_K diffusion model, Qwen3-4B Q4_K_M text encoder (no mmproj), Flux VAE. "
         "A distilled model: 8 steps at CFG 1, so the negative prompt is zeroed out."))
     return g.to_json()
@@ -276,60 +288,101 @@ def step_comparison(info: dict) -> dict:
     guard, clip, vae = loaders(g, "qwen-image-2512-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf", "none",
                                "qwen_image_vae.safetensors")
     pos, neg = prompt_pair(g, clip, "2. One prompt, one seed")
+    g.group("3. The same seed at 20, 40 and 60 steps", 880, -60, 1000, 1140, "#b58b2a")
     shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.1)
     g.connect(guard, 0, shift, "model")
-    latent = g.add("EmptySD3LatentImage", (900, 100), (340, 110), width=1024, height=1024, batch_size=1)
-    g.group("3. The same seed at 20, 40 and 60 steps", 880, -60, 760, 1100, "#b58b2a")
+    latent = g.add("EmptySD3LatentImage", (900, 110), (340, 110), width=1024, height=1024, batch_size=1)
     labelled = []
     for i, steps in enumerate((20, 40, 60)):
-        y = 250 + 280 * i
-        sampler = ksampler(g, (900, y), shift, pos, neg, latent, (340, 262), title=f"KSampler {steps} steps",
+        y = 270 + 330 * i
+        sampler = ksampler(g, (900, y), shift, pos, neg, latent, (340, 290), title=f"KSampler {steps} steps",
                            control_after_generate="fixed", steps=steps, sampler_name="dpmpp_2m", scheduler="karras")
         decode = g.add("QwenImageGGUFVAEDecode", (1260, y), (260, 80))
         g.connect(sampler, 0, decode, "samples")
         g.connect(vae, 0, decode, "vae")
         g.connect(guard, 0, decode, "model")
-        label = g.add("TextOverlay", (1260, y + 110), (300, 160), text=f"{steps} steps", font_size=6.0,
+        label = g.add("TextOverlay", (1540, y), (320, 300), text=f"{steps} steps", font_size=6.0,
                       color="#ffffff", position="top", align="left", outline=True)
         g.connect(decode, 0, label, "images")
         labelled.append(label)
-    g.group("4. Side by side", 1660, -60, 1200, 700, "#a1309b")
-    first = g.add("ImageStitch", (1680, 0), (280, 150), direction="right", match_image_size=True, spacing_width=16,
+    g.group("4. Side by side", 1900, -60, 1200, 760, "#a1309b")
+    first = g.add("ImageStitch", (1920, 0), (280, 170), direction="right", match_image_size=True, spacing_width=16,
                   spacing_color="white")
     g.connect(labelled[0], 0, first, "image1")
     g.connect(labelled[1], 0, first, "image2")
-    second = g.add("ImageStitch", (1680, 200), (280, 150), direction="right", match_image_size=True,
+    second = g.add("ImageStitch", (1920, 230), (280, 170), direction="right", match_image_size=True,
                    spacing_width=16, spacing_color="white")
     g.connect(first, 0, second, "image1")
     g.connect(labelled[2], 0, second, "image2")
-    save = g.add("SaveImage", (2000, 0), (840, 420), filename_prefix="qwen-image-steps-20-40-60")
+    save = g.add("SaveImage", (2240, 0), (840, 420), filename_prefix="qwen-image-steps-20-40-60")
     g.connect(second, 0, save, "images")
-    g.add("MarkdownNote", (-20, 520), (380, 300), text=(
+    g.add("MarkdownNote", (-20, 580), (380, 300), text=(
         "## What do more steps buy?\nOne prompt and one fixed seed, sampled with DPM++ 2M Karras at 20, 40 and "
         "60 steps, saved side by side with the step count written on each image. Time grows with the steps; "
         "memory does not.\n\n" + RESOLUTIONS_NOTE))
     return g.to_json()
 
 
-PRESETS = {
-    "qwen_image_2512_t2i_20steps": lambda info: qwen_t2i(info, 20),
-    "qwen_image_2512_t2i_40steps": lambda info: qwen_t2i(info, 40),
-    "qwen_image_2512_t2i_60steps": lambda info: qwen_t2i(info, 60),
-    "qwen_image_edit_2511_one_image": lambda info: qwen_edit(info, 1),
-    "qwen_image_edit_2511_two_images": lambda info: qwen_edit(info, 2),
-    "z_image_turbo": z_image,
-    "qwen_image_2512_step_comparison": step_comparison,
-}
+@dataclass(frozen=True)
+class Preset:
+    """A preset: its title (the file name the template browser shows) and what its card says."""
+    title: str
+    build: Callable[[dict], dict]
+    card: tuple[str, ...]
+
+
+QWEN_T2I_CARD = ("Qwen-Image-2512 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj", "DPM++ 2M Karras, CFG 4",
+                 "1328 x 1328")
+PRESETS = [
+    Preset("Qwen-Image-2512 text to image - 20 steps", lambda info: qwen_t2i(info, 20),
+           ("20 steps: fast preview",) + QWEN_T2I_CARD),
+    Preset("Qwen-Image-2512 text to image - 40 steps", lambda info: qwen_t2i(info, 40),
+           ("40 steps: the default",) + QWEN_T2I_CARD),
+    Preset("Qwen-Image-2512 text to image - 60 steps", lambda info: qwen_t2i(info, 60),
+           ("60 steps: the finest",) + QWEN_T2I_CARD),
+    Preset("Qwen-Image-2512 - 20, 40 and 60 steps side by side", step_comparison,
+           ("One seed at 20, 40 and 60 steps",) + QWEN_T2I_CARD[:3] + ("1024 x 1024, side by side",)),
+    Preset("Qwen-Image-Edit-2511 - edit one image", lambda info: qwen_edit(info, 1),
+           ("Edit one image", "Qwen-Image-Edit-2511 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj",
+            "Euler, 40 steps, CFG 4", "TextEncodeQwenImageEditPlus")),
+    Preset("Qwen-Image-Edit-2511 - combine two images", lambda info: qwen_edit(info, 2),
+           ("Combine two images", "Qwen-Image-Edit-2511 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj",
+            "Euler, 40 steps, CFG 4", "TextEncodeQwenImageEditPlus")),
+    Preset("Z-Image-Turbo text to image - 8 steps", z_image,
+           ("Distilled: 8 steps", "Z-Image-Turbo Q4_K (GGUF)", "Qwen3-4B Q4_K_M", "res_multistep, CFG 1",
+            "1024 x 1024")),
+]
+ORDER_FILE = HERE / "order.txt"
+
+
+def card(preset: Preset, path: Path) -> None:
+    """The template browser's thumbnail: a card naming the model, steps and sampler."""
+    img = Image.new("RGB", (512, 512), "#1d2330")
+    draw = ImageDraw.Draw(img)
+    for y in range(512):  # a quiet vertical gradient
+        draw.line([(0, y), (511, y)], fill=(29 + y // 24, 35 + y // 20, 48 + y // 12))
+    draw.rectangle([0, 0, 511, 8], fill="#b58b2a")
+    family, _, variant = preset.title.partition(" - ")
+    draw.text((32, 40), family, font=ImageFont.load_default(size=30), fill="#ffffff")
+    draw.text((32, 84), variant or preset.card[0], font=ImageFont.load_default(size=40), fill="#f0c05a")
+    y = 170
+    for line in preset.card[1:] if variant else preset.card:
+        draw.text((32, y), line, font=ImageFont.load_default(size=24), fill="#d8dde8")
+        y += 44
+    draw.text((32, 460), "ComfyUI-QwenImage-GGUF", font=ImageFont.load_default(size=20), fill="#8a93a6")
+    img.save(path, quality=90)
 
 
 def main() -> None:
     url = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8188"
     with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=60) as r:
         info = json.loads(r.read())
-    for name, build in PRESETS.items():
-        path = HERE / f"{name}.json"
-        path.write_text(json.dumps(build(info), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        print("wrote", path.relative_to(HERE.parent))
+    for preset in PRESETS:
+        path = HERE / f"{preset.title}.json"
+        path.write_text(json.dumps(preset.build(info), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        card(preset, path.with_suffix(".jpg"))
+        print("wrote", path.relative_to(HERE.parent), "and its thumbnail")
+    ORDER_FILE.write_text("".join(p.title + "\n" for p in PRESETS), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import json
 import torch
 from safetensors.torch import save_file
 
+import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
@@ -24,19 +25,22 @@ class TestConditioning:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 8}),
-                             "width": ("INT", {"default": 256})}}
+                             "width": ("INT", {"default": 256})},
+                "optional": {"reference": ("INT", {"default": 0})}}
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "make"
     CATEGORY = "testing"
 
-    def make(self, seed, tokens, width):
+    def make(self, seed, tokens, width, reference=0):
         g = torch.Generator().manual_seed(seed)
-        return ([[torch.randn(1, tokens, width, generator=g), {}]],)
+        extra = {"reference_latents": [torch.randn(1, 16, reference, reference, generator=g)]} if reference else {}
+        return ([[torch.randn(1, tokens, width, generator=g), extra]],)
 
 
 class TestNativeUnetLoader:
     """The reference: a safetensors file loaded through ComfyUI's own model classes and ordinary
-    ops, with the config passed explicitly (stock detection assumes the full-size widths)."""
+    ops, with the sizes passed explicitly (stock detection assumes the full-size widths) and the
+    variant markers (Edit-2511's reference method, ...) from ComfyUI's own detection."""
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"unet_name": (folder_paths.get_filename_list("diffusion_models"),),
@@ -47,7 +51,13 @@ class TestNativeUnetLoader:
 
     def load(self, unet_name, family, config_json):
         sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
-        config = MODEL_CONFIGS[family](json.loads(config_json))
+        sizes = json.loads(config_json)
+        detected = comfy.model_detection.detect_unet_config(sd, "")
+        for marker in ("default_ref_method", "use_additional_t_cond"):
+            sizes.pop(marker, None)
+            if marker in detected:
+                sizes[marker] = detected[marker]
+        config = MODEL_CONFIGS[family](sizes)
         load_device = comfy.model_management.get_torch_device()
         dtype = comfy.model_management.unet_dtype(load_device, supported_dtypes=[torch.bfloat16, torch.float32])
         config.set_inference_dtype(dtype, None)
