@@ -174,9 +174,12 @@ install_package() {
     say "Updating $target from its origin"
     run git -C "$target" pull -q --ff-only || say "git pull in $target failed; going on with the version there"
   elif [[ -d "$target/.git" ]]; then
-    # The version of the checkout whose installer runs (a piped install's checkout follows the public one).
-    say "Updating $target from $SCRIPT_DIR"
-    run git -C "$target" pull -q --ff-only "$SCRIPT_DIR" HEAD \
+    # The version of the checkout whose installer runs (a piped install's checkout follows the public
+    # one); from an unpacked archive, the public one.
+    local from=()
+    git -C "$SCRIPT_DIR" rev-parse --git-dir >/dev/null 2>&1 && from=("$SCRIPT_DIR" HEAD)
+    say "Updating $target${from[0]:+ from ${from[0]}}"
+    run git -C "$target" pull -q --ff-only "${from[@]}" \
       || fail "git pull in $target failed: resolve local changes there and rerun"
   else
     if [[ -e "$target" ]]; then
