@@ -71,14 +71,13 @@ class ModelSet:
 class Manifest:
     sets: dict[str, ModelSet]
     vram_choices: list[tuple[float, str, str]]  # (min GB, quant, why), largest first
+    files: dict[str, ModelFile] = field(init=False)  # every file any set names, by file name
 
-    def all_files(self) -> dict[str, ModelFile]:
-        """Every file any set names, by file name."""
-        out: dict[str, ModelFile] = {}
+    def __post_init__(self):
+        self.files = {}
         for s in self.sets.values():
             for f in (*s.quants.values(), *s.files):
-                out.setdefault(f.name, f)
-        return out
+                self.files.setdefault(f.name, f)
 
     def quant_family(self, name: str) -> list[ModelFile]:
         """The diffusion-model files of the set whose quants include ``name`` (empty if none)."""
@@ -269,6 +268,7 @@ def _stream(f: ModelFile, url: str, part: Path, token: str | None, progress: Pro
             return
         raise _http_fault(f, url, e.code) from None
     with resp:
+        progress.message = ""  # a retry's "resuming" note ends once data flows again
         mode = "ab" if have and resp.status == 206 else "wb"
         progress.done = have if mode == "ab" else 0
         progress.resumed_from, progress.started = progress.done, time.monotonic()
@@ -360,7 +360,6 @@ def _progress_printer(stream=sys.stdout) -> Callable[[Progress], None]:
         else:
             stream.write(("\r\033[K" if tty else "") + line + "\n")
         stream.flush()
-        p.message = "" if p.state == "running" else p.message
     return report
 
 

@@ -57,7 +57,7 @@ def full_path(folder_key: str, name: str) -> str:
 
 
 def missing_message(name: str) -> str:
-    f = MANIFEST.all_files().get(name)
+    f = MANIFEST.files.get(name)
     if f is None:
         return f"{name} is not in ComfyUI's model folders"
     return (f"{name} is not in models/{f.folder}: download it with the 'Download' button of the Qwen-Image GGUF "
@@ -110,7 +110,7 @@ DOWNLOADS = Downloads()
 
 def status() -> dict:
     files = []
-    for f in MANIFEST.all_files().values():
+    for f in MANIFEST.files.values():
         # Our folder keys list .gguf and .safetensors files in every folder of that kind.
         chosen = resolve(f"{f.folder}_gguf", f.name)
         job = DOWNLOADS.jobs.get(f.name)
@@ -145,7 +145,7 @@ def register_routes() -> None:
     @routes.post("/qwen_gguf/download")
     async def download(request):
         name = await _requested_name(request)
-        f = MANIFEST.all_files().get(name) if isinstance(name, str) else None
+        f = MANIFEST.files.get(name) if isinstance(name, str) else None
         if f is None:
             return web.json_response({"error": f"{name!r} is not a file of this package's model manifest"},
                                      status=400)

@@ -4,6 +4,7 @@ connection part-way or serve wrong bytes."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import http.server
 import threading
@@ -91,7 +92,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def serve_manifest_files(srv: Files, manifest: dict, contents: dict[str, bytes]) -> dict:
     """Serve ``contents`` (file name -> bytes) where the manifest's entries point, and return a copy
     of the manifest whose sizes are those of the served bytes (every other file left out)."""
-    import copy
     m = copy.deepcopy(manifest)
     for s in m["sets"].values():
         dm = s["diffusion_model"]

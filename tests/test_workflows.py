@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -16,6 +19,7 @@ from PIL import Image
 
 from comfy_env import REPO, requires_comfyui, run_script
 from comfy_server import ComfyServer
+from hf_mirror import Files, serve_manifest_files
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
@@ -427,8 +431,6 @@ PANEL_FILES = ("qwen-image-2512-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.ggu
 
 @pytest.fixture(scope="module")
 def mirror(models):
-    from hf_mirror import Files, serve_manifest_files
-    import threading
     srv = Files()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     real = json.loads((REPO / "install" / "models.json").read_text())
@@ -506,9 +508,6 @@ SET_PRESETS = {"qwen-image-2512": "Qwen-Image-2512 ", "qwen-image-edit-2511": "Q
 
 @pytest.mark.parametrize("choice", INSTALL_CHOICES, ids=list(INSTALL_CHOICES))
 def test_installed_presets_validate_for_every_quant_choice(models, checkout, tmp_path, choice):
-    import subprocess
-    import threading
-    from hf_mirror import Files, serve_manifest_files
     srv = Files()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
@@ -527,7 +526,7 @@ def test_installed_presets_validate_for_every_quant_choice(models, checkout, tmp
         r = subprocess.run(["bash", str(checkout / "install.sh"), "--comfyui", str(comfy), "--python", sys.executable,
                             "--skip-gpu-check", "--no-start", "--manifest", str(manifest),
                             *INSTALL_CHOICES[choice]], capture_output=True, text=True, timeout=600,
-                           env={**__import__("os").environ, "HF_ENDPOINT": srv.url})
+                           env={**os.environ, "HF_ENDPOINT": srv.url})
         assert r.returncode == 0, r.stderr + r.stdout
     finally:
         srv.shutdown()

@@ -54,6 +54,7 @@ function namedFiles(graphData, files) {
 
 function substituteInstalled(graphData, files) {
   const subs = new Map(files.filter((f) => !f.installed && f.substitute).map((f) => [f.name, f.substitute]));
+  const urls = new Map(files.map((f) => [f.name, f.url]));
   const done = [];
   for (const node of graphData?.nodes ?? []) {
     if (!Array.isArray(node.widgets_values)) continue;
@@ -64,8 +65,8 @@ function substituteInstalled(graphData, files) {
     });
     for (const m of node.properties?.models ?? []) {
       if (subs.has(m.name)) {
-        m.url = m.url.replace(m.name, subs.get(m.name));
         m.name = subs.get(m.name);
+        m.url = urls.get(m.name) ?? m.url;
       }
     }
   }

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent / "loaders"))
 from downloads import DEFAULT_ENDPOINT, load_manifest  # noqa: E402
 from to_api import FRONTEND_ONLY, WIDGET_TYPES  # noqa: E402
 
-MODELS = load_manifest().all_files()  # the download entries of the loader nodes
+MODELS = load_manifest().files  # the download entries of the loader nodes
 
 VIEW = (1600, 900)
 VIEW_MARGINS = (70, 100, 30, 30)  # left (side bar), top (menu bar), right, bottom, in screen pixels
@@ -325,7 +325,8 @@ def step_comparison(info: dict) -> dict:
 
 @dataclass(frozen=True)
 class Preset:
-    """A preset: its title (the file name the template browser shows) and what its card says."""
+    """A preset: its title ("model - variant", the file name the template browser shows) and the
+    lines its thumbnail card lists under the title."""
     title: str
     build: Callable[[dict], dict]
     card: tuple[str, ...]
@@ -335,21 +336,21 @@ QWEN_T2I_CARD = ("Qwen-Image-2512 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj
                  "1328 x 1328")
 PRESETS = [
     Preset("Qwen-Image-2512 text to image - 20 steps", lambda info: qwen_t2i(info, 20),
-           ("20 steps: fast preview",) + QWEN_T2I_CARD),
+           QWEN_T2I_CARD),
     Preset("Qwen-Image-2512 text to image - 40 steps", lambda info: qwen_t2i(info, 40),
-           ("40 steps: the default",) + QWEN_T2I_CARD),
+           QWEN_T2I_CARD),
     Preset("Qwen-Image-2512 text to image - 60 steps", lambda info: qwen_t2i(info, 60),
-           ("60 steps: the finest",) + QWEN_T2I_CARD),
+           QWEN_T2I_CARD),
     Preset("Qwen-Image-2512 - 20, 40 and 60 steps side by side", step_comparison,
-           ("One seed at 20, 40 and 60 steps",) + QWEN_T2I_CARD[:3] + ("1024 x 1024, side by side",)),
+           QWEN_T2I_CARD[:3] + ("1024 x 1024, one seed",)),
     Preset("Qwen-Image-Edit-2511 - edit one image", lambda info: qwen_edit(info, 1),
-           ("Edit one image", "Qwen-Image-Edit-2511 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj",
+           ("Qwen-Image-Edit-2511 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj",
             "Euler, 40 steps, CFG 4", "TextEncodeQwenImageEditPlus")),
     Preset("Qwen-Image-Edit-2511 - combine two images", lambda info: qwen_edit(info, 2),
-           ("Combine two images", "Qwen-Image-Edit-2511 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj",
+           ("Qwen-Image-Edit-2511 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj",
             "Euler, 40 steps, CFG 4", "TextEncodeQwenImageEditPlus")),
     Preset("Z-Image-Turbo text to image - 8 steps", z_image,
-           ("Distilled: 8 steps", "Z-Image-Turbo Q4_K (GGUF)", "Qwen3-4B Q4_K_M", "res_multistep, CFG 1",
+           ("Z-Image-Turbo Q4_K (GGUF)", "Qwen3-4B Q4_K_M", "res_multistep, CFG 1",
             "1024 x 1024")),
 ]
 ORDER_FILE = HERE / "order.txt"
@@ -364,9 +365,9 @@ def card(preset: Preset, path: Path) -> None:
     draw.rectangle([0, 0, 511, 8], fill="#b58b2a")
     family, _, variant = preset.title.partition(" - ")
     draw.text((32, 40), family, font=ImageFont.load_default(size=30), fill="#ffffff")
-    draw.text((32, 84), variant or preset.card[0], font=ImageFont.load_default(size=40), fill="#f0c05a")
+    draw.text((32, 84), variant, font=ImageFont.load_default(size=40), fill="#f0c05a")
     y = 170
-    for line in preset.card[1:] if variant else preset.card:
+    for line in preset.card:
         draw.text((32, y), line, font=ImageFont.load_default(size=24), fill="#d8dde8")
         y += 44
     draw.text((32, 460), "ComfyUI-QwenImage-GGUF", font=ImageFont.load_default(size=20), fill="#8a93a6")
