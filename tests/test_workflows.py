@@ -92,11 +92,11 @@ def load(path):
 
 
 ORDER = (WORKFLOWS / "order.txt").read_text(encoding="utf-8").split("\n")[:-1]
-T2I_20 = WORKFLOWS / "Qwen-Image-2512 text to image - 20 steps.json"
+T2I_20 = WORKFLOWS / "Qwen-Image-2512 - 20 steps.json"
 
 
 def test_presets_exist_with_titles_order_and_thumbnails():
-    assert ORDER[:3] == [f"Qwen-Image-2512 text to image - {n} steps" for n in (20, 40, 60)]
+    assert ORDER[:3] == [f"Qwen-Image-2512 - {n} steps" for n in (20, 40, 60)]
     assert sorted(ORDER) == sorted(p.stem for p in presets()) and len(ORDER) == 7
     for title in ORDER:
         assert "_" not in title, "the template browser shows the file name as the title"
@@ -211,7 +211,7 @@ def test_preset_runs_over_http(server, path):
     for img in saved:
         image = Image.open(server.workdir / "output" / img.get("subfolder", "") / img["filename"])
         assert image.size[1] >= 64
-    if "side by side" in path.stem:
+    if "steps compared" in path.stem:
         assert image.size[0] >= 3 * 64, "three images side by side"
 
 
@@ -348,7 +348,7 @@ const groups = graph.groups.map(g => {
   const [cx, cy] = canvas.ds.convertOffsetToCanvas([b[0] + Math.min(b[2], 200) / 2, b[1] + th / 2]);
   const x = box.left + cx / (window.devicePixelRatio || 1), y = box.top + cy / (window.devicePixelRatio || 1);
   const hit = document.elementFromPoint(x, y);
-  return {title: g.title, x, y, onCanvas: hit === el};
+  return {title: g.title, x, y, onCanvas: hit === el, ...rect(b)};
 });
 return {nodes, groups};
 """
@@ -368,16 +368,35 @@ def layout_problems(driver) -> list[str]:
                 problems.append(f"{a['type']} and {b['type']} overlap by {dx:.0f} x {dy:.0f} px")
     problems += [f"group title {g['title']!r} is not visible at ({g['x']:.0f}, {g['y']:.0f})"
                  for g in found["groups"] if not g["onCanvas"]]
+    for g in driver.execute_script("return window.app.graph.groups.map(g => [g.title, ...(g.boundingRect ?? g._bounding)])"):
+        title, gx, gy, gw, gh = g
+        for n in nodes:
+            dx = min(n["x"] + n["w"], gx + gw) - max(n["x"], gx)
+            dy = min(n["y"] + n["h"], gy + gh) - max(n["y"], gy)
+            if dx > 0 and dy > 0 and (dx < n["w"] - 1 or dy < n["h"] - 1):
+                problems.append(f"{n['type']} sticks out of group {title!r}")
     return problems
 
 
 def test_template_browser_lists_the_presets_in_order(browser):
-    listed = browser.execute_async_script(
-        "const done = arguments[arguments.length - 1];"
-        "const api = window.comfyAPI?.api?.api ?? window.app.api;"
-        "api.getWorkflowTemplates().then(t => done(t), e => done('error: ' + e));")
-    ours = next(v for k, v in listed.items() if "QwenImage-GGUF" in k)
-    assert ours == ORDER
+    # As a user meets it: the Templates dialog, this package's entry under Extensions.
+    browser.execute_script("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    time.sleep(2)
+    browser.execute_script("[...document.querySelectorAll('[role=dialog] span')]"
+                           ".find(e => e.innerText === 'ComfyUI-QwenImage-GGUF').click()")
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        text = browser.execute_script("return document.querySelector('[role=dialog]').innerText")
+        images = browser.execute_script(
+            "return [...document.querySelectorAll('[role=dialog] img')].filter(i => i.naturalWidth === 512).length")
+        if f"Showing {len(ORDER)} of {len(ORDER)}" in text and images == len(ORDER):
+            break
+        time.sleep(0.5)
+    browser.save_screenshot(str(ARTIFACTS / "template_browser.png"))
+    shown = [line for line in text.splitlines() if line in ORDER]
+    assert shown == ORDER, text
+    assert images == len(ORDER), "every card shows its thumbnail"
+    close_dialogs(browser)
 
 
 def test_preset_naming_another_installed_quant_runs(server):

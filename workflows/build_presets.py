@@ -171,7 +171,7 @@ def loaders(g: Graph, unet: str, clip: str, mmproj: str, vae: str, x: int = 0, y
 
 
 def prompt_pair(g: Graph, clip: dict, group: str) -> tuple[dict, dict]:
-    g.group(group, 400, -60, 460, 560, "#8A8")
+    g.group(group, 400, -60, 460, 640, "#8A8")
     pos = g.add("CLIPTextEncode", (420, 0), (420, 220), title="Positive prompt", text=PROMPT_T2I)
     neg = g.add("CLIPTextEncode", (420, 260), (420, 160), title="Negative prompt", text=NEGATIVE_ZH)
     g.connect(clip, 0, pos, "clip")
@@ -202,7 +202,7 @@ def qwen_t2i(info: dict, steps: int) -> dict:
     guard, clip, vae = loaders(g, "qwen-image-2512-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf",
                                "mmproj-F16.gguf", "qwen_image_vae.safetensors")
     pos, neg = prompt_pair(g, clip, "2. Prompt")
-    g.group(f"3. Sampling: DPM++ 2M Karras, {steps} steps", 880, -60, 380, 560, "#b58b2a")
+    g.group(f"3. Sampling: DPM++ 2M Karras, {steps} steps", 880, -60, 380, 640, "#b58b2a")
     shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.1)
     g.connect(guard, 0, shift, "model")
     latent = g.add("EmptySD3LatentImage", (900, 100), (340, 110), width=1328, height=1328, batch_size=1)
@@ -211,7 +211,7 @@ def qwen_t2i(info: dict, steps: int) -> dict:
     g.group("4. Decode and save", 1280, -60, 640, 900, "#a1309b")
     decode_and_save(g, sampler, vae, guard, f"qwen-image-2512-{steps}steps", 1300, 0)
     g.add("MarkdownNote", (-20, 580), (380, 300), text=RESOLUTIONS_NOTE)
-    g.add("MarkdownNote", (400, 520), (460, 300), text=(
+    g.add("MarkdownNote", (400, 620), (460, 300), text=(
         f"## Qwen-Image-2512 text to image, GGUF, {steps} steps\nQ4_K_M diffusion model, Qwen2.5-VL-7B Q4_K_M text "
         "encoder with its mmproj, Qwen VAE. DPM++ 2M with the Karras schedule, CFG 4, shift 3.1. The NaN Guard "
         "redoes any step that overflows in fp32 instead of letting it turn the image black.\n\n" + SMALL_GPU_NOTE))
@@ -222,14 +222,14 @@ def qwen_edit(info: dict, images: int) -> dict:
     g = Graph(info)
     guard, clip, vae = loaders(g, "qwen-image-edit-2511-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf",
                                "mmproj-F16.gguf", "qwen_image_vae.safetensors")
-    g.group("2. Input images and instruction", 400, -60, 900, 820, "#8A8")
+    g.group("2. Input images and instruction", 400, -60, 900, 860, "#8A8")
     loads = [g.add("LoadImage", (420 + 300 * i, 0), (280, 320), image=f"qwen_edit_input_{i + 1}.png", upload="image")
              for i in range(images)]
     scaled = g.add("FluxKontextImageScale", (420, 360), (280, 40))
     g.connect(loads[0], 0, scaled, "image")
     prompt = PROMPT_EDIT_1 if images == 1 else PROMPT_EDIT_2
     pos = g.add("TextEncodeQwenImageEditPlus", (720, 360), (420, 200), title="Instruction", prompt=prompt)
-    neg = g.add("TextEncodeQwenImageEditPlus", (720, 600), (420, 120), title="Negative", prompt="")
+    neg = g.add("TextEncodeQwenImageEditPlus", (720, 600), (420, 170), title="Negative", prompt="")
     for enc in (pos, neg):
         g.connect(clip, 0, enc, "clip")
         g.connect(vae, 0, enc, "vae")
@@ -244,7 +244,7 @@ def qwen_edit(info: dict, images: int) -> dict:
         refs.append(ref)
     shift = g.add("ModelSamplingAuraFlow", (1340, 220), (340, 60), shift=3.1)
     g.connect(guard, 0, shift, "model")
-    norm = g.add("CFGNorm", (1340, 320), (340, 60), strength=1.0)
+    norm = g.add("CFGNorm", (1340, 320), (340, 82), strength=1.0)
     g.connect(shift, 0, norm, "model")
     encode = g.add("VAEEncode", (1340, 450), (340, 50))
     g.connect(scaled, 0, encode, "pixels")
@@ -269,7 +269,7 @@ def z_image(info: dict) -> dict:
     g.connect(clip, 0, pos, "clip")
     zero = g.add("ConditioningZeroOut", (420, 260), (300, 30))
     g.connect(pos, 0, zero, "conditioning")
-    g.group("3. Sampling: 8 steps, CFG 1", 880, -60, 380, 560, "#b58b2a")
+    g.group("3. Sampling: 8 steps, CFG 1", 880, -60, 380, 640, "#b58b2a")
     shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.0)
     g.connect(guard, 0, shift, "model")
     latent = g.add("EmptySD3LatentImage", (900, 100), (340, 110), width=1024, height=1024, batch_size=1)
@@ -288,7 +288,7 @@ def step_comparison(info: dict) -> dict:
     guard, clip, vae = loaders(g, "qwen-image-2512-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf", "none",
                                "qwen_image_vae.safetensors")
     pos, neg = prompt_pair(g, clip, "2. One prompt, one seed")
-    g.group("3. The same seed at 20, 40 and 60 steps", 880, -60, 1000, 1140, "#b58b2a")
+    g.group("3. The same seed at 20, 40 and 60 steps", 880, -60, 1000, 1320, "#b58b2a")
     shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.1)
     g.connect(guard, 0, shift, "model")
     latent = g.add("EmptySD3LatentImage", (900, 110), (340, 110), width=1024, height=1024, batch_size=1)
@@ -332,26 +332,21 @@ class Preset:
     card: tuple[str, ...]
 
 
-QWEN_T2I_CARD = ("Qwen-Image-2512 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj", "DPM++ 2M Karras, CFG 4",
-                 "1328 x 1328")
+QWEN_T2I_CARD = ("Text to image, 1328 x 1328", "Qwen-Image-2512 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj",
+                 "DPM++ 2M Karras, CFG 4")
+EDIT_CARD = ("Qwen-Image-Edit-2511 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj", "Euler, 40 steps, CFG 4")
+# Titles short enough for the template browser's card (about 32 characters), the model first.
 PRESETS = [
-    Preset("Qwen-Image-2512 text to image - 20 steps", lambda info: qwen_t2i(info, 20),
-           QWEN_T2I_CARD),
-    Preset("Qwen-Image-2512 text to image - 40 steps", lambda info: qwen_t2i(info, 40),
-           QWEN_T2I_CARD),
-    Preset("Qwen-Image-2512 text to image - 60 steps", lambda info: qwen_t2i(info, 60),
-           QWEN_T2I_CARD),
-    Preset("Qwen-Image-2512 - 20, 40 and 60 steps side by side", step_comparison,
-           QWEN_T2I_CARD[:3] + ("1024 x 1024, one seed",)),
-    Preset("Qwen-Image-Edit-2511 - edit one image", lambda info: qwen_edit(info, 1),
-           ("Qwen-Image-Edit-2511 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj",
-            "Euler, 40 steps, CFG 4", "TextEncodeQwenImageEditPlus")),
-    Preset("Qwen-Image-Edit-2511 - combine two images", lambda info: qwen_edit(info, 2),
-           ("Qwen-Image-Edit-2511 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj",
-            "Euler, 40 steps, CFG 4", "TextEncodeQwenImageEditPlus")),
-    Preset("Z-Image-Turbo text to image - 8 steps", z_image,
-           ("Z-Image-Turbo Q4_K (GGUF)", "Qwen3-4B Q4_K_M", "res_multistep, CFG 1",
-            "1024 x 1024")),
+    Preset("Qwen-Image-2512 - 20 steps", lambda info: qwen_t2i(info, 20), QWEN_T2I_CARD),
+    Preset("Qwen-Image-2512 - 40 steps", lambda info: qwen_t2i(info, 40), QWEN_T2I_CARD),
+    Preset("Qwen-Image-2512 - 60 steps", lambda info: qwen_t2i(info, 60), QWEN_T2I_CARD),
+    Preset("Qwen-Image-2512 - steps compared", step_comparison,
+           ("20, 40 and 60 steps side by side",) + QWEN_T2I_CARD[1:]),
+    Preset("Qwen-Image-Edit-2511 - 1 image", lambda info: qwen_edit(info, 1), ("Edit one image",) + EDIT_CARD),
+    Preset("Qwen-Image-Edit-2511 - 2 images", lambda info: qwen_edit(info, 2),
+           ("Put image 2 into image 1",) + EDIT_CARD),
+    Preset("Z-Image-Turbo - 8 steps", z_image,
+           ("Text to image, 1024 x 1024", "Z-Image-Turbo Q4_K (GGUF)", "Qwen3-4B Q4_K_M", "res_multistep, CFG 1")),
 ]
 ORDER_FILE = HERE / "order.txt"
 
@@ -364,13 +359,14 @@ def card(preset: Preset, path: Path) -> None:
         draw.line([(0, y), (511, y)], fill=(29 + y // 24, 35 + y // 20, 48 + y // 12))
     draw.rectangle([0, 0, 511, 8], fill="#b58b2a")
     family, _, variant = preset.title.partition(" - ")
-    draw.text((32, 40), family, font=ImageFont.load_default(size=30), fill="#ffffff")
-    draw.text((32, 84), variant, font=ImageFont.load_default(size=40), fill="#f0c05a")
-    y = 170
+    # The browser lays its "Node graph" badge over the top left corner: the text starts below it.
+    draw.text((32, 100), family, font=ImageFont.load_default(size=30), fill="#ffffff")
+    draw.text((32, 140), variant, font=ImageFont.load_default(size=44), fill="#f0c05a")
+    y = 225
     for line in preset.card:
         draw.text((32, y), line, font=ImageFont.load_default(size=24), fill="#d8dde8")
-        y += 44
-    draw.text((32, 460), "ComfyUI-QwenImage-GGUF", font=ImageFont.load_default(size=20), fill="#8a93a6")
+        y += 42
+    draw.text((32, 470), "ComfyUI-QwenImage-GGUF", font=ImageFont.load_default(size=20), fill="#8a93a6")
     img.save(path, quality=90)
 
 
