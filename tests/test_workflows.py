@@ -508,8 +508,13 @@ def test_missing_files_downloaded_from_the_panel(browser_factory, empty_server, 
     assert ranges, "the dropped download resumed with a Range request"
     for name in PANEL_FILES:
         assert next(empty_server.models.rglob(name)).read_bytes() == mirror.contents[name]
-    options = driver.execute_script(
-        "return window.app.graph.nodes.find(n => n.type === 'QwenImageGGUFUnetLoader').widgets[0].options.values")
+    deadline = time.time() + 30  # the panel refreshes the file lists after showing "installed"
+    while time.time() < deadline:
+        options = driver.execute_script(
+            "return window.app.graph.nodes.find(n => n.type === 'QwenImageGGUFUnetLoader').widgets[0].options.values")
+        if "qwen-image-2512-Q4_K_M.gguf" in options:
+            break
+        time.sleep(0.5)
     assert "qwen-image-2512-Q4_K_M.gguf" in options, "the loader's list refreshed"
     api = shrink(load(WORKFLOWS / "api" / T2I_20.name), keep=set(PANEL_FILES))
     entry = empty_server.run(api)
