@@ -531,7 +531,7 @@ SET_PRESETS = {"qwen-image-2512": "Qwen-Image-2512 ", "qwen-image-edit-2511": "Q
 
 
 @pytest.mark.parametrize("choice", INSTALL_CHOICES, ids=list(INSTALL_CHOICES))
-def test_installed_presets_validate_for_every_quant_choice(models, checkout, tmp_path, choice):
+def test_installed_presets_validate_for_every_quant_choice(models, checkout, browser_factory, tmp_path, choice):
     srv = Files()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
@@ -568,3 +568,15 @@ def test_installed_presets_validate_for_every_quant_choice(models, checkout, tmp
         first = shrink(load(WORKFLOWS / "api" / T2I_20.name), keep=set(FIXTURES))
         entry = server.run(first)
         assert "rejected" not in entry and entry["status"]["status_str"] == "success", entry
+        # The same presets, as they are, in the front end: no missing model, no red node, no panel.
+        driver = browser_factory(server)
+        for path in [p for p in presets() if p.stem.startswith(prefixes)]:
+            assert load_in_browser(driver, load(path)) == "ok"
+            time.sleep(1.5)
+            assert not visible_dialogs(driver), (path.stem, visible_dialogs(driver))
+            body = driver.execute_script("return document.body.innerText").lower()
+            assert "missing models" not in body and "model files this workflow needs" not in body, path.stem
+            values = driver.execute_script(
+                "return window.app.graph.nodes.flatMap(n => (n.widgets || []).filter(w => w.type === 'combo')"
+                ".map(w => [w.name, w.value, (w.options.values || []).includes(w.value)]))")
+            assert all(ok for _, _, ok in values), (path.stem, [v for v in values if not v[2]])
