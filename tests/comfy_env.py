@@ -15,7 +15,13 @@ PACKAGE_NAME = "ComfyUI-QwenImage-GGUF"
 
 
 def comfyui_path() -> Path:
-    return Path(os.environ.get("COMFYUI_PATH", REPO.parent / "ComfyUI")).resolve()
+    """COMFYUI_PATH, else the ComfyUI this package is installed in, else ../ComfyUI (tests/run.sh
+    sets COMFYUI_PATH, also to its copy of ../shared/ComfyUI)."""
+    if os.environ.get("COMFYUI_PATH"):
+        return Path(os.environ["COMFYUI_PATH"]).resolve()
+    if REPO.parent.name == "custom_nodes" and (REPO.parent.parent / "main.py").is_file():
+        return REPO.parent.parent.resolve()
+    return (REPO.parent / "ComfyUI").resolve()
 
 
 def comfyui_missing_reason() -> str | None:
