@@ -16,7 +16,7 @@ CLIP_LOADER = "Load Qwen CLIP-VL (GGUF)"
 
 @dataclass(frozen=True)
 class FileKind:
-    role: str         # "diffusion_model", "text_encoder", "mmproj" or "unknown"
+    role: str         # "diffusion_model", "text_encoder", "other_language_model", "mmproj", "vae" or "unknown"
     description: str  # for messages: "a Qwen2.5-VL language model (qwen2vl)"
     loader: str | None
 
@@ -37,7 +37,7 @@ def classify(gguf: GGUFFile) -> FileKind:
     if any(n.startswith("blk.") for n in names) or "token_embd.weight" in names:
         if arch in TEXT_ENCODER_ARCHS:
             return FileKind("text_encoder", f"a {TEXT_ENCODER_ARCHS[arch]} language model ({arch})", CLIP_LOADER)
-        return FileKind("unknown", f"a llama.cpp language model of architecture {arch!r}, not a Qwen text encoder", None)
+        return FileKind("other_language_model", f"a {arch} language model (llama.cpp)", None)
     if _has(gguf, "txt_norm.weight") and _has(gguf, "img_in.weight"):
         return FileKind("diffusion_model", "a Qwen-Image diffusion model", UNET_LOADER)
     if _has(gguf, "cap_embedder.1.weight"):

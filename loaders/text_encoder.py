@@ -136,6 +136,9 @@ def llm_config(gguf: GGUFFile, sd: dict) -> dict:
 def _open(path: str, role: str, wanted: str, slot: str, beside: str | None = None) -> GGUFFile:
     gguf = GGUFFile(path)
     kind = classify(gguf)
+    if kind.role == "other_language_model" and role == "text_encoder":
+        raise GGUFError(path, f"this is {kind.description}; the text encoder must be a Qwen language model: "
+                              f"Qwen2.5-VL for Qwen-Image and its edit models, Qwen3 for Z-Image")
     if kind.role != role:
         hint = f" (it was chosen as the {slot}{'' if beside is None else ', beside ' + beside})"
         raise GGUFError(path, wrong_kind_message(kind, wanted) + hint)
@@ -146,9 +149,6 @@ def open_text_encoder(llm_path: str, mmproj_path: str | None = None) -> TextEnco
     """Read a language-model GGUF and, optionally, its mmproj; raise GGUFError naming the file at fault."""
     gguf = _open(llm_path, "text_encoder", "a language model (text encoder) GGUF", "language model")
     arch = gguf.architecture
-    if arch not in TEXT_ENCODER_ARCHS:
-        raise GGUFError(llm_path, f"language models of architecture {arch!r} are not supported "
-                                  f"(supported: {', '.join(TEXT_ENCODER_ARCHS)})")
     sd = {}
     for info in gguf.tensors.values():
         key = _llm_name(info.name)

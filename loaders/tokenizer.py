@@ -12,10 +12,14 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from .errors import GGUFError
 from .gguf_file import GGUFFile
 
-# tokenizer.ggml.pre -> the split regex of that model family's pre-tokenizer.
+# Pre-tokenizer rule -> its split regex.
 PRE_TOKENIZERS = {
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
+# tokenizer.ggml.pre values -> the rule llama.cpp applies for them (llama-vocab.cpp): converters name
+# the pre-tokenizer after the model, so fine-tunes of Qwen carry names of their own.
+PRE_TOKENIZER_NAMES = {"qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "kormo": "qwen2", "f2llmv2": "qwen2",
+                       "megrez": "qwen2"}
 
 # llama.cpp token types
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
@@ -30,9 +34,10 @@ def build_tokenizer(gguf: GGUFFile) -> Tokenizer:
     if model != "gpt2":
         raise GGUFError(gguf.path, f"tokenizer model {model!r} is not a byte-level BPE (expected 'gpt2')")
     pre = str(gguf.get("tokenizer.ggml.pre", "qwen2"))
-    if pre not in PRE_TOKENIZERS:
+    if pre not in PRE_TOKENIZER_NAMES:
         raise GGUFError(gguf.path, f"tokenizer pre-tokenizer {pre!r} is not supported "
-                                   f"(supported: {', '.join(PRE_TOKENIZERS)})")
+                                   f"(supported: {', '.join(PRE_TOKENIZER_NAMES)})")
+    rule = PRE_TOKENIZERS[PRE_TOKENIZER_NAMES[pre]]
     tokens = gguf.get("tokenizer.ggml.tokens").tolist()
     types = gguf.get("tokenizer.ggml.token_type")
     types = [NORMAL] * len(tokens) if types is None else [int(t) for t in types]
@@ -42,7 +47,7 @@ def build_tokenizer(gguf: GGUFFile) -> Tokenizer:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(rule), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)

@@ -44,14 +44,15 @@ class Family:
     config: type                  # its config dataclass
     layer: str
     layer_idx: int | None
+    embeddings: bool              # its tokenizer reads "embedding:name" (Z-Image's does, Qwen-Image's not)
     pad_token: int = 151643
 
 
 FAMILIES = {
     "qwen25vl": Family("qwen25_7b", qwen_image.QwenImageTEModel, qwen_image.QwenImageTokenizer,
-                       llama.Qwen25_7BVLI, llama.Qwen25_7BVLI_Config, "last", None),
+                       llama.Qwen25_7BVLI, llama.Qwen25_7BVLI_Config, "last", None, embeddings=False),
     "qwen3": Family("qwen3_4b", z_image.ZImageTEModel, z_image.ZImageTokenizer,
-                    llama.Qwen3_4B, llama.Qwen3_4BConfig, "hidden", -2),
+                    llama.Qwen3_4B, llama.Qwen3_4BConfig, "hidden", -2, embeddings=True),
 }
 
 # Config values ComfyUI's config classes hold as plain class attributes (not constructor fields).
@@ -119,7 +120,8 @@ def _tokenizer_class(family: Family, te: TextEncoder) -> type:
 
     class GGUFTokenizer(comfy.sd1_clip.SDTokenizer):
         def __init__(self, embedding_directory=None, tokenizer_data={}):
-            super().__init__(None, pad_with_end=False, embedding_directory=embedding_directory,
+            super().__init__(None, pad_with_end=False,
+                             embedding_directory=embedding_directory if family.embeddings else None,
                              embedding_size=hidden, embedding_key=family.name, tokenizer_class=FromGGUF,
                              has_start_token=False, has_end_token=False, pad_to_max_length=False,
                              max_length=99999999, min_length=1, pad_token=family.pad_token,

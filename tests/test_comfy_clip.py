@@ -122,9 +122,12 @@ def test_wrong_file_as_mmproj(conds):
     assert "Qwen3-tiny-Q4_K_M.gguf" in message and "not an mmproj" in message
 
 
-def test_gguf_tokenizer_ids_equal_bundled(models, tmp_path):
+def test_gguf_tokenizer_ids_equal_comfyuis_for_every_family(models, tmp_path):
+    # Qwen-Image (text and the edit template with images) and Z-Image, against ComfyUI's own tokenizers.
+    te = models / "text_encoders"
     r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "tokenizer_ids.py", package=PACKAGE_NAME,
-                   gguf=str(models / "text_encoders" / "Qwen2.5-VL-tiny-Q4_K_M.gguf"),
-                   corpora=[str(REPO / "tests" / "data" / "prompts.txt"),
-                            str(REPO / "tests" / "data" / "tokenizer_corpus.txt")])
-    assert r["texts"] > 20 and r["tokens"] > 1000 and r["mismatches"] == [], r
+                   ggufs={"qwen25vl": str(te / "Qwen2.5-VL-tiny-Q4_K_M.gguf"),
+                          "qwen3": str(te / "Qwen3-tiny-Q4_K_M.gguf")},
+                   corpora=[str(REPO / "tests" / "data" / "tokenizer_corpus.txt"),
+                            str(REPO / "tests" / "data" / "prompts.txt")])
+    assert r["texts"] > 30 and r["tokens"] > 10000 and r["mismatches"] == [], r

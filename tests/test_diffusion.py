@@ -115,7 +115,8 @@ def test_z_image_config_and_original_names(tmp_path):
 @pytest.mark.parametrize("arch, tensors, fragment", [
     ("qwen2vl", {"token_embd.weight": (8, 256), "blk.0.attn_q.weight": (256, 256)}, "Qwen2.5-VL language model"),
     ("clip", {"v.blk.0.attn_q.weight": (256, 256), "mm.0.weight": (256, 256)}, "mmproj vision projector"),
-    ("llama", {"token_embd.weight": (8, 256), "blk.0.attn_q.weight": (256, 256)}, "not a Qwen text encoder"),
+    ("llama", {"token_embd.weight": (8, 256), "blk.0.attn_q.weight": (256, 256)},
+     "this is a llama language model (llama.cpp), not a Qwen-Image or Z-Image diffusion model"),
     ("flux", {"double_blocks.0.img_attn.qkv.weight": (256, 256)}, "architecture 'flux'"),
 ])
 def test_wrong_kind_of_file(tmp_path, arch, tensors, fragment):

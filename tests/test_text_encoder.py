@@ -99,17 +99,49 @@ def test_truncated_mmproj(files, tmp_path):
     assert "cut.gguf" in str(info.value) and "1,000 bytes are missing" in str(info.value)
 
 
-def test_tokenizer_rebuilt_from_metadata(tmp_path):
-    # A byte-level vocabulary of the 256 byte symbols, two merges and two special tokens.
+def test_language_model_of_another_architecture(tmp_path):
+    write_gguf(tmp_path / "gemma-3-4b-it-Q4_K_M.gguf", {"token_embd.weight": np.zeros((8, 256), np.float32),
+                                                         "blk.0.attn_q.weight": np.zeros((256, 256), np.float32)},
+               lambda n, s: T.F32, arch="gemma3")
+    with pytest.raises(GGUFError) as info:
+        open_text_encoder(str(tmp_path / "gemma-3-4b-it-Q4_K_M.gguf"))
+    assert str(info.value) == ("gemma-3-4b-it-Q4_K_M.gguf: this is a gemma3 language model (llama.cpp); the text "
+                               "encoder must be a Qwen language model: Qwen2.5-VL for Qwen-Image and its edit "
+                               "models, Qwen3 for Z-Image")
+
+
+def tiny_tokenizer_file(path, pre: str = "qwen2") -> list[str]:
+    """A byte-level vocabulary of the 256 byte symbols, two merges and two special tokens."""
     symbols = [chr(c) for c in range(ord("!"), ord("~") + 1)] + [chr(c) for c in range(ord("¡"), ord("¬") + 1)]
     symbols += [chr(c) for c in range(ord("®"), ord("ÿ") + 1)]
     symbols += [chr(256 + i) for i in range(256 - len(symbols))]
     tokens = symbols + ["he", "Ġhe", "<|im_start|>", "<think>"]
     types = [1] * (len(symbols) + 2) + [3, 4]
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": ["h e", "Ġ he"]}
-    write_gguf(tmp_path / "tok.gguf", {"token_embd.weight": np.zeros((len(tokens), 32), np.float32)},
+    write_gguf(path, {"token_embd.weight": np.zeros((len(tokens), 32), np.float32)},
                lambda n, s: T.F32, arch="qwen2", metadata=meta)
+    return tokens
+
+
+@pytest.mark.parametrize("pre", ["deepseek-r1-qwen", "megrez"])
+def test_pre_tokenizer_names_llama_cpp_reads_as_qwen2(tmp_path, pre):
+    tiny_tokenizer_file(tmp_path / "qwen2.gguf")
+    tiny_tokenizer_file(tmp_path / "alias.gguf", pre)
+    text = "<|im_start|>he said: 'hello', 12345\n\n  x"
+    assert (build_tokenizer(GGUFFile(tmp_path / "alias.gguf")).encode(text).ids
+            == build_tokenizer(GGUFFile(tmp_path / "qwen2.gguf")).encode(text).ids)
+
+
+def test_unknown_pre_tokenizer_is_named(tmp_path):
+    tiny_tokenizer_file(tmp_path / "odd.gguf", "llama-bpe")
+    with pytest.raises(GGUFError) as info:
+        build_tokenizer(GGUFFile(tmp_path / "odd.gguf"))
+    assert "odd.gguf" in str(info.value) and "'llama-bpe' is not supported" in str(info.value)
+
+
+def test_tokenizer_rebuilt_from_metadata(tmp_path):
+    tokens = tiny_tokenizer_file(tmp_path / "tok.gguf")
     tok = build_tokenizer(GGUFFile(tmp_path / "tok.gguf"))
     ids = tok.encode("<|im_start|>he he<think>").ids
     assert ids == [tokens.index("<|im_start|>"), tokens.index("he"), tokens.index("Ġhe"), tokens.index("<think>")]
