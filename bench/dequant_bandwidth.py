@@ -33,11 +33,13 @@ F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0
               T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
 
 
-def random_blocks(qtype: T, n_blocks: int, device: str = "cuda", scale: float = 0.01) -> torch.Tensor:
+def random_blocks(qtype: T, n_blocks: int, device: str = "cuda", scale: float = 0.01,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Random block bytes with finite f16 scales in [0, ``scale``)."""
     _, type_size = GGML_QUANT_SIZES[qtype]
-    blocks = torch.randint(0, 256, (n_blocks, type_size), dtype=torch.uint8, device=device)
-    scale = (torch.rand(n_blocks, device=device) * scale).to(torch.float16).view(torch.uint8).reshape(n_blocks, 2)
+    blocks = torch.randint(0, 256, (n_blocks, type_size), dtype=torch.uint8, device=device, generator=generator)
+    scale = (torch.rand(n_blocks, device=device, generator=generator) * scale).to(torch.float16)
+    scale = scale.view(torch.uint8).reshape(n_blocks, 2)
     for off in F16_FIELDS[qtype]:
         blocks[:, off:off + 2] = scale
     return blocks

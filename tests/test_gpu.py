@@ -7,7 +7,7 @@ import torch
 
 from safetensors.torch import load_file
 
-from comfy_env import PACKAGE_NAME, REPO, requires_comfyui, run_prompts, run_script
+from comfy_env import PACKAGE_NAME, REPO, comfyui_path, requires_comfyui, run_prompts, run_script
 from test_comfy_clip import PROMPT, encode_graph, gguf_clip, native_clip
 from test_comfy_clip import models as te_models  # noqa: F401  (the tiny text-encoder fixture)
 from test_comfy_unet import models  # noqa: F401  (the tiny-model fixture)
@@ -80,3 +80,43 @@ def test_text_encoder_under_the_classic_loader_runs_from_the_gpu(te_models, tmp_
     assert not r["aimdo_enabled"] and r["patcher"] == "ModelPatcher", r
     assert r["quantized_layers"] > 0 and r["quantized_layers_on_gpu"] == r["quantized_layers"], r
     assert r["finite"] and max(r["diffs"]) < 1e-2, r
+
+
+# Qwen2.5-VL-7B's language model; bf16 rounding through its 28 layers stays near 1e-3 of the
+# conditioning (each layer's weights and activations carry about 2**-8 relative error, accumulated
+# with random phases); ten times that is a path computing something else, not rounding.
+QWEN25_VL_7B = dict(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064)
+REFERENCE_BOUND = 1e-2
+# Computing in fp32 like the reference, only the order of the sums differs (GPU against CPU kernels).
+FP32_BOUND = 1e-4
+TE_CASES = ("text", "edit, 1 image", "edit, 2 images")
+
+
+@pytest.fixture(scope="module")
+def te_reference(tmp_path_factory):
+    """A full-size random Qwen2.5-VL-7B GGUF and mmproj, and the reference conditionings: ComfyUI's own
+    encoder in fp32 on the CPU (classic loader), fed the files' values exactly."""
+    work = tmp_path_factory.mktemp("te_reference")
+    (work / "models").mkdir()
+    cfg = dict(package=PACKAGE_NAME, repo=str(REPO), comfyui=str(comfyui_path()), device="cuda", spec=QWEN25_VL_7B,
+               gguf=str(work / "random-Qwen2.5-VL-7B-Q4_K_M.gguf"), mmproj=str(work / "random-mmproj-F16.gguf"),
+               reference=str(work / "reference.safetensors"))
+    shapes = run_script(work / "prepare", work / "models", REPO / "tests" / "comfy_scripts" / "te_reference.py",
+                        timeout=1800, args=[], mode="prepare", **cfg)
+    assert set(shapes) == set(TE_CASES), shapes
+    return work, cfg
+
+
+@pytest.mark.parametrize("loader", [[], ["--disable-dynamic-vram"]], ids=["dynamic-vram", "classic"])
+def test_full_size_text_encoder_matches_the_reference_in_fresh_processes(te_reference, loader, tmp_path):
+    # Five fresh ComfyUI processes under each of ComfyUI's loaders: text, and the edit node with one and
+    # two images (the vision tower from the mmproj). A run over the bound fails.
+    work, cfg = te_reference
+    for i in range(5):
+        r = run_script(tmp_path / f"run{i}", work / "models", REPO / "tests" / "comfy_scripts" / "te_reference.py",
+                       timeout=900, args=loader, mode="check", **cfg)
+        print(f"process {i}, loader {loader or 'dynamic VRAM'}: {r}")
+        assert r["patcher"] == ("ModelPatcherDynamic" if not loader else "ModelPatcher"), r
+        for case in TE_CASES:
+            assert isinstance(r[f"{case}, bf16"], float) and r[f"{case}, bf16"] < REFERENCE_BOUND, (i, case, r)
+            assert r[f"{case}, fp32"] < FP32_BOUND, (i, case, r)
