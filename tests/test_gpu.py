@@ -82,13 +82,16 @@ def test_text_encoder_under_the_classic_loader_runs_from_the_gpu(te_models, tmp_
     assert r["finite"] and max(r["diffs"]) < 1e-2, r
 
 
-# Qwen2.5-VL-7B's language model; bf16 rounding through its 28 layers stays near 1e-3 of the
-# conditioning (each layer's weights and activations carry about 2**-8 relative error, accumulated
-# with random phases); ten times that is a path computing something else, not rounding.
+# Qwen2.5-VL-7B's language model. bf16 keeps 8 bits of mantissa: each layer's matmuls and norms add
+# about 2**-9 relative error, and through 28 layers that compounds to 1e-2 (measured on an H100 with a
+# well-conditioned random model: ComfyUI's own bf16 encoder 1.4e-2 from the fp32 reference, ours
+# 0.9-1.0e-2, every layer's curve rising smoothly). A wrong weight, mask or rope is 1e-1 or more, and
+# shows in the fp32 check too.
 QWEN25_VL_7B = dict(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064)
-REFERENCE_BOUND = 1e-2
-# Computing in fp32 like the reference, only the order of the sums differs (GPU against CPU kernels).
-FP32_BOUND = 1e-4
+REFERENCE_BOUND = 2.5e-2
+# Computing in fp32 like the reference only the order of the sums differs (1e-5 measured), but for
+# the images: cuDNN runs the vision tower's patch convolution in TF32 by default (10-bit mantissa).
+FP32_BOUND = {"text": 1e-4, "edit, 1 image": 2e-3, "edit, 2 images": 2e-3}
 TE_CASES = ("text", "edit, 1 image", "edit, 2 images")
 
 
@@ -119,4 +122,4 @@ def test_full_size_text_encoder_matches_the_reference_in_fresh_processes(te_refe
         assert r["patcher"] == ("ModelPatcherDynamic" if not loader else "ModelPatcher"), r
         for case in TE_CASES:
             assert isinstance(r[f"{case}, bf16"], float) and r[f"{case}, bf16"] < REFERENCE_BOUND, (i, case, r)
-            assert r[f"{case}, fp32"] < FP32_BOUND, (i, case, r)
+            assert r[f"{case}, fp32"] < FP32_BOUND[case], (i, case, r)
