@@ -32,7 +32,7 @@ def _has(gguf: GGUFFile, *suffixes: str) -> bool:
 def classify(gguf: GGUFFile) -> FileKind:
     arch = gguf.architecture
     names = gguf.tensors
-    if arch == "clip" or gguf.get("general.type") == "mmproj" or any(n.startswith(("v.blk.", "mm.")) for n in names):
+    if arch == "clip" or gguf.get_str("general.type") == "mmproj" or any(n.startswith(("v.blk.", "mm.")) for n in names):
         return FileKind("mmproj", "an mmproj vision projector (llama.cpp clip)", CLIP_LOADER)
     if any(n.startswith("blk.") for n in names) or "token_embd.weight" in names:
         if arch in TEXT_ENCODER_ARCHS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -26,12 +27,18 @@ DEFAULT_ALIGNMENT = 32
 # No real tensor comes near these; past them a header is damaged, not large.
 MAX_DIMS = 4
 MAX_ELEMENTS = 1 << 40
+MAX_NESTING = 4  # arrays of arrays: llama.cpp writes none nested deeper than one level
 
 # GGUF metadata value types -> struct codes (STRING = 8 and ARRAY = 9 are handled apart).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
           6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class StringArray:
@@ -91,17 +98,26 @@ class _Cursor:
         self.pos += n
         return s
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            return self.array()
+            return self.array(depth + 1)
         raise GGUFError(self.path, f"corrupt header: unknown metadata value type {vtype} at byte {self.pos:,}")
 
-    def array(self) -> Any:
+    def array(self, depth: int = 1) -> Any:
+        if depth > MAX_NESTING:
+            raise GGUFError(self.path, f"corrupt header: metadata arrays nested more than {MAX_NESTING} deep "
+                                       f"at byte {self.pos:,}")
         etype, count = self.take("I"), self.take("Q")
+        # Every element takes at least one byte (a string or an array its 8-byte length): a count
+        # past the bytes left is a damaged header, checked before anything is allocated for it.
+        least = 8 if etype in (_STRING, _ARRAY) else np.dtype(_NUMPY[etype]).itemsize if etype in _NUMPY else 1
+        if count * least > len(self.buf) - self.pos:
+            raise GGUFError(self.path, f"corrupt or truncated header: a metadata array claims {count:,} elements, "
+                                       f"more than the {len(self.buf) - self.pos:,} bytes left in the file hold")
         if etype in _NUMPY:
             dtype = np.dtype(_NUMPY[etype]).newbyteorder("<")
             end = self.pos + count * dtype.itemsize
@@ -112,7 +128,7 @@ class _Cursor:
             return arr
         if etype == _STRING:
             return self._string_array(count)
-        return [self.value(etype) for _ in range(count)]
+        return [self.value(etype, depth) for _ in range(count)]
 
     def _string_array(self, count: int) -> StringArray:
         offsets = np.empty(count, dtype=np.int64)
@@ -123,10 +139,10 @@ class _Cursor:
             if pos + 8 > end:
                 raise GGUFError(self.path, "truncated header: a string array runs past the end of the file")
             n = unpack(buf, pos)[0]
+            if n > end - pos - 8:
+                raise GGUFError(self.path, "truncated header: a string array runs past the end of the file")
             offsets[i], lengths[i] = pos + 8, n
             pos += 8 + n
-        if pos > end:
-            raise GGUFError(self.path, "truncated header: a string array runs past the end of the file")
         self.pos = pos
         return StringArray(buf, offsets, lengths)
 
@@ -137,6 +153,9 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
+            # Only a regular file: opening a FIFO would block forever, a directory says nothing clear.
+            if not stat.S_ISREG(os.stat(self.path).st_mode):
+                raise GGUFError(self.path, "is not a regular file (a directory, FIFO or device)")
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 24:
@@ -167,14 +186,19 @@ class GGUFFile:
             raise GGUFError(self.path, f"corrupt header: claims {n_tensors:,} tensors and {n_kv:,} metadata keys")
         for _ in range(n_kv):
             key = cur.string()
+            if key in self.metadata:
+                raise GGUFError(self.path, f"corrupt header: metadata key {key!r} appears twice")
             self.metadata[key] = cur.value(cur.take("I"))
         infos = [self._tensor_info(cur) for _ in range(n_tensors)]
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool):
+            raise GGUFError(self.path, f"corrupt header: general.alignment is {type(alignment).__name__} "
+                                       f"{_short(alignment)}, not an integer")
         if alignment <= 0 or alignment & (alignment - 1):
             raise GGUFError(self.path, f"corrupt header: general.alignment {alignment} is not a power of two")
         data_start = -(-cur.pos // alignment) * alignment
         self.data_offset = data_start
-        self._check_layout(infos, data_start)
+        self._check_layout(infos, data_start, alignment)
         self.tensors = {t.name: t for t in (
             TensorInfo(t.name, t.qtype, t.shape, t.offset + data_start, t.nbytes) for t in infos)}
 
@@ -204,8 +228,16 @@ class GGUFFile:
                                        f"{qtype.name}'s block size {block_size}")
         return TensorInfo(name, qtype, tuple(reversed(dims)), offset, n // block_size * type_size)
 
-    def _check_layout(self, infos: list[TensorInfo], data_start: int) -> None:
+    def _check_layout(self, infos: list[TensorInfo], data_start: int, alignment: int) -> None:
         size = len(self._buf)
+        names = set()
+        for t in infos:
+            if t.name in names:
+                raise GGUFError(self.path, f"corrupt header: tensor {t.name!r} appears twice")
+            names.add(t.name)
+            if t.offset % alignment:
+                raise GGUFError(self.path, f"tensor {t.name!r}: its data offset {t.offset:,} is not a multiple of the "
+                                           f"file's alignment {alignment} (corrupt header)")
         ordered = sorted(infos, key=lambda t: t.offset)
         for t, nxt in zip(ordered, ordered[1:]):
             if t.offset + t.nbytes > nxt.offset:
@@ -223,10 +255,19 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
+    def get_str(self, key: str, default: str | None = None) -> str | None:
+        """A string value, or ``default`` when absent; another type is a damaged header."""
+        value = self.metadata.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise GGUFError(self.path, f"corrupt header: {key} is {type(value).__name__} {_short(value)}, "
+                                       "not a string")
+        return value
+
     @property
     def architecture(self) -> str | None:
-        arch = self.metadata.get("general.architecture")
-        return str(arch) if arch is not None else None
+        return self.get_str("general.architecture")
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a uint8 view of the map (no copy)."""

@@ -31,8 +31,13 @@ def logical_shape_of(gguf: GGUFFile, info: TensorInfo) -> tuple[int, ...]:
     orig = gguf.get(ORIG_SHAPE_KEY.format(info.name))
     if orig is None:
         return info.shape
-    shape = tuple(int(d) for d in orig)
-    if int(np.prod(shape, dtype=np.int64)) != info.n_elements:
+    values = list(orig) if isinstance(orig, (list, np.ndarray)) else None
+    if not values or len(values) > 8 or any(isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer))
+                                            or d < 0 for d in values):
+        raise GGUFError(gguf.path, f"tensor {info.name!r}: its recorded original shape ({ORIG_SHAPE_KEY.format(info.name)}) "
+                                   f"is not a list of up to 8 non-negative integers")
+    shape = tuple(int(d) for d in values)
+    if int(np.prod(shape, dtype=np.float64)) != info.n_elements:
         raise GGUFError(gguf.path, f"tensor {info.name!r}: its recorded original shape {list(shape)} does not hold "
                                    f"its {info.n_elements:,} elements")
     return shape

@@ -9,10 +9,12 @@ mmproj whose projection width differs from the language model's hidden size is t
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .errors import GGUFError
@@ -97,7 +99,7 @@ def _count(names, pattern: str) -> int:
 def _rope_sections(gguf: GGUFFile, arch: str, head_dim: int) -> list[int]:
     """M-RoPE sections (time, height, width) in rotary pairs: they cover half the head."""
     sections = gguf.get(f"{arch}.rope.dimension_sections")
-    if sections is not None:
+    if isinstance(sections, np.ndarray) and sections.dtype.kind in "iu":
         sections = [int(s) for s in sections if int(s) > 0]
         if sum(sections) == head_dim // 2:
             return sections
@@ -107,24 +109,81 @@ def _rope_sections(gguf: GGUFFile, arch: str, head_dim: int) -> list[int]:
     return [first, rest // 2, rest - rest // 2]
 
 
+def _number(gguf: GGUFFile, key: str, kind: type, default, positive: bool = True):
+    """A hyperparameter from the header, checked for its type and sign (absent: ``default``)."""
+    value = gguf.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or (positive and not value > 0) or (kind is float and not math.isfinite(value)):
+        raise GGUFError(gguf.path, f"corrupt header: {key} is {value!r}, not a {'positive ' if positive else ''}"
+                                   f"{'number' if kind is float else 'integer'}")
+    return kind(value)
+
+
+def _shape_of(sd: dict, key: str, path: str, dims: int) -> tuple[int, ...]:
+    if key not in sd:
+        raise GGUFError(path, f"missing tensor for {key!r}: not a complete model")
+    shape = tuple(logical_shape(sd[key]))
+    if len(shape) != dims:
+        raise GGUFError(path, f"tensor for {key!r} has shape {list(shape)}, expected {dims} dimensions")
+    return shape
+
+
+def expected_llm_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor ComfyUI's language model of this config holds, with its shape."""
+    hidden, head_dim = config["hidden_size"], config["head_dim"]
+    q, kv, inter = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim, \
+        config["intermediate_size"]
+    out = {"model.embed_tokens.weight": (config["vocab_size"], hidden), "model.norm.weight": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        b = f"model.layers.{i}."
+        out.update({b + "input_layernorm.weight": (hidden,), b + "post_attention_layernorm.weight": (hidden,),
+                    b + "self_attn.q_proj.weight": (q, hidden), b + "self_attn.k_proj.weight": (kv, hidden),
+                    b + "self_attn.v_proj.weight": (kv, hidden), b + "self_attn.o_proj.weight": (hidden, q),
+                    b + "mlp.gate_proj.weight": (inter, hidden), b + "mlp.up_proj.weight": (inter, hidden),
+                    b + "mlp.down_proj.weight": (hidden, inter)})
+        if config["qkv_bias"]:
+            out.update({b + "self_attn.q_proj.bias": (q,), b + "self_attn.k_proj.bias": (kv,),
+                        b + "self_attn.v_proj.bias": (kv,)})
+        if config["qk_norm"]:
+            out.update({b + "self_attn.q_norm.weight": (head_dim,), b + "self_attn.k_norm.weight": (head_dim,)})
+    return out
+
+
+def check_tensors(path: str, sd: dict, expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """One GGUFError listing every missing, unexpected and mis-shaped tensor, before a model is built."""
+    faults = [f"missing {k}" for k in expected if k not in sd]
+    faults += [f"unexpected {k}" for k in sd if k not in expected]
+    faults += [f"{k} is {list(logical_shape(sd[k]))}, expected {list(v)}" for k, v in expected.items()
+               if k in sd and tuple(logical_shape(sd[k])) != v]
+    if faults:
+        more = f" (and {len(faults) - 6} more)" if len(faults) > 6 else ""
+        raise GGUFError(path, f"its tensors do not make a {what}: {'; '.join(faults[:6])}{more}")
+
+
 def llm_config(gguf: GGUFFile, sd: dict) -> dict:
     arch = gguf.architecture
-    vocab, hidden = logical_shape(sd["model.embed_tokens.weight"])
-    heads = int(gguf.get(f"{arch}.attention.head_count", 0)) or None
-    q_rows = logical_shape(sd["model.layers.0.self_attn.q_proj.weight"])[0]
-    k_rows = logical_shape(sd["model.layers.0.self_attn.k_proj.weight"])[0]
-    head_dim = int(gguf.get(f"{arch}.attention.key_length", 0)) or (q_rows // heads if heads else 128)
+    path = gguf.path
+    vocab, hidden = _shape_of(sd, "model.embed_tokens.weight", path, 2)
+    heads = _number(gguf, f"{arch}.attention.head_count", int, None)
+    q_rows = _shape_of(sd, "model.layers.0.self_attn.q_proj.weight", path, 2)[0]
+    k_rows = _shape_of(sd, "model.layers.0.self_attn.k_proj.weight", path, 2)[0]
+    head_dim = _number(gguf, f"{arch}.attention.key_length", int, None) or (q_rows // heads if heads else 128)
     heads = heads or q_rows // head_dim
+    if not heads or q_rows != heads * head_dim or k_rows % head_dim or not k_rows or heads % (k_rows // head_dim):
+        raise GGUFError(path, f"{heads} attention heads of width {head_dim} do not fit its q ({q_rows} rows) and "
+                              f"k ({k_rows} rows) projections: damaged header or tensors")
     config = {
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": logical_shape(sd["model.layers.0.mlp.up_proj.weight"])[0],
+        "intermediate_size": _shape_of(sd, "model.layers.0.mlp.up_proj.weight", path, 2)[0],
         "num_hidden_layers": _count(sd, r"^model\.layers\.(\d+)\."),
         "num_attention_heads": heads,
         "num_key_value_heads": k_rows // head_dim,
         "head_dim": head_dim,
-        "rms_norm_eps": float(gguf.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(gguf.get(f"{arch}.rope.freq_base", 1e6)),
+        "rms_norm_eps": _number(gguf, f"{arch}.attention.layer_norm_rms_epsilon", float, 1e-6),
+        "rope_theta": _number(gguf, f"{arch}.rope.freq_base", float, 1e6),
         "qkv_bias": "model.layers.0.self_attn.q_proj.bias" in sd,
         "qk_norm": "model.layers.0.self_attn.q_norm.weight" in sd,
     }
@@ -159,6 +218,8 @@ def open_text_encoder(llm_path: str, mmproj_path: str | None = None) -> TextEnco
         if required not in sd:
             raise GGUFError(llm_path, f"missing tensor for {required!r}: not a complete {arch} model")
     config = llm_config(gguf, sd)
+    check_tensors(llm_path, sd, expected_llm_shapes(config), f"{arch} language model of {config['num_hidden_layers']} "
+                                                           f"layers and width {config['hidden_size']}")
     vision = None
     summary = quant_summary(gguf)
     if mmproj_path:
@@ -198,34 +259,67 @@ def open_mmproj(path: str, llm_path: str, llm_hidden: int) -> tuple[VisionConfig
         if top and top.group(1) in VISION_TOP_NAMES:
             sd[f"{VISION_TOP_NAMES[top.group(1)]}.{top.group(2)}"] = tensor_from_file(gguf, info)
     for (block, part), parts in qkv.items():
+        missing = [k for k in ("attn_q", "attn_k", "attn_v") if k not in parts]
+        if missing:
+            raise GGUFError(path, f"vision block {block} lacks {', '.join(f'v.blk.{block}.{k}.{part}' for k in missing)}")
+        if len({logical_shape(parts[k])[1:] for k in parts}) != 1:
+            raise GGUFError(path, f"vision block {block}: attn_q, attn_k and attn_v {part}s have different shapes")
         sd[f"visual.blocks.{block}.attn.qkv.{part}"] = cat_rows([parts[k] for k in ("attn_q", "attn_k", "attn_v")])
     # llama.cpp splits the temporal patch kernel [C, 3, 2, p, p] into two [C, 3, p, p] halves.
     if "v.patch_embd.weight.1" not in names:
         raise GGUFError(path, "not a Qwen2.5-VL mmproj: it lacks the second temporal patch kernel v.patch_embd.weight.1")
     halves = [dequantize(tensor_from_file(gguf, names[n]), torch.float32)
               for n in ("v.patch_embd.weight", "v.patch_embd.weight.1")]
+    if halves[0].shape != halves[1].shape or halves[0].dim() != 4:
+        raise GGUFError(path, f"the two temporal patch kernels differ in shape ({list(halves[0].shape)} and "
+                              f"{list(halves[1].shape)}): damaged file")
     sd["visual.patch_embed.proj.weight"] = torch.stack(halves, dim=2)
 
     hidden = logical_shape(sd["visual.patch_embed.proj.weight"])[0]
     layers = _count(names, r"^v\.blk\.(\d+)\.")
-    heads = int(gguf.get("clip.vision.attention.head_count", 16))
-    pattern = int(gguf.get("clip.vision.n_wa_pattern", 0) or 0)
-    if gguf.get("clip.vision.fullatt_block_indexes") is not None:
-        full = [int(i) for i in gguf.get("clip.vision.fullatt_block_indexes")]
-    elif pattern:
+    heads = _number(gguf, "clip.vision.attention.head_count", int, 16)
+    pattern = _number(gguf, "clip.vision.n_wa_pattern", int, 0, positive=False)
+    indexes = gguf.get("clip.vision.fullatt_block_indexes")
+    if indexes is not None:
+        if not (isinstance(indexes, np.ndarray) and indexes.dtype.kind in "iu"):
+            raise GGUFError(path, "corrupt header: clip.vision.fullatt_block_indexes is not a list of integers")
+        full = [int(i) for i in indexes]
+    elif pattern > 0:
         full = [i for i in range(layers) if (i + 1) % pattern == 0]
     else:
         full = [i for i in (7, 15, 23, 31) if i < layers]
+    patch = logical_shape(sd["visual.patch_embed.proj.weight"])[-1]
     vision = VisionConfig(
         hidden_size=hidden,
-        intermediate_size=logical_shape(sd["visual.blocks.0.mlp.up_proj.weight"])[0],
+        intermediate_size=_shape_of(sd, "visual.blocks.0.mlp.up_proj.weight", path, 2)[0],
         num_heads=heads,
         num_layers=layers,
-        patch_size=int(gguf.get("clip.vision.patch_size", logical_shape(sd["visual.patch_embed.proj.weight"])[-1])),
+        patch_size=patch,
         output_hidden_size=projection,
         fullatt_block_indexes=full,
-        spatial_merge_size=int(gguf.get("clip.vision.spatial_merge_size", 2) or 2),
+        spatial_merge_size=_number(gguf, "clip.vision.spatial_merge_size", int, 2),
     )
+    if _number(gguf, "clip.vision.patch_size", int, patch) != patch:
+        raise GGUFError(path, f"clip.vision.patch_size says {gguf.get('clip.vision.patch_size')} but the patch "
+                              f"kernels are {patch} wide")
     if hidden % heads:
         raise GGUFError(path, f"vision width {hidden} is not divisible by its {heads} attention heads")
+    check_tensors(path, sd, expected_vision_shapes(vision), f"Qwen2.5-VL vision tower of {layers} blocks")
     return vision, sd
+
+
+def expected_vision_shapes(v: VisionConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor ComfyUI's Qwen2.5-VL vision tower of this config holds, with its shape."""
+    h, inter, merged = v.hidden_size, v.intermediate_size, v.hidden_size * v.spatial_merge_size ** 2
+    out = {"visual.patch_embed.proj.weight": (h, 3, 2, v.patch_size, v.patch_size), "visual.merger.ln_q.weight": (h,),
+           "visual.merger.mlp.0.weight": (merged, merged), "visual.merger.mlp.0.bias": (merged,),
+           "visual.merger.mlp.2.weight": (v.output_hidden_size, merged),
+           "visual.merger.mlp.2.bias": (v.output_hidden_size,)}
+    for i in range(v.num_layers):
+        b = f"visual.blocks.{i}."
+        out.update({b + "norm1.weight": (h,), b + "norm2.weight": (h,), b + "attn.qkv.weight": (3 * h, h),
+                    b + "attn.qkv.bias": (3 * h,), b + "attn.proj.weight": (h, h), b + "attn.proj.bias": (h,),
+                    b + "mlp.gate_proj.weight": (inter, h), b + "mlp.gate_proj.bias": (inter,),
+                    b + "mlp.up_proj.weight": (inter, h), b + "mlp.up_proj.bias": (inter,),
+                    b + "mlp.down_proj.weight": (h, inter), b + "mlp.down_proj.bias": (h,)})
+    return out

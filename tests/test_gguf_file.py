@@ -110,8 +110,8 @@ def test_truncated_header(tmp_path):
 
 
 def test_size_not_matching_shape_and_type(tmp_path):
-    # "a" claims 256 Q8_0 elements (272 bytes) but "b" starts 136 bytes after it.
-    content = raw_gguf([("a", [256], T.Q8_0, 0), ("b", [128], T.Q8_0, 136)], bytes(272))
+    # "a" claims 256 Q8_0 elements (272 bytes) but "b" starts 160 bytes after it.
+    content = raw_gguf([("a", [256], T.Q8_0, 0), ("b", [128], T.Q8_0, 160)], bytes(272))
     expect_error(write(tmp_path, content), "'a'", "does not match its shape and type")
 
 
@@ -156,3 +156,78 @@ def test_quantized_tensors_are_views_of_the_file(tmp_path):
     t = load_state_dict(f)["q"]
     assert isinstance(t, GGMLTensor) and t.qshape == (2, 64) and t.qtype == T.Q8_0
     assert t.untyped_storage().data_ptr() == f.raw("q").untyped_storage().data_ptr()
+
+
+# --- damaged headers (values of the wrong type, counts past the file, repeats) ----------------------
+
+def kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return _s(key) + struct.pack("<I", vtype) + payload
+
+
+def nested(depth: int) -> bytes:
+    inner = struct.pack("<IQ", 4, 1) + struct.pack("<I", 7)  # an array of one uint32
+    for _ in range(depth - 1):
+        inner = struct.pack("<IQ", 9, 1) + inner
+    return inner
+
+
+@pytest.mark.parametrize("entry, fragments", [
+    (kv("deep", 9, nested(1000)), ("nested more than",)),
+    (kv("tokens", 9, struct.pack("<IQ", 8, 2 ** 40)), ("claims 1,099,511,627,776 elements",)),
+    (kv("tokens", 9, struct.pack("<IQ", 8, 2 ** 63)), ("elements",)),
+    (kv("tokens", 9, struct.pack("<IQ", 8, 1) + struct.pack("<Q", 2 ** 63)), ("string array runs past",)),
+    (kv("many", 9, struct.pack("<IQ", 9, 2 ** 62)), ("elements",)),
+    (kv("general.alignment", 8, _s("32")), ("general.alignment is str", "not an integer")),
+    (kv("general.alignment", 6, struct.pack("<f", float("nan"))), ("general.alignment is float",)),
+    (kv("general.alignment", 9, struct.pack("<IQ", 4, 1) + struct.pack("<I", 32)), ("general.alignment is",)),
+    (kv("general.alignment", 4, struct.pack("<I", 24)), ("not a power of two",)),
+], ids=["nested", "count-2e40", "count-2e63", "string-2e63", "arrays-2e62", "align-str", "align-nan",
+        "align-array", "align-24"])
+def test_damaged_metadata_is_refused_quickly(tmp_path, entry, fragments):
+    content = raw_gguf([("a", [32], T.F32, 0)], bytes(128), kv=entry, n_kv=1)
+    expect_error(write(tmp_path, content), *fragments)
+
+
+def test_repeated_key_and_tensor_name_and_misaligned_offset(tmp_path):
+    twice = kv("k", 4, struct.pack("<I", 1)) * 2
+    expect_error(write(tmp_path, raw_gguf([("a", [32], T.F32, 0)], bytes(128), kv=twice, n_kv=2)), "'k' appears twice")
+    expect_error(write(tmp_path, raw_gguf([("a", [8], T.F32, 0), ("a", [8], T.F32, 32)], bytes(64))),
+                 "'a' appears twice")
+    expect_error(write(tmp_path, raw_gguf([("a", [8], T.F32, 4)], bytes(64))), "offset 4", "alignment 32")
+
+
+def test_string_values_of_the_wrong_type(tmp_path):
+    entry = kv("general.architecture", 9, struct.pack("<IQ", 4, 1) + struct.pack("<I", 1))
+    path = write(tmp_path, raw_gguf([("a", [32], T.F32, 0)], bytes(128), kv=entry, n_kv=1))
+    with pytest.raises(GGUFError) as info:
+        GGUFFile(path).architecture
+    assert "general.architecture is" in str(info.value) and "not a string" in str(info.value)
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    import os
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    expect_error(fifo, "not a regular file")
+    (tmp_path / "folder.gguf").mkdir()
+    expect_error(tmp_path / "folder.gguf", "not a regular file")
+
+
+@pytest.mark.parametrize("orig", ["32,4", 7, [-1, 4], [2 ** 31 - 1, 2 ** 31 - 1]])
+def test_recorded_original_shape_of_the_wrong_kind(tmp_path, orig):
+    path = tmp_path / "m.gguf"
+    w = GGUFWriter(str(path), arch="qwen_image")
+    if isinstance(orig, str):
+        w.add_string("comfy.gguf.orig_shape.a", orig)
+    elif isinstance(orig, int):
+        w.add_uint32("comfy.gguf.orig_shape.a", orig)
+    else:
+        w.add_array("comfy.gguf.orig_shape.a", orig)
+    w.add_tensor("a", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError) as info:
+        load_state_dict(GGUFFile(path))
+    assert "m.gguf" in str(info.value) and "original shape" in str(info.value)

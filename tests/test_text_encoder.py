@@ -146,3 +146,20 @@ def test_tokenizer_rebuilt_from_metadata(tmp_path):
     ids = tok.encode("<|im_start|>he he<think>").ids
     assert ids == [tokens.index("<|im_start|>"), tokens.index("he"), tokens.index("Ġhe"), tokens.index("<think>")]
     assert tok.decode(ids, skip_special_tokens=True) == "he he<think>"
+
+
+@pytest.mark.parametrize("metadata, drop, fragments", [
+    ({"qwen2vl.attention.head_count": 0}, (), ("head_count is 0", "not a positive integer")),
+    ({"qwen2vl.attention.head_count": 2 ** 31}, (), ("attention heads",)),
+    ({"qwen2vl.attention.layer_norm_rms_epsilon": "1e-6"}, (), ("layer_norm_rms_epsilon is '1e-6'",)),
+    ({}, ("blk.1.attn_v.weight",), ("missing model.layers.1.self_attn.v_proj.weight",)),
+    ({}, ("blk.0.attn_k.weight",), ("missing tensor for 'model.layers.0.self_attn.k_proj.weight'",)),
+])
+def test_damaged_language_model_named_before_anything_is_built(tmp_path, metadata, drop, fragments):
+    path = tmp_path / "broken-Q4_K_M.gguf"
+    write_llm(path, "qwen2vl", dict(QWEN25VL, vocab=SMALL_VOCAB), None, None, metadata=metadata, drop=drop)
+    with pytest.raises(GGUFError) as info:
+        open_text_encoder(str(path))
+    assert path.name in str(info.value), str(info.value)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)

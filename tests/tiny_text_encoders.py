@@ -133,7 +133,8 @@ def tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
             "tokenizer.ggml.eos_token_id": 151645, "tokenizer.ggml.padding_token_id": 151643}
 
 
-def write_llm(path: Path, arch: str, spec: dict, tokenizer: Path | None, twin: Path | None, seed: int = 2) -> dict:
+def write_llm(path: Path, arch: str, spec: dict, tokenizer: Path | None, twin: Path | None, seed: int = 2,
+              metadata: dict | None = None, drop: tuple[str, ...] = ()) -> dict:
     weights = random_weights(llm_shapes(**spec, qk_norm=arch == "qwen3", bias=arch != "qwen3"), seed)
     gguf_weights = to_gguf_llm(weights)
     meta = {f"{arch}.block_count": spec["layers"], f"{arch}.embedding_length": spec["hidden"],
@@ -146,6 +147,8 @@ def write_llm(path: Path, arch: str, spec: dict, tokenizer: Path | None, twin: P
         meta["qwen3.attention.key_length"] = spec["head_dim"]
     if tokenizer is not None:
         meta.update(tokenizer_metadata(tokenizer, spec["vocab"]))
+    meta.update(metadata or {})
+    gguf_weights = {k: v for k, v in gguf_weights.items() if k not in drop}
     chosen = write_gguf(path, gguf_weights, llama_cpp_q4_k_m(spec["layers"]), arch=arch, metadata=meta)
     if twin is not None:
         values = decoded(gguf_weights, chosen)
