@@ -105,12 +105,27 @@ def rope_axes(head_dim: int, first_fraction: int, real: tuple[int, int, int]) ->
     return first, rest // 2, rest // 2
 
 
+def _heads(width: int, head_dim: int, path: str) -> int:
+    if not head_dim or not width or width % head_dim:
+        raise GGUFError(path, f"width {width} does not split into attention heads of width {head_dim} "
+                              "(read from the q norm): damaged tensors")
+    return width // head_dim
+
+
+def _rope(head_dim: int, first_fraction: int, real: tuple[int, int, int], path: str) -> tuple[int, int, int]:
+    try:
+        return rope_axes(head_dim, first_fraction, real)
+    except ValueError as e:
+        raise GGUFError(path, str(e)) from None
+
+
 def qwen_image_config(sd: dict, path: str) -> tuple[dict, str]:
     in_features = _shape(sd, "img_in.weight", path)
     inner, in_channels = in_features[0], in_features[1]
     head_dim = _shape(sd, "transformer_blocks.0.attn.norm_q.weight", path)[0]
+    _heads(inner, head_dim, path)
     patch = int(math.isqrt(in_channels // 16)) if in_channels % 16 == 0 else 0
-    if patch * patch * 16 != in_channels:
+    if not patch or patch * patch * 16 != in_channels:
         raise GGUFError(path, f"img_in takes {in_channels} channels; Qwen-Image takes 16-channel latents "
                               "in square patches (64 for 2x2)")
     config = {
@@ -122,7 +137,7 @@ def qwen_image_config(sd: dict, path: str) -> tuple[dict, str]:
         "attention_head_dim": head_dim,
         "num_attention_heads": inner // head_dim,
         "joint_attention_dim": _shape(sd, "txt_norm.weight", path)[0],
-        "axes_dims_rope": rope_axes(head_dim, 8, (16, 56, 56)),
+        "axes_dims_rope": _rope(head_dim, 8, (16, 56, 56), path),
     }
     variant = "Qwen-Image"
     if INDEX_TIMESTEP_ZERO in sd:
@@ -139,7 +154,10 @@ def z_image_config(sd: dict, path: str) -> tuple[dict, str]:
     dim, cap_feat_dim = _shape(sd, "cap_embedder.1.weight", path)
     head_dim = _shape(sd, "layers.0.attention.q_norm.weight", path)[0]
     qkv_rows = _shape(sd, "layers.0.attention.qkv.weight", path)[0]
-    n_heads = dim // head_dim
+    n_heads = _heads(dim, head_dim, path)
+    if qkv_rows % head_dim or qkv_rows // head_dim <= n_heads or (qkv_rows // head_dim - n_heads) % 2:
+        raise GGUFError(path, f"the fused qkv projection's {qkv_rows} rows do not split into {n_heads} query heads "
+                              f"and key/value heads of width {head_dim}: damaged tensors")
     ffn_hidden = _shape(sd, "layers.0.feed_forward.w1.weight", path)[0]
     patch_in = _shape(sd, "x_embedder.weight", path)[1]
     config = {
@@ -156,7 +174,7 @@ def z_image_config(sd: dict, path: str) -> tuple[dict, str]:
         # Half an element over keeps int(multiplier * dim) at the stored width despite float rounding.
         "ffn_dim_multiplier": (ffn_hidden + 0.5) / dim,
         "multiple_of": 1,
-        "axes_dims": rope_axes(head_dim, 4, (32, 48, 48)),
+        "axes_dims": _rope(head_dim, 4, (32, 48, 48), path),
         "axes_lens": (1536, 512, 512),
         "rope_theta": 256.0,
         "z_image_modulation": True,

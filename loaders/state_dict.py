@@ -17,7 +17,7 @@ from gguf import quants
 from .errors import GGUFError
 from .gguf_file import GGUFFile, TensorInfo
 from .quants import DEQUANTIZERS, FLOAT_TYPES
-from .tensor import GGMLTensor
+from .tensor import GGMLTensor, logical_shape
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +89,18 @@ def type_counts(gguf: GGUFFile) -> dict[str, int]:
 def quant_summary(gguf: GGUFFile) -> str:
     """e.g. 'Q4_K x720, Q6_K x120, F32 x1093' for the log line a user reads after loading."""
     return ", ".join(f"{n} x{c}" for n, c in sorted(type_counts(gguf).items(), key=lambda kv: -kv[1]))
+
+
+def check_tensors(path: str, sd: dict, expected: dict[str, tuple[int, ...]], what: str,
+                  unexpected_is_fault: bool = True) -> list[str]:
+    """Before a model is built: one GGUFError listing every missing and mis-shaped tensor (and, where
+    ``unexpected_is_fault``, every tensor the model has no place for). Returns the unexpected names."""
+    unexpected = [k for k in sd if k not in expected]
+    faults = [f"missing {k}" for k in expected if k not in sd]
+    faults += [f"{k} is {list(logical_shape(sd[k]))}, expected {list(v)}" for k, v in expected.items()
+               if k in sd and tuple(logical_shape(sd[k])) != tuple(v)]
+    if faults or (unexpected and unexpected_is_fault):
+        faults += [f"unexpected {k}" for k in unexpected]
+        more = f" (and {len(faults) - 6} more)" if len(faults) > 6 else ""
+        raise GGUFError(path, f"its tensors do not make a {what}: {'; '.join(faults[:6])}{more}")
+    return unexpected

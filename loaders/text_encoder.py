@@ -20,7 +20,7 @@ import torch
 from .errors import GGUFError
 from .file_kind import TEXT_ENCODER_ARCHS, classify, wrong_kind_message
 from .gguf_file import GGUFFile
-from .state_dict import quant_summary, tensor_from_file
+from .state_dict import check_tensors, quant_summary, tensor_from_file
 from .tensor import cat_rows, dequantize, logical_shape
 
 # llama.cpp block tensor names -> Hugging Face names, one entry per tensor kind.
@@ -151,17 +151,6 @@ def expected_llm_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_tensors(path: str, sd: dict, expected: dict[str, tuple[int, ...]], what: str) -> None:
-    """One GGUFError listing every missing, unexpected and mis-shaped tensor, before a model is built."""
-    faults = [f"missing {k}" for k in expected if k not in sd]
-    faults += [f"unexpected {k}" for k in sd if k not in expected]
-    faults += [f"{k} is {list(logical_shape(sd[k]))}, expected {list(v)}" for k, v in expected.items()
-               if k in sd and tuple(logical_shape(sd[k])) != v]
-    if faults:
-        more = f" (and {len(faults) - 6} more)" if len(faults) > 6 else ""
-        raise GGUFError(path, f"its tensors do not make a {what}: {'; '.join(faults[:6])}{more}")
-
-
 def llm_config(gguf: GGUFFile, sd: dict) -> dict:
     arch = gguf.architecture
     path = gguf.path
@@ -171,7 +160,8 @@ def llm_config(gguf: GGUFFile, sd: dict) -> dict:
     k_rows = _shape_of(sd, "model.layers.0.self_attn.k_proj.weight", path, 2)[0]
     head_dim = _number(gguf, f"{arch}.attention.key_length", int, None) or (q_rows // heads if heads else 128)
     heads = heads or q_rows // head_dim
-    if not heads or q_rows != heads * head_dim or k_rows % head_dim or not k_rows or heads % (k_rows // head_dim):
+    if not heads or not head_dim or q_rows != heads * head_dim or not k_rows or k_rows % head_dim \
+            or heads % (k_rows // head_dim):
         raise GGUFError(path, f"{heads} attention heads of width {head_dim} do not fit its q ({q_rows} rows) and "
                               f"k ({k_rows} rows) projections: damaged header or tensors")
     config = {

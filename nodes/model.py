@@ -9,6 +9,7 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.patcher_extension
 import comfy.supported_models
 import psutil
@@ -16,6 +17,7 @@ import psutil
 from ..loaders.diffusion import DiffusionModel, open_diffusion_model
 from ..loaders import fp8
 from ..loaders.errors import GGUFError
+from ..loaders.state_dict import check_tensors
 from ..loaders.tensor import GGMLTensor, logical_shape
 from ..loaders.weight_cache import convert, plan_cache, to_fp8
 from .lora import drop_factors
@@ -51,8 +53,26 @@ def load_gguf_unet(path: str, mode: str = AUTO, disable_dynamic: bool = False) -
     return patcher
 
 
+def expected_tensors(dm: DiffusionModel) -> dict[str, tuple[int, ...]]:
+    """The tensors ComfyUI's own model of this config holds (built on the meta device: no memory)."""
+    model_config = MODEL_CONFIGS[dm.family](dict(dm.unet_config))
+    model_config.set_inference_dtype(torch.bfloat16, None)
+    model_config.custom_operations = comfy.ops.disable_weight_init
+    model = model_config.get_model({}, "", device=torch.device("meta"))
+    # Zero-element entries are markers (Edit-2511's __index_timestep_zero__), not weights: the loader
+    # reads them into the config.
+    return {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items() if v.numel()}
+
+
 def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
                         disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+    # A removed or mis-shaped weight would otherwise load with ComfyUI's "unet missing" warning and
+    # fail (or compute garbage) at the first step; tensors the model ignores are only logged.
+    unexpected = check_tensors(dm.path, dm.state_dict, expected_tensors(dm),
+                               f"{dm.variant} model of {dm.unet_config.get('num_layers', dm.unet_config.get('n_layers'))} "
+                               "layers", unexpected_is_fault=False)
+    if unexpected:
+        log.warning("GGUF %s: tensors this model does not use, ignored: %s", dm.path, ", ".join(unexpected[:8]))
     model_config = MODEL_CONFIGS[dm.family](dict(dm.unet_config))
     params = sum(logical_shape(t).numel() for t in dm.state_dict.values())
     load_device = comfy.model_management.get_torch_device()

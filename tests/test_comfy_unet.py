@@ -50,6 +50,12 @@ def models(tmp_path_factory):
     write_model(dm / "z-image-tiny-Q4_K.gguf", zimg, uniform_recipe(T.Q4_K), arch="lumina2",
                 twin=str(dm / "z-image-tiny.safetensors"))
     write_lora(root / "loras" / "tiny-lora.safetensors", qwen)
+    # Broken files that used to load: a weight removed, a weight one row short.
+    write_model(dm / "qwen-missing.gguf", {k: v for k, v in qwen.items() if k != "transformer_blocks.1.attn.to_k.weight"},
+                qwen_image_recipe(T.Q8_0))
+    write_model(dm / "qwen-short.gguf", {**qwen, "transformer_blocks.2.img_mlp.net.0.proj.weight":
+                                         qwen["transformer_blocks.2.img_mlp.net.0.proj.weight"][:-1]},
+                qwen_image_recipe(T.Q8_0))
     write_gguf(dm / "Qwen2.5-VL-tiny-Q4_K_M.gguf", {"token_embd.weight": np.zeros((8, 256), np.float32),
                                                      "blk.0.attn_q.weight": np.zeros((256, 256), np.float32)},
                uniform_recipe(T.Q4_K), arch="qwen2vl")
@@ -234,3 +240,14 @@ def test_fp8_group_lets_go_of_its_shared_quantization_on_every_path(tmp_path):
     assert r["kept_by_earlier_member"], r
     assert r["released_when_last_is_patched"] and r["released_when_last_is_merged"], r
     assert r["patched_output_error"] < 1e-4, r
+
+
+def test_broken_tensor_sets_named_before_the_model_is_built(models, tmp_path):  # noqa: F811
+    prompts = [sampling_graph(gguf_loader(name), str(tmp_path / f"{name}.st"), 256)
+               for name in ("qwen-missing.gguf", "qwen-short.gguf")]
+    missing, short = run_prompts(tmp_path, models, prompts)
+    m = short_error(missing["error"])
+    assert not missing["success"] and "qwen-missing.gguf" in m and "missing transformer_blocks.1.attn.to_k.weight" in m, m
+    m = short_error(short["error"])
+    assert not short["success"] and "qwen-short.gguf" in m and \
+        "transformer_blocks.2.img_mlp.net.0.proj.weight is [1023, 256], expected [1024, 256]" in m, m
