@@ -26,6 +26,7 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 # No real tensor comes near these; past them a header is damaged, not large.
 MAX_DIMS = 4
+CONVERTER_DIMS = 5  # beyond GGUF's limit, but what some converters write for 3-D convolution kernels
 MAX_ELEMENTS = 1 << 40
 MAX_NESTING = 4  # arrays of arrays: llama.cpp writes none nested deeper than one level
 
@@ -39,6 +40,15 @@ _STRING, _ARRAY = 8, 9
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def describe(value: Any) -> str:
+    """A metadata value for an error message: its GGUF kind and, if short, the value."""
+    if isinstance(value, StringArray):
+        return f"an array of {len(value):,} strings"
+    if isinstance(value, (list, np.ndarray)):
+        return f"an array of {len(value):,} values"
+    return f"{type(value).__name__} {_short(value)}"
 
 
 class StringArray:
@@ -147,15 +157,23 @@ class _Cursor:
         return StringArray(buf, offsets, lengths)
 
 
+def require_regular_file(path: str) -> None:
+    """Only a regular file is opened: a FIFO would block forever, a directory says nothing clear."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise GGUFError(path, f"cannot be read: {e.strerror or e}") from e
+    if not stat.S_ISREG(mode):
+        raise GGUFError(path, "is not a regular file (a directory, FIFO or device)")
+
+
 class GGUFFile:
     """An open GGUF file: ``metadata`` (key -> value) and ``tensors`` (name -> TensorInfo)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        require_regular_file(self.path)
         try:
-            # Only a regular file: opening a FIFO would block forever, a directory says nothing clear.
-            if not stat.S_ISREG(os.stat(self.path).st_mode):
-                raise GGUFError(self.path, "is not a regular file (a directory, FIFO or device)")
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 24:
@@ -192,8 +210,8 @@ class GGUFFile:
         infos = [self._tensor_info(cur) for _ in range(n_tensors)]
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or isinstance(alignment, bool):
-            raise GGUFError(self.path, f"corrupt header: general.alignment is {type(alignment).__name__} "
-                                       f"{_short(alignment)}, not an integer")
+            raise GGUFError(self.path, f"corrupt header: general.alignment is {describe(alignment)}, "
+                                       "not an integer")
         if alignment <= 0 or alignment & (alignment - 1):
             raise GGUFError(self.path, f"corrupt header: general.alignment {alignment} is not a power of two")
         data_start = -(-cur.pos // alignment) * alignment
@@ -209,9 +227,20 @@ class GGUFFile:
     def _tensor_info(self, cur: _Cursor) -> TensorInfo:
         name = cur.string()
         n_dims = cur.take("I")
-        if not 1 <= n_dims <= MAX_DIMS:
+        if not 1 <= n_dims <= CONVERTER_DIMS:
             raise GGUFError(self.path, f"tensor {name!r}: corrupt header, {n_dims} dimensions")
         dims = [cur.take("Q") for _ in range(n_dims)]
+        if n_dims > MAX_DIMS:
+            # A 5-D tensor of a sane size is a converter's 3-D convolution kernel; anything else is damage.
+            if np.prod(dims, dtype=np.float64) > min(MAX_ELEMENTS, len(self._buf)):
+                raise GGUFError(self.path, f"tensor {name!r}: corrupt header, {n_dims} dimensions")
+            raise GGUFError(self.path, f"tensor {name!r} has {n_dims} dimensions {list(reversed(dims))}, and GGUF "
+                                       f"allows at most {MAX_DIMS} (llama.cpp and this loader follow the format). "
+                                       "Some converters store a VAE's 3-D convolution kernels so. For a VAE use "
+                                       "the original safetensors file (qwen_image_vae.safetensors; a VAE gains "
+                                       "nothing from GGUF); otherwise convert again with a tool that writes such "
+                                       "tensors in at most 4 dimensions and records the real shape in "
+                                       f"comfy.gguf.orig_shape.{name}, as ComfyUI-GGUF's convert.py does")
         raw_type = cur.take("I")
         offset = cur.take("Q")
         n = int(np.prod(dims, dtype=np.float64))
@@ -251,6 +280,12 @@ class GGUFFile:
                 raise GGUFError(self.path, f"truncated: the file is {size:,} bytes but its tensors need {end:,}; "
                                            f"{end - size:,} bytes are missing (incomplete download? "
                                            "download it again)")
+            # Writers pad the last tensor to the alignment and stop: more bytes after it mean the header
+            # lists fewer tensors than the file holds, and every offset would be read from the wrong place.
+            if size - end >= alignment:
+                raise GGUFError(self.path, f"corrupt header: the file holds {size - end:,} bytes past the end of its "
+                                           f"last listed tensor ({len(infos)} listed): the tensor table does not "
+                                           "describe the data section")
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -261,7 +296,7 @@ class GGUFFile:
         if value is None:
             return default
         if not isinstance(value, str):
-            raise GGUFError(self.path, f"corrupt header: {key} is {type(value).__name__} {_short(value)}, "
+            raise GGUFError(self.path, f"corrupt header: {key} is {describe(value)}, "
                                        "not a string")
         return value
 

@@ -1,4 +1,4 @@
-"""Finding weights that hold NaN or inf, to name the damaged tensor when a model's output is not finite."""
+"""Finding damaged weights, to name them when a model's output is not finite."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ import torch
 
 from .tensor import GGMLTensor, dequantize
 
+# Trained weights stay orders of magnitude below this; a flipped exponent bit lands far above it
+# (and then overflows activations even in fp32). Consulted only once an output is already not finite.
+ABSURD = 1e4
 
-def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the tensors whose values (dequantized where quantized) are not all finite."""
+
+def damaged_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors whose values (dequantized where quantized) hold NaN, inf or absurdly
+    large values."""
     bad = []
     for name, tensor in named:
         if isinstance(tensor, GGMLTensor) or tensor.is_floating_point():
-            if not torch.isfinite(dequantize(tensor, torch.float32)).all():
+            values = dequantize(tensor, torch.float32)
+            if values.numel() and not (torch.isfinite(values).all() and values.abs().max() < ABSURD):
                 bad.append(name)
     return bad

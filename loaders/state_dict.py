@@ -17,7 +17,7 @@ from gguf import quants
 from .errors import GGUFError
 from .gguf_file import GGUFFile, TensorInfo
 from .quants import DEQUANTIZERS, FLOAT_TYPES
-from .tensor import GGMLTensor, logical_shape
+from .tensor import GGMLTensor, dequantize, logical_shape
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,10 @@ def tensor_from_file(gguf: GGUFFile, info: TensorInfo, convert_dtype: torch.dtyp
     if info.qtype in FLOAT_TYPES:
         return raw.view(FLOAT_TYPES[info.qtype]).reshape(shape)
     if info.qtype in DEQUANTIZERS:
-        return GGMLTensor(raw, info.qtype, shape, stored_shape=info.shape)
+        quantized = GGMLTensor(raw, info.qtype, shape, stored_shape=info.shape)
+        # Only matrices (Linear and embedding weights) run quantized; a quantized vector, pad token or
+        # convolution kernel is small and lands in a plain parameter: converted once here.
+        return quantized if len(shape) == 2 and shape[0] > 1 else dequantize(quantized, convert_dtype)
     rows = info.n_elements // info.shape[-1] if info.shape[-1] else 0
     try:
         values = quants.dequantize(raw.numpy().reshape(rows, -1), info.qtype)

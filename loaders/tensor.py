@@ -106,6 +106,8 @@ def dequantize_bytes(raw: torch.Tensor, qtype: GGMLQuantizationType, shape, dtyp
     both give the same bits). The per-layer path calls this directly, without a tensor subclass."""
     if qtype is FP8_ROWS:
         return dequantize_rows(raw, shape, dtype)
+    if raw.numel() == 0:  # a zero-element tensor (valid GGUF): no blocks to reshape into
+        return torch.empty(shape, dtype=dtype, device=raw.device)
     if raw.is_cuda:
         kernels = cuda_kernels()
         if kernels is not None and qtype in kernels.KERNEL_TYPES:

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from .errors import GGUFError
-from .file_kind import TEXT_ENCODER_ARCHS, classify, wrong_kind_message
+from .file_kind import classify, wrong_kind_message
 from .gguf_file import GGUFFile
 from .state_dict import check_tensors, quant_summary, tensor_from_file
 from .tensor import cat_rows, dequantize, logical_shape
+from .tokenizer import build_tokenizer, has_tokenizer
 
 # llama.cpp block tensor names -> Hugging Face names, one entry per tensor kind.
 LLM_BLOCK_NAMES = {
@@ -76,7 +78,7 @@ class TextEncoder:
     config: dict           # Hugging Face style sizes of the language model
     vision: VisionConfig | None
     state_dict: dict[str, torch.Tensor]
-    tokenizer_gguf: GGUFFile = field(repr=False)
+    tokenizer: Tokenizer | None = field(repr=False)  # the file's own, None where it carries none
     summary: str = ""
 
 
@@ -215,7 +217,12 @@ def open_text_encoder(llm_path: str, mmproj_path: str | None = None) -> TextEnco
     if mmproj_path:
         vision, vision_sd = open_mmproj(mmproj_path, llm_path, config["hidden_size"])
         sd.update(vision_sd)
-    return TextEncoder(llm_path, mmproj_path, FAMILIES[arch], config, vision, sd, gguf, summary)
+    tokenizer = build_tokenizer(gguf) if has_tokenizer(gguf) else None
+    rows = logical_shape(sd["model.embed_tokens.weight"])[0]
+    if tokenizer is not None and max(tokenizer.get_vocab().values(), default=0) >= rows:
+        raise GGUFError(llm_path, f"its tokenizer has ids up to {max(tokenizer.get_vocab().values()):,} but its token "
+                                  f"table only {rows:,} rows (corrupt header)")
+    return TextEncoder(llm_path, mmproj_path, FAMILIES[arch], config, vision, sd, tokenizer, summary)
 
 
 def open_mmproj(path: str, llm_path: str, llm_hidden: int) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
@@ -236,7 +243,6 @@ def open_mmproj(path: str, llm_path: str, llm_hidden: int) -> tuple[VisionConfig
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for info in names.values():
         m = _BLOCK.match(info.name)
-        tensor = None
         if m and m.group(1):
             block, kind, part = m.group(2), m.group(3), m.group(4)
             if kind in ("attn_q", "attn_k", "attn_v"):

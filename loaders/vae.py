@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from .errors import GGUFError
 from .file_kind import classify
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, require_regular_file
 from .state_dict import load_state_dict
 from .tensor import dequantize
 
@@ -35,6 +35,11 @@ WAN21 = VAEFamily("wan21", "the Qwen-Image VAE (Wan 2.1 style, 16 channels)", 16
                   "qwen_image_vae.safetensors")
 FLUX = VAEFamily("flux", "the Flux VAE (16 channels)", 16, "Z-Image", "ae.safetensors")
 FAMILIES = {f.name: f for f in (WAN21, FLUX)}
+# The tensors a family's sizes are read from (as ComfyUI reads them), with their dimension count.
+CONFIG_TENSORS = {
+    "wan21": {"decoder.head.0.gamma": 4, "encoder.conv1.weight": 5, "decoder.head.2.weight": 5},
+    "flux": {"decoder.conv_in.weight": 4},
+}
 # ComfyUI latent format class name -> the VAE family that decodes it.
 LATENT_FORMATS = {"Wan21": WAN21, "Flux": FLUX}
 
@@ -48,7 +53,8 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def identify(sd: dict[str, torch.Tensor], path: str) -> VAEFamily:
     if "decoder.middle.0.residual.0.gamma" in sd:
-        z = sd["decoder.conv1.weight"].shape[1] if "decoder.conv1.weight" in sd else None
+        conv1 = sd.get("decoder.conv1.weight")
+        z = conv1.shape[1] if conv1 is not None and conv1.ndim >= 2 else None
         if z not in (None, 16):
             raise GGUFError(path, f"this is a Wan-style VAE with {z} latent channels (Wan 2.2?), not the "
                                   f"16-channel Qwen-Image VAE ({WAN21.file_hint})")
@@ -64,9 +70,21 @@ def identify(sd: dict[str, torch.Tensor], path: str) -> VAEFamily:
                           "Z-Image the Flux VAE ae.safetensors")
 
 
+def check_config(family: VAEFamily, sd: dict[str, torch.Tensor], path: str) -> None:
+    """The tensors the family's sizes come from are present and shaped as such: otherwise ComfyUI
+    fails with a bare KeyError or builds a model of the wrong size."""
+    faults = [f"missing {k}" if k not in sd else f"{k} has {sd[k].ndim} dimensions, expected {ndim}"
+              for k, ndim in CONFIG_TENSORS[family.name].items() if k not in sd or sd[k].ndim != ndim]
+    faults += [f"{k} holds {v.dtype} values, not floats" for k, v in sd.items() if not v.is_floating_point()][:3]
+    if faults:
+        raise GGUFError(path, f"its tensors do not make {family.description}: {'; '.join(faults)}")
+
+
 def open_vae(path: str) -> tuple[VAEFamily, dict[str, torch.Tensor]]:
     """The VAE's family and its weights as float tensors (GGUF quantized weights dequantized once:
     a VAE is small and runs in a handful of large convolutions)."""
+    path = os.fspath(path)
+    require_regular_file(path)
     if path.endswith(".gguf"):
         gguf = GGUFFile(path)
         kind = classify(gguf)
@@ -80,4 +98,6 @@ def open_vae(path: str) -> tuple[VAEFamily, dict[str, torch.Tensor]]:
         except Exception as e:  # safetensors raises its own error types for damaged headers
             raise GGUFError(path, f"cannot be read as safetensors: {e}") from None
     sd = _strip(sd)
-    return identify(sd, os.fspath(path)), sd
+    family = identify(sd, path)
+    check_config(family, sd, path)
+    return family, sd

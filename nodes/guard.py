@@ -13,13 +13,16 @@ import comfy.ops
 import comfy.patcher_extension
 from comfy_api.latest import io
 
-from ..loaders.health import nonfinite_tensors
+from ..loaders.errors import GGUFError
+from ..loaders.health import damaged_tensors
 from ..loaders.tensor import wrap
 from .ops import FileWeights
 
 log = logging.getLogger(__name__)
 
 WRAPPER_KEY = "qwen_image_gguf_nan_guard"
+# The attribute of a BaseModel built from a GGUF file that holds the file's path.
+GGUF_PATH = "qwen_image_gguf_path"
 
 
 class NonFiniteModelOutput(RuntimeError):
@@ -52,7 +55,7 @@ def _step(sigma: torch.Tensor, transformer_options: dict) -> str:
     return f"step {index + 1} of {len(sigmas) - 1} (sigma {s:.4g})"
 
 
-def _weights(module: torch.nn.Module):
+def file_weights(module: torch.nn.Module):
     """(name, tensor) of every weight, GGUF block bytes as quantized tensors that know their type."""
     for name, layer in module.named_modules():
         if isinstance(layer, FileWeights) and layer.quantized():
@@ -60,11 +63,7 @@ def _weights(module: torch.nn.Module):
     yield from ((n, p) for n, p in module.named_parameters() if p.dtype != torch.uint8)
 
 
-def _cause(model, dtype: torch.dtype) -> str:
-    bad = nonfinite_tensors(_weights(model.diffusion_model))
-    if bad:
-        listed = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-        return f"the model file holds NaN/inf weights ({listed}): it is damaged, download it again"
+def _cause(dtype: torch.dtype) -> str:
     if dtype == torch.float16:
         return "fp16 compute overflows Qwen-Image; run it in bf16 or fp32"
     return ("the inputs are not finite or a LoRA / patch makes the weights overflow "
@@ -83,8 +82,14 @@ def guard_apply_model(executor, x, t, c_concat, c_crossattn, control, transforme
         out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     if torch.isfinite(out).all():
         return out
-    raise NonFiniteModelOutput(f"NaN guard: the model output at {where} holds NaN/inf, also when recomputed in "
-                               f"fp32 (it computed in {dtype}). Likely cause: {_cause(model, dtype)}.")
+    what = f"NaN guard: the model output at {where} holds NaN/inf, also when recomputed in fp32 (it computed in {dtype})"
+    bad = damaged_tensors(file_weights(model.diffusion_model))
+    if bad:
+        # A damaged file is the file's fault: named like every other bad-file error.
+        listed = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise GGUFError(getattr(model, GGUF_PATH, None), f"{what}: the file holds NaN, inf or absurdly large "
+                                                         f"weights ({listed}), it is damaged; download it again")
+    raise NonFiniteModelOutput(f"{what}. Likely cause: {_cause(dtype)}.")
 
 
 def add_guard(model):

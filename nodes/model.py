@@ -20,6 +20,7 @@ from ..loaders.errors import GGUFError
 from ..loaders.state_dict import check_tensors
 from ..loaders.tensor import GGMLTensor, logical_shape
 from ..loaders.weight_cache import convert, plan_cache, to_fp8
+from .guard import GGUF_PATH
 from .lora import drop_factors
 from .ops import GGUFOps, drop_kept_weights, share_inputs
 
@@ -81,6 +82,7 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
     model_config.set_inference_dtype(dtype, None)
     model_config.custom_operations = GGUFOps
     model = model_config.get_model(dm.state_dict, "", device=offload_device)
+    setattr(model, GGUF_PATH, dm.path)
     state_dict = _apply_mode(dm, model, mode, dtype, load_device)
     # ComfyUI's current patcher: with its dynamic VRAM loader on (NVIDIA, the default) the quantized
     # bytes live in its page cache and stream to the GPU as needed; otherwise the classic one.

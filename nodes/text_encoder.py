@@ -26,9 +26,10 @@ from comfy.supported_models_base import ClipTarget
 
 from ..loaders.errors import GGUFError
 from ..loaders.file_kind import CLIP_LOADER
+from ..loaders.health import damaged_tensors
 from ..loaders.tensor import logical_shape
 from ..loaders.text_encoder import TextEncoder
-from ..loaders.tokenizer import build_tokenizer, has_tokenizer
+from .guard import file_weights
 from .ops import FileWeights, GGUFOps
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,28 @@ def _transformer_class(family: Family, te: TextEncoder) -> type:
                 raise GGUFError(llm_path, "this prompt has images (an edit node), which need the vision tower: "
                                           f"choose the mmproj file in the '{CLIP_LOADER}' node "
                                           "(e.g. mmproj-F16.gguf from the same repository as the language model)")
-            return super().preprocess_embed(embed, device)
+            out = super().preprocess_embed(embed, device)
+            if out[0] is not None:
+                _check_finite(self.visual, out[0], "vision tower's", te.mmproj_path)
+            return out
 
     return GGUFTransformer
 
 
-def _clip_model_class(family: Family, transformer: type) -> type:
+def _check_finite(module: torch.nn.Module, out: torch.Tensor, what: str, path: str) -> None:
+    """Conditioning holding NaN/inf would sample into a black image: name the damaged file instead."""
+    if torch.isfinite(out).all():
+        return
+    bad = damaged_tensors(file_weights(module))
+    if bad:
+        listed = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise GGUFError(path, f"the {what} output holds NaN/inf because the file holds NaN, inf or absurdly large "
+                              f"weights ({listed}): it is damaged, download it again")
+    raise GGUFError(path, f"the {what} output holds NaN/inf though its weights are finite: its hyperparameters "
+                          "(rope, norm epsilon) do not suit its weights")
+
+
+def _clip_model_class(family: Family, transformer: type, te: TextEncoder) -> type:
     class GGUFClipModel(comfy.sd1_clip.SDClipModel):
         def __init__(self, device="cpu", layer=family.layer, layer_idx=family.layer_idx, dtype=None,
                      attention_mask=True, model_options={}):
@@ -106,11 +123,16 @@ def _clip_model_class(family: Family, transformer: type) -> type:
                              special_tokens={"pad": family.pad_token}, layer_norm_hidden_state=False,
                              model_class=transformer, enable_attention_masks=attention_mask,
                              return_attention_masks=attention_mask, model_options=model_options)
+
+        def forward(self, tokens):
+            out = super().forward(tokens)
+            _check_finite(self.transformer.model, out[0], "text encoder's", te.llm_path)
+            return out
     return GGUFClipModel
 
 
 def _tokenizer_class(family: Family, te: TextEncoder) -> type:
-    fast = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(te.tokenizer_gguf))
+    fast = PreTrainedTokenizerFast(tokenizer_object=te.tokenizer)
     hidden = te.config["hidden_size"]
 
     class FromGGUF:
@@ -134,6 +156,18 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float32
 
 
+def _check_bundled_vocabulary(clip: comfy.sd.CLIP, family: Family, te: TextEncoder) -> None:
+    """A file without a tokenizer is read with ComfyUI's bundled one, whose ids must all have a row in
+    the file's token table (otherwise the first prompt fails with an index error)."""
+    bundled = getattr(clip.tokenizer, family.name).tokenizer
+    top = max(bundled.get_vocab().values())
+    rows = logical_shape(te.state_dict["model.embed_tokens.weight"])[0]
+    if top >= rows:
+        raise GGUFError(te.llm_path, f"its token table has {rows:,} rows and the file carries no tokenizer; "
+                                     f"ComfyUI's bundled Qwen tokenizer, used instead, has ids up to {top:,}: the "
+                                     "file is not a complete Qwen text encoder")
+
+
 def build_clip(te: TextEncoder) -> comfy.sd.CLIP:
     family = FAMILIES[te.family]
     load_device = comfy.model_management.text_encoder_device()
@@ -146,10 +180,10 @@ def build_clip(te: TextEncoder) -> comfy.sd.CLIP:
         # any encoder) while still empty, count it as loaded, and stream every weight from RAM on
         # every encode.
         "initial_device": torch.device("cpu"),
-        f"{family.name}_class": _clip_model_class(family, _transformer_class(family, te)),
+        f"{family.name}_class": _clip_model_class(family, _transformer_class(family, te), te),
     }
     tokenizer_data = {}
-    if has_tokenizer(te.tokenizer_gguf):
+    if te.tokenizer is not None:
         tokenizer_data[f"{family.name}_tokenizer_class"] = _tokenizer_class(family, te)
         log.info("GGUF text encoder %s: using the tokenizer stored in the GGUF", te.llm_path)
     else:
@@ -158,6 +192,8 @@ def build_clip(te: TextEncoder) -> comfy.sd.CLIP:
     params = sum(logical_shape(t).numel() for t in te.state_dict.values())
     clip = comfy.sd.CLIP(ClipTarget(family.tokenizer, family.te), embedding_directory=folder_paths.get_folder_paths("embeddings"),
                          tokenizer_data=tokenizer_data, parameters=params, model_options=model_options)
+    if te.tokenizer is None:
+        _check_bundled_vocabulary(clip, family, te)
     missing, unexpected = clip.load_sd(dict(te.state_dict))
     missing = [k for k in missing if not k.endswith("logit_scale") and "lm_head" not in k]
     if missing:

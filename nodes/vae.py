@@ -12,23 +12,61 @@ import logging
 
 import torch
 
+import comfy.diffusers_convert
+import comfy.ldm.modules.diffusionmodules.model as sd_vae
+import comfy.ldm.wan.vae
 import comfy.model_management
 import comfy.sd
 import folder_paths
 from comfy_api.latest import io
 
 from ..loaders.errors import GGUFError
-from ..loaders.vae import LATENT_FORMATS, open_vae
+from ..loaders.state_dict import check_tensors
+from ..loaders.vae import FLUX, LATENT_FORMATS, WAN21, VAEFamily, open_vae
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TILE = 512
 
 
+def _first_stage_on_meta(family: VAEFamily, sd: dict) -> torch.nn.Module:
+    """The model ComfyUI's VAE builds for this family and these sizes (comfy.sd.VAE reads them from
+    the same tensors), on the meta device: its tensor names and shapes, no memory."""
+    with torch.device("meta"):
+        if family is WAN21:
+            return comfy.ldm.wan.vae.WanVAE(dim=sd["decoder.head.0.gamma"].shape[0], z_dim=16, dim_mult=[1, 2, 4, 4],
+                                            num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True],
+                                            image_channels=sd["encoder.conv1.weight"].shape[1],
+                                            conv_out_channels=sd["decoder.head.2.weight"].shape[0], dropout=0.0)
+        config = dict(double_z=True, z_channels=sd["decoder.conv_in.weight"].shape[1], resolution=256, in_channels=3,
+                      out_ch=3, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+        model = torch.nn.Module()
+        model.encoder = sd_vae.Encoder(**config)
+        model.decoder = sd_vae.Decoder(**dict(config, ch=sd["decoder.conv_in.weight"].shape[0] // 4))
+        return model
+
+
+def check_weights(family: VAEFamily, sd: dict, path: str) -> bool:
+    """Every tensor ComfyUI's model of this VAE needs, present and of its shape (one GGUFError listing
+    what is not), before ComfyUI builds it. A file without any encoder tensor is a decoder-only VAE:
+    it loads and refuses to encode. Returns whether it can encode."""
+    expected = {k: tuple(v.shape) for k, v in _first_stage_on_meta(family, sd).state_dict().items()}
+    encoder = [k for k in expected if k.startswith("encoder.")]
+    decoder_only = family is FLUX and not any(k in sd for k in encoder)
+    if decoder_only:
+        expected = {k: v for k, v in expected.items() if k not in encoder}
+    unexpected = check_tensors(path, sd, expected, f"complete {family.description.removeprefix('the ')}",
+                               unexpected_is_fault=False)
+    if unexpected:
+        log.warning("VAE %s: tensors this VAE does not use, ignored: %s", path, ", ".join(unexpected[:8]))
+    return not decoder_only
+
+
 class GuardedVAE(comfy.sd.VAE):
     family = None
     path = ""
     tile_size = DEFAULT_TILE
+    can_encode = True
 
     def _tile_args(self, tile_size: int) -> dict:
         scale = self.spacial_compression_decode()
@@ -87,6 +125,9 @@ class GuardedVAE(comfy.sd.VAE):
         return self._guard("decode", lambda: super(GuardedVAE, self).decode(samples_in, vae_options))
 
     def encode(self, pixel_samples):
+        if not self.can_encode:
+            raise GGUFError(self.path, "this VAE file holds only the decoder, so it cannot encode images (edit and "
+                                       f"image-to-image graphs need the full VAE, {self.family.file_hint})")
         if not self._fits(self.memory_used_encode(self._encode_shape(pixel_samples), self.vae_dtype)):
             log.info("%s: an encode of %s would not fit in free memory; encoding in %d px tiles", self.path,
                      tuple(pixel_samples.shape[1:3]), self.tile_size)
@@ -98,9 +139,12 @@ class GuardedVAE(comfy.sd.VAE):
 
 def load_vae(path: str, tile_size: int = DEFAULT_TILE) -> GuardedVAE:
     family, sd = open_vae(path)
+    if "decoder.up_blocks.0.resnets.0.norm1.weight" in sd:  # diffusers naming: ComfyUI renames it too
+        sd = comfy.diffusers_convert.convert_vae_state_dict(sd)
+    can_encode = check_weights(family, sd, path)
     vae = GuardedVAE(sd=sd)
     vae.throw_exception_if_invalid()
-    vae.family, vae.path, vae.tile_size = family, path, tile_size
+    vae.family, vae.path, vae.tile_size, vae.can_encode = family, path, tile_size, can_encode
     log.info("VAE %s: %s, for %s", path, family.description, family.used_by)
     return vae
 

@@ -16,6 +16,9 @@ from tiny_models import (QWEN_IMAGE, Z_IMAGE, decoded, qwen_image_recipe, qwen_i
 
 pytestmark = requires_comfyui
 
+DROPPED = "decoder.upsamples.4.residual.2.weight"
+SHORTENED = "decoder.middle.1.to_qkv.weight"
+
 
 def vae_recipe(qtype: T):
     def pick(name, shape):
@@ -43,6 +46,17 @@ def models(tmp_path_factory):
                    {k: np.asarray(torch.from_numpy(v).to(torch.bfloat16).float()) if chosen[k] == T.BF16 else v
                     for k, v in weights.items()},
                    str(vae / f"qwen-vae-tiny-{qtype.name}-twin.safetensors"))
+    # Damaged VAEs: a tensor ComfyUI reads a size from, another tensor, a tensor of the wrong shape.
+    head = dict(weights)
+    del head["decoder.head.2.weight"]
+    save_numpy(head, str(vae / "qwen-vae-no-head.safetensors"))
+    missing = dict(weights)
+    del missing[DROPPED]
+    write_gguf(vae / "qwen-vae-missing.gguf", missing, vae_recipe(T.F16))
+    misshaped = dict(weights, **{SHORTENED: weights[SHORTENED][:-1]})
+    save_numpy(misshaped, str(vae / "qwen-vae-misshaped.safetensors"))
+    run_script(tmp_path_factory.mktemp("make_flux"), root, REPO / "tests" / "comfy_scripts" / "make_flux_vae.py",
+               ch=32, seed=0, out=str(vae / "flux-decoder-only.safetensors"))
     qwen = random_weights(qwen_image_shapes(**QWEN_IMAGE), seed=0)
     overflow = dict(qwen, **{"img_in.weight": qwen["img_in.weight"] * 3e4})
     write_model(dm / "qwen-overflows-fp16.gguf", overflow, qwen_image_recipe())
@@ -112,13 +126,21 @@ def runs(models, tmp_path_factory):
                          model=["zimg", 0])
     wrong["zimg"] = {"class_type": "QwenImageGGUFUnetLoader", "inputs": {"unet_name": "z-image-tiny.gguf"}}
     prompts.append(wrong)
+    damaged = ["qwen-vae-no-head.safetensors", "qwen-vae-missing.gguf", "qwen-vae-misshaped.safetensors"]
+    prompts += [decode_graph(ours(name), str(work / "never.st")) for name in damaged]
+    prompts.append(decode_graph(ours("flux-decoder-only.safetensors"), str(work / "never.st"), "VAEDecode") | {
+        "pixels": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["pixels", 0], "vae": ["vae", 0]}},
+        "save": {"class_type": "TestSaveLatent", "inputs": {"samples": ["enc", 0], "path": str(work / "never.st")}}})
     results = run_prompts(work, models, prompts)
     out = {}
     for name, result in zip(names, results):
         assert result["success"], f"{name}: {result['error'] and result['error'].get('exception_message')}"
         data = load_file(str(work / f"{name}.st"))
         out[name] = data.get("images", data.get("samples"))
-    out["nan_weight"], out["wrong_vae"] = results[-2], results[-1]
+    out["nan_weight"], out["wrong_vae"] = results[len(names)], results[len(names) + 1]
+    out["damaged"] = dict(zip(damaged, results[len(names) + 2:]))
+    out["decoder_only_encode"] = results[-1]
     return out
 
 
@@ -156,8 +178,27 @@ def test_guard_stops_with_a_clear_error_on_a_corrupt_weight(runs):
     r = runs["nan_weight"]
     assert not r["success"]
     message = r["error"]["exception_message"]
-    for fragment in ("step 1 of 3", "sigma", "fp32", "transformer_blocks.1.attn.to_k.weight", "download it again"):
+    for fragment in ("qwen-nan-weight.gguf", "step 1 of 3", "sigma", "fp32", "transformer_blocks.1.attn.to_k.weight",
+                     "download it again"):
         assert fragment in message, message
+
+
+def test_damaged_vaes_are_refused_with_what_is_wrong(runs):
+    expected = {"qwen-vae-no-head.safetensors": ["missing decoder.head.2.weight"],
+                "qwen-vae-missing.gguf": [f"missing {DROPPED}"],
+                "qwen-vae-misshaped.safetensors": [SHORTENED, "expected"]}
+    for name, fragments in expected.items():
+        r = runs["damaged"][name]
+        assert not r["success"] and r["error"]["exception_type"].endswith("GGUFError"), r
+        message = r["error"]["exception_message"]
+        assert name in message and all(f in message for f in fragments), message
+
+
+def test_decoder_only_vae_decodes_and_refuses_to_encode(runs):
+    r = runs["decoder_only_encode"]
+    assert not r["success"]
+    message = r["error"]["exception_message"]
+    assert "flux-decoder-only.safetensors" in message and "only the decoder" in message, message
 
 
 def test_vae_of_another_family_is_refused(runs):

@@ -139,7 +139,9 @@ def test_other_types_are_converted_once_with_a_note(tmp_path, caplog):
     blocks = rng.integers(0, 256, size=(4, type_size), dtype=np.uint8)
     blocks[:, -2:] = np.full(4, 0.01, dtype=np.float16).view(np.uint8).reshape(4, 2)
     data = blocks.tobytes() + bytes(-len(blocks.tobytes()) % 32)
-    content = raw_gguf([("w", [block_size * 2, 2], qtype, 0), ("q", [32], T.Q8_0, len(data))], data + bytes(34))
+    # A quantized matrix stays quantized; a quantized vector (a bias or norm) is converted at load.
+    content = raw_gguf([("w", [block_size * 2, 2], qtype, 0), ("q", [32, 2], T.Q8_0, len(data)),
+                        ("v", [32], T.Q8_0, len(data) + 96)], data + bytes(96) + bytes(34))
     f = GGUFFile(write(tmp_path, content))
     with caplog.at_level(logging.WARNING):
         sd = load_state_dict(f)
@@ -148,6 +150,7 @@ def test_other_types_are_converted_once_with_a_note(tmp_path, caplog):
     assert sd["w"].dtype == torch.bfloat16 and not isinstance(sd["w"], GGMLTensor)
     assert torch.equal(sd["w"], torch.from_numpy(expected).to(torch.bfloat16))
     assert isinstance(sd["q"], GGMLTensor)
+    assert not isinstance(sd["v"], GGMLTensor) and sd["v"].shape == (32,) and sd["v"].dtype == torch.bfloat16
 
 
 def test_quantized_tensors_are_views_of_the_file(tmp_path):
@@ -231,3 +234,18 @@ def test_recorded_original_shape_of_the_wrong_kind(tmp_path, orig):
     with pytest.raises(GGUFError) as info:
         load_state_dict(GGUFFile(path))
     assert "m.gguf" in str(info.value) and "original shape" in str(info.value)
+
+
+def test_five_dimensional_tensor_says_what_it_is_and_what_to_do(tmp_path):
+    """Some converters write a VAE's 3-D convolution kernels with 5 dimensions, which GGUF does not allow."""
+    content = raw_gguf([("decoder.conv1.weight", [3, 3, 3, 16, 64], T.F32, 0)], bytes(3 * 3 * 3 * 16 * 64 * 4))
+    message = expect_error(write(tmp_path, content), "5 dimensions", "[64, 16, 3, 3, 3]", "at most 4",
+                           "qwen_image_vae.safetensors", "comfy.gguf.orig_shape.decoder.conv1.weight")
+    assert "corrupt" not in message
+
+
+def test_tensor_count_one_short_is_refused(tmp_path):
+    """With the count one short, every tensor would be read from the wrong place and load as garbage."""
+    content = raw_gguf([("a", [32], T.F32, 0), ("b", [32], T.F32, 128)], bytes(256))
+    content = content[:8] + struct.pack("<Q", 1) + content[16:]
+    expect_error(write(tmp_path, content), "past the end of its last listed tensor", "1 listed")

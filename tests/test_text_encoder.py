@@ -15,7 +15,7 @@ from loaders.text_encoder import open_text_encoder
 from loaders.tokenizer import build_tokenizer
 from loaders.writer import write_gguf
 from tiny_models import QWEN_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model
-from tiny_text_encoders import QWEN3, QWEN25VL, VISION, write_llm, write_mmproj
+from tiny_text_encoders import QWEN3, QWEN25VL, VISION, byte_level_tokenizer, write_llm, write_mmproj
 
 SMALL_VOCAB = 1024
 
@@ -110,17 +110,12 @@ def test_language_model_of_another_architecture(tmp_path):
                                "models, Qwen3 for Z-Image")
 
 
-def tiny_tokenizer_file(path, pre: str = "qwen2") -> list[str]:
+def tiny_tokenizer_file(path, pre: str = "qwen2", **changes) -> list[str]:
     """A byte-level vocabulary of the 256 byte symbols, two merges and two special tokens."""
-    symbols = [chr(c) for c in range(ord("!"), ord("~") + 1)] + [chr(c) for c in range(ord("¡"), ord("¬") + 1)]
-    symbols += [chr(c) for c in range(ord("®"), ord("ÿ") + 1)]
-    symbols += [chr(256 + i) for i in range(256 - len(symbols))]
-    tokens = symbols + ["he", "Ġhe", "<|im_start|>", "<think>"]
-    types = [1] * (len(symbols) + 2) + [3, 4]
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": ["h e", "Ġ he"]}
+    meta = byte_level_tokenizer(["he", "Ġhe"], [("<|im_start|>", 3), ("<think>", 4)], pre)
+    tokens = meta["tokenizer.ggml.tokens"]
     write_gguf(path, {"token_embd.weight": np.zeros((len(tokens), 32), np.float32)},
-               lambda n, s: T.F32, arch="qwen2", metadata=meta)
+               lambda n, s: T.F32, arch="qwen2", metadata=dict(meta, **changes))
     return tokens
 
 
@@ -146,6 +141,20 @@ def test_tokenizer_rebuilt_from_metadata(tmp_path):
     ids = tok.encode("<|im_start|>he he<think>").ids
     assert ids == [tokens.index("<|im_start|>"), tokens.index("he"), tokens.index("Ġhe"), tokens.index("<think>")]
     assert tok.decode(ids, skip_special_tokens=True) == "he he<think>"
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"tokenizer.ggml.merges": ["h e", "Ġ hx"]}, "merge 1 ('Ġ hx') names a token that is not in the vocabulary"),
+    ({"tokenizer.ggml.merges": ["h e", "he"]}, "merge 1 ('he') names a token"),
+    ({"tokenizer.ggml.tokens": 7}, "tokenizer.ggml.tokens is int 7, not an array of strings"),
+    ({"tokenizer.ggml.token_type": [1, 2]}, "token_type is not an array of 260 integers"),
+    ({"tokenizer.ggml.model": ["gpt2"]}, "tokenizer.ggml.model is an array of 1 strings, not a string"),
+])
+def test_damaged_tokenizer_metadata_is_named(tmp_path, changes, fragment):
+    tiny_tokenizer_file(tmp_path / "tok.gguf", **changes)
+    with pytest.raises(GGUFError) as info:
+        build_tokenizer(GGUFFile(tmp_path / "tok.gguf"))
+    assert "tok.gguf" in str(info.value) and fragment in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("metadata, drop, fragments", [

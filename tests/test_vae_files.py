@@ -15,7 +15,8 @@ from loaders.writer import write_gguf
 
 def wan(z: int = 16) -> dict:
     return {"decoder.middle.0.residual.0.gamma": torch.ones(64, 1, 1, 1), "decoder.conv1.weight": torch.zeros(64, z, 3, 3, 3),
-            "decoder.head.0.gamma": torch.ones(16, 1, 1, 1)}
+            "decoder.head.0.gamma": torch.ones(16, 1, 1, 1), "decoder.head.2.weight": torch.zeros(3, 16, 3, 3, 3),
+            "encoder.conv1.weight": torch.zeros(16, 3, 3, 3, 3)}
 
 
 def kl(z: int) -> dict:
@@ -59,3 +60,37 @@ def test_damaged_safetensors(tmp_path):
     with pytest.raises(GGUFError) as info:
         open_vae(str(tmp_path / "v.safetensors"))
     assert "cannot be read as safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda sd: sd.pop("decoder.head.2.weight"), "missing decoder.head.2.weight"),
+    (lambda sd: sd.update({"encoder.conv1.weight": torch.zeros(16, 3)}), "encoder.conv1.weight has 2 dimensions"),
+])
+def test_tensors_the_sizes_come_from(tmp_path, change, fragment):
+    """ComfyUI reads the VAE's sizes from these: without them it stops with a bare KeyError."""
+    sd = wan()
+    change(sd)
+    for name in ("v.safetensors", "v.gguf"):
+        if name.endswith(".gguf"):
+            write_gguf(tmp_path / name, {k: v.numpy() for k, v in sd.items()}, lambda n, s: T.F32)
+        else:
+            save_file(sd, str(tmp_path / name))
+        with pytest.raises(GGUFError) as info:
+            open_vae(str(tmp_path / name))
+        assert name in str(info.value) and fragment in str(info.value), str(info.value)
+
+
+def test_integer_weights_are_refused(tmp_path):
+    save_file(dict(wan(), **{"decoder.head.0.gamma": torch.ones(16, 1, 1, 1, dtype=torch.int32)}),
+              str(tmp_path / "v.safetensors"))
+    with pytest.raises(GGUFError) as info:
+        open_vae(str(tmp_path / "v.safetensors"))
+    assert "decoder.head.0.gamma holds torch.int32 values, not floats" in str(info.value)
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    with pytest.raises(GGUFError) as info:
+        open_vae(str(tmp_path / "pipe.safetensors"))
+    assert "pipe.safetensors" in str(info.value) and "not a regular file" in str(info.value)

@@ -114,6 +114,28 @@ def llama_cpp_q4_k_m(n_layers: int):
     return pick
 
 
+def byte_level_tokenizer(words: list[str], specials: list[tuple[str, int]], pre: str = "qwen2",
+                         vocab_size: int | None = None) -> dict:
+    """tokenizer.ggml.* of a small byte-level BPE, as llama.cpp writes one: GPT-2's 256 byte symbols,
+    each of ``words`` made by one merge of its longest known prefix, ``specials`` (text, llama.cpp token
+    type), then unused padding up to ``vocab_size``."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    tokens = [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+    merges = []
+    for word in words:
+        left = max((t for t in tokens if word.startswith(t) and t != word), key=len)
+        merges.append(f"{left} {word[len(left):]}")
+        tokens.append(word)
+    types = [1] * len(tokens) + [kind for _, kind in specials]
+    tokens += [text for text, _ in specials]
+    padding = max(0, (vocab_size or 0) - len(tokens))
+    tokens += [f"[PAD{len(tokens) + i}]" for i in range(padding)]
+    types += [5] * padding
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+
+
 def tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
     """tokenizer.ggml.* as llama.cpp's converter writes them from a Hugging Face tokenizer folder."""
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
