@@ -24,8 +24,10 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, workdir: Path, models: Path, extra_args: tuple[str, ...] = (), env: dict | None = None):
+    def __init__(self, workdir: Path, models: Path, extra_args: tuple[str, ...] = (), env: dict | None = None,
+                 device_args: tuple[str, ...] = ("--cpu",)):
         self.workdir, self.models, self.env = workdir, models, env or {}
+        self.device_args = device_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = extra_args
@@ -46,7 +48,7 @@ class ComfyServer:
                           + f"  custom_nodes: {custom_nodes}\n")
         self.log = open(self.workdir / "server.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "main.py", *self.device_args, "--listen", "127.0.0.1", "--port", str(self.port),
              "--disable-api-nodes", "--extra-model-paths-config", str(config),
              "--input-directory", str(self.workdir / "input"), "--output-directory", str(self.workdir / "output"),
              "--user-directory", str(self.workdir / "user"), *self.extra_args],
@@ -87,8 +89,8 @@ class ComfyServer:
         except urllib.error.HTTPError as e:
             return {"http_error": e.code, **json.loads(e.read() or b"{}")}
 
-    def run(self, prompt: dict, timeout: float = 600) -> dict:
-        """POST /prompt, then wait for its /history entry."""
+    def run(self, prompt: dict, timeout: float = 600, poll: float = 0.5) -> dict:
+        """POST /prompt, then wait for its /history entry (asked every ``poll`` seconds)."""
         answer = self.post("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
         if "prompt_id" not in answer:
             return {"rejected": answer}
@@ -99,5 +101,5 @@ class ComfyServer:
             if entry and entry.get("status", {}).get("completed") is not None and (
                     entry["status"].get("completed") or entry["status"].get("status_str") == "error"):
                 return entry
-            time.sleep(0.5)
+            time.sleep(poll)
         raise TimeoutError(f"prompt did not finish in {timeout} s:\n{self.server_log()[-3000:]}")

@@ -1,0 +1,177 @@
+"""Whole presets as a user runs them, on a CUDA GPU: ComfyUI's HTTP server (main.py, as started by a
+user), the preset's API workflow POSTed to /prompt until its image is saved, with full-size
+random-weight files installed under the installer's names (bench/full_size.py).
+
+    COMFYUI_PATH=../ComfyUI python bench/presets.py --runs "Qwen-Image-2512 - 20 steps:Q4_K_M:0" \\
+        [--runs ...] [--images 2] [--store /tmp/full-size] [--out presets.json]
+
+A run is PRESET:QUANT:VRAM. Only QUANT of the preset's diffusion model is installed, as after
+`install.sh --quant QUANT` (a preset naming another quant loads it through the loader's fallback).
+VRAM is the GB ComfyUI is left (started with --reserve-vram = GPU total - VRAM; 0 = the whole GPU):
+the run shows whether the preset completes within it. Per run: the first image (cold: ComfyUI
+started, nothing loaded) and the following ones (warm: another seed; ComfyUI's cache keeps the text
+encodings, as it does for a user), as wall time from POST to the saved image; peak VRAM of the whole
+GPU (nvidia-smi every 0.1 s, CUDA contexts included); peak RAM of the server process (VmHWM: what it
+held resident, the pages of the memory-mapped model files it touched included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
+
+from comfy_env import comfyui_path  # noqa: E402
+from comfy_server import ComfyServer  # noqa: E402
+from full_size import folders  # noqa: E402
+
+MODEL_KEYS = ("unet_name", "clip_name", "mmproj_name", "vae_name")
+
+
+class PeakVRAM:
+    """The highest memory in use on GPU 0 (all processes) while the block runs."""
+
+    def __enter__(self):
+        self.peak, self.running = 0, True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, gpu_used_mib())
+            time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def gpu_query(field: str) -> str:
+    out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[0]
+
+
+def gpu_used_mib() -> int:
+    return int(gpu_query("memory.used"))
+
+
+def peak_rss_gib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def installed_files(prompt: dict, quant: str) -> tuple[list[str], str]:
+    """The files the preset loads, its diffusion model replaced by the set's QUANT file."""
+    manifest = json.loads((REPO / "install" / "models.json").read_text())
+    names = [v for node in prompt.values() for k, v in node["inputs"].items()
+             if k in MODEL_KEYS and isinstance(v, str) and v != "none"]
+    for model_set in manifest["sets"].values():
+        quants = model_set["diffusion_model"]["quants"]
+        if any(q["file"] in names for q in quants.values()):
+            chosen = quants[quant]["file"]
+            return [chosen if any(n == q["file"] for q in quants.values()) else n for n in names], chosen
+    raise ValueError(f"no model set of the manifest has this preset's diffusion model: {names}")
+
+
+def with_seed(prompt: dict, seed: int) -> dict:
+    out = json.loads(json.dumps(prompt))
+    for node in out.values():
+        if "seed" in node["inputs"]:
+            node["inputs"]["seed"] = seed
+    return out
+
+
+def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path, work: Path) -> dict:
+    prompt = json.loads((REPO / "workflows" / "api" / f"{preset}.json").read_text())
+    files, model = installed_files(prompt, quant)
+    start = time.perf_counter()
+    # In a process of its own, so that this one holds no CUDA context while it measures the GPU.
+    subprocess.run([sys.executable, str(REPO / "bench" / "full_size.py"), "--models", str(store), "--comfyui",
+                    str(comfyui_path()), *files], check=True)
+    made = time.perf_counter() - start
+    # A models folder holding only this run's files (links into the store).
+    models = work / "models"
+    shutil.rmtree(models, ignore_errors=True)
+    where = folders()
+    for name in files:
+        (models / where[name]).mkdir(parents=True, exist_ok=True)
+        (models / where[name] / name).symlink_to(store / where[name] / name)
+    row = {"preset": preset, "quant": quant, "file": model, "vram_limit_gb": vram_gb or None,
+           "files_written_s": round(made, 1), "images": []}
+    total_mib = int(gpu_query("memory.total"))
+    args = ["--reserve-vram", f"{total_mib / 1024 - vram_gb:.2f}"] if vram_gb else []
+    # The API needs no front end; an empty root keeps the server from requiring its package.
+    (work / "front-end").mkdir(parents=True, exist_ok=True)
+    args += ["--front-end-root", str(work / "front-end")]
+    (work / "input").mkdir(parents=True, exist_ok=True)
+    for image in (REPO / "workflows" / "input").iterdir():
+        shutil.copy(image, work / "input" / image.name)
+    before = gpu_used_mib()
+    with PeakVRAM() as peak, ComfyServer(work, models, tuple(args), device_args=()) as server:
+        for i in range(images):
+            t0 = time.perf_counter()
+            entry = server.run(with_seed(prompt, 42 + i), timeout=1200, poll=0.05)
+            seconds = time.perf_counter() - t0
+            ok = entry.get("status", {}).get("completed", False)
+            row["images"].append(round(seconds, 2))
+            if not ok:
+                errors = [m for m in entry.get("status", {}).get("messages", []) if m[0] == "execution_error"]
+                row["error"] = (errors[0][1].get("exception_message", "")[:500] if errors else str(entry)[:500])
+                break
+        row["peak_rss_gib"] = round(peak_rss_gib(server.proc.pid), 1)
+        log = server.server_log()
+    row["peak_vram_gib"] = round(peak.peak / 1024, 1)
+    row["vram_before_gib"] = round(before / 1024, 1)
+    row["ok"] = "error" not in row
+    row["log_tail"] = "\n".join(line for line in log.splitlines() if "GGUF" in line or "error" in line.lower())[-3000:]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", action="append", required=True, help="PRESET:QUANT:VRAM_GB (0 = the whole GPU)")
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--store", default="/tmp/full-size-models")
+    ap.add_argument("--work", default="/tmp/preset-bench")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    gpu = gpu_query("name")
+    rows = []
+    for spec in a.runs:
+        preset, quant, vram = spec.rsplit(":", 2)
+        work = Path(a.work) / f"run{len(rows)}"
+        shutil.rmtree(work, ignore_errors=True)
+        row = run_preset(preset, quant, float(vram), a.images, Path(a.store), work)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
+        if not row["ok"]:
+            print(row["log_tail"], flush=True)
+        if a.out:  # after every run: a time limit that cuts the last one keeps the others
+            Path(a.out).write_text(json.dumps({"gpu": gpu, "rows": rows}, indent=1))
+    print(f"\n{gpu}, ComfyUI with its default loader (dynamic VRAM on NVIDIA)\n")
+    print("| preset | diffusion model | ComfyUI given | first image (cold) | next images (warm) | peak VRAM | peak RAM |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        given = f"{r['vram_limit_gb']:g} GB" if r["vram_limit_gb"] else "whole GPU"
+        cold = f"{r['images'][0]:.1f} s" if r["images"] else "-"
+        warm = ", ".join(f"{s:.1f}" for s in r["images"][1:]) + " s" if len(r["images"]) > 1 else "-"
+        if not r["ok"]:
+            cold, warm = "failed", r["error"][:80]
+        print(f"| {r['preset']} | {r['quant']} | {given} | {cold} | {warm} | {r['peak_vram_gib']} GiB | "
+              f"{r['peak_rss_gib']} GiB |")
+
+
+if __name__ == "__main__":
+    main()
