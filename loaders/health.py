@@ -13,6 +13,14 @@ from .tensor import GGMLTensor, dequantize
 ABSURD = 1e4
 
 
+def damage_report(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """For an error message: which weights are damaged, or None where none is."""
+    bad = damaged_tensors(named)
+    if not bad:
+        return None
+    return f"the file holds NaN, inf or absurdly large weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
+
+
 def damaged_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the tensors whose values (dequantized where quantized) hold NaN, inf or absurdly
     large values."""

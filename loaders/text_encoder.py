@@ -219,9 +219,10 @@ def open_text_encoder(llm_path: str, mmproj_path: str | None = None) -> TextEnco
         sd.update(vision_sd)
     tokenizer = build_tokenizer(gguf) if has_tokenizer(gguf) else None
     rows = logical_shape(sd["model.embed_tokens.weight"])[0]
-    if tokenizer is not None and max(tokenizer.get_vocab().values(), default=0) >= rows:
-        raise GGUFError(llm_path, f"its tokenizer has ids up to {max(tokenizer.get_vocab().values()):,} but its token "
-                                  f"table only {rows:,} rows (corrupt header)")
+    top = max(tokenizer.get_vocab().values(), default=0) if tokenizer is not None else 0
+    if top >= rows:
+        raise GGUFError(llm_path, f"its tokenizer has ids up to {top:,} but its token table only {rows:,} rows "
+                                  "(corrupt header)")
     return TextEncoder(llm_path, mmproj_path, FAMILIES[arch], config, vision, sd, tokenizer, summary)
 
 

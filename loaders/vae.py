@@ -84,7 +84,6 @@ def open_vae(path: str) -> tuple[VAEFamily, dict[str, torch.Tensor]]:
     """The VAE's family and its weights as float tensors (GGUF quantized weights dequantized once:
     a VAE is small and runs in a handful of large convolutions)."""
     path = os.fspath(path)
-    require_regular_file(path)
     if path.endswith(".gguf"):
         gguf = GGUFFile(path)
         kind = classify(gguf)
@@ -93,6 +92,7 @@ def open_vae(path: str) -> tuple[VAEFamily, dict[str, torch.Tensor]]:
         sd = {k: dequantize(v, torch.float32) if not v.is_floating_point() else v
               for k, v in load_state_dict(gguf, convert_dtype=torch.float32).items()}
     else:
+        require_regular_file(path)  # GGUFFile checks its own
         try:
             sd = load_file(path)
         except Exception as e:  # safetensors raises its own error types for damaged headers

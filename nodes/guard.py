@@ -14,7 +14,7 @@ import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..loaders.errors import GGUFError
-from ..loaders.health import damaged_tensors
+from ..loaders.health import damage_report
 from ..loaders.tensor import wrap
 from .ops import FileWeights
 
@@ -83,12 +83,10 @@ def guard_apply_model(executor, x, t, c_concat, c_crossattn, control, transforme
     if torch.isfinite(out).all():
         return out
     what = f"NaN guard: the model output at {where} holds NaN/inf, also when recomputed in fp32 (it computed in {dtype})"
-    bad = damaged_tensors(file_weights(model.diffusion_model))
-    if bad:
+    damage = damage_report(file_weights(model.diffusion_model))
+    if damage:
         # A damaged file is the file's fault: named like every other bad-file error.
-        listed = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-        raise GGUFError(getattr(model, GGUF_PATH, None), f"{what}: the file holds NaN, inf or absurdly large "
-                                                         f"weights ({listed}), it is damaged; download it again")
+        raise GGUFError(getattr(model, GGUF_PATH, None), f"{what}: {damage}, it is damaged; download it again")
     raise NonFiniteModelOutput(f"{what}. Likely cause: {_cause(dtype)}.")
 
 

@@ -26,7 +26,7 @@ from comfy.supported_models_base import ClipTarget
 
 from ..loaders.errors import GGUFError
 from ..loaders.file_kind import CLIP_LOADER
-from ..loaders.health import damaged_tensors
+from ..loaders.health import damage_report
 from ..loaders.tensor import logical_shape
 from ..loaders.text_encoder import TextEncoder
 from .guard import file_weights
@@ -106,11 +106,9 @@ def _check_finite(module: torch.nn.Module, out: torch.Tensor, what: str, path: s
     """Conditioning holding NaN/inf would sample into a black image: name the damaged file instead."""
     if torch.isfinite(out).all():
         return
-    bad = damaged_tensors(file_weights(module))
-    if bad:
-        listed = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-        raise GGUFError(path, f"the {what} output holds NaN/inf because the file holds NaN, inf or absurdly large "
-                              f"weights ({listed}): it is damaged, download it again")
+    damage = damage_report(file_weights(module))
+    if damage:
+        raise GGUFError(path, f"the {what} output holds NaN/inf because {damage}: it is damaged, download it again")
     raise GGUFError(path, f"the {what} output holds NaN/inf though its weights are finite: its hyperparameters "
                           "(rope, norm epsilon) do not suit its weights")
 
