@@ -2,9 +2,9 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from .nodes import folders, model_files
+from .nodes.integration import compat, folders, model_files
 from .nodes.clip_loader import ClipLoaderGGUF
-from .nodes.guard import NaNGuard
+from .nodes.nan_guard import NaNGuard
 from .nodes.unet_loader import UnetLoaderGGUF
 from .nodes.vae import VAEDecodeChecked, VAELoaderGGUF
 
@@ -18,6 +18,7 @@ class QwenImageGGUFExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> QwenImageGGUFExtension:
+    compat.check()
     folders.register()
     model_files.register_routes()
     return QwenImageGGUFExtension()

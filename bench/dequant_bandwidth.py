@@ -24,9 +24,9 @@ import triton.testing
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from loaders.quants import DEQUANTIZERS  # noqa: E402
-from loaders.kernel_tiles import TILES, Tile  # noqa: E402
-from loaders.triton_dequant import KERNEL_TYPES, dequantize_cuda  # noqa: E402
+from loaders.quant.formats import FORMATS, KERNEL_FORMATS  # noqa: E402
+from loaders.quant.kernels.dequant import dequantize_cuda  # noqa: E402
+from loaders.quant.kernels.tiles import Tile  # noqa: E402
 
 # Byte offsets of each type's f16 scales, set to small finite values (random bytes could be inf/NaN).
 F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q2_K: (80, 82),
@@ -46,13 +46,14 @@ def random_blocks(qtype: T, n_blocks: int, device: str = "cuda", scale: float = 
 
 
 def sweep(qtype: T, blocks: torch.Tensor, shape: tuple[int, int], copy_bw: float) -> None:
-    nsub = TILES[qtype].nsub
+    fmt = FORMATS[qtype]
+    nsub = fmt.tile.nsub
     results = []
     for per_program in (256, 512, 1024, 2048, 4096, 8192):
         for warps in (2, 4, 8):
-            n_blocks = max(1, per_program // DEQUANTIZERS[qtype].block_size)
+            n_blocks = max(1, per_program // fmt.block_size)
             tile = Tile(nsub, n_blocks, warps)
-            ms = triton.testing.do_bench(lambda: dequantize_cuda(blocks, qtype, shape, torch.bfloat16, tile),
+            ms = triton.testing.do_bench(lambda: dequantize_cuda(blocks, fmt, shape, torch.bfloat16, tile),
                                          return_mode="median")
             results.append(((blocks.numel() + 2 * shape[0] * shape[1]) / ms / 1e6 / copy_bw, tile))
     results.sort(key=lambda r: -r[0])
@@ -67,11 +68,11 @@ def main() -> None:
     a = parser.parse_args()
     do_sweep, args = a.sweep, a.shape
     names = [name.strip() for name in a.types.split(",") if name.strip()]
-    unknown = [name for name in names if name not in {t.name for t in KERNEL_TYPES}]
+    unknown = [name for name in names if name not in {f.name for f in KERNEL_FORMATS}]
     if unknown:
         parser.error(f"--types: no kernel for {', '.join(unknown)} (kernel types: "
-                     f"{', '.join(t.name for t in sorted(KERNEL_TYPES, key=int))})")
-    types = [T[name] for name in names] if names else sorted(KERNEL_TYPES, key=int)
+                     f"{', '.join(f.name for f in KERNEL_FORMATS)})")
+    types = [T[name] for name in names] if names else [f.qtype for f in KERNEL_FORMATS]
     rows, cols = (int(args[0]), int(args[1])) if len(args) > 1 else (12288, 3072 * 4)
     n = rows * cols
     src = torch.empty(n * 2, dtype=torch.uint8, device="cuda")
@@ -85,9 +86,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     worst = 1.0
     for qtype in types:
-        qcls = DEQUANTIZERS[qtype]
+        qcls = FORMATS[qtype]
         blocks = random_blocks(qtype, n // qcls.block_size)
-        ms = triton.testing.do_bench(lambda: dequantize_cuda(blocks, qtype, (rows, cols), torch.bfloat16),
+        ms = triton.testing.do_bench(lambda: dequantize_cuda(blocks, qcls, (rows, cols), torch.bfloat16),
                                      return_mode="median")
         with torch._C.DisableTorchFunctionSubclass():
             torch_ms = triton.testing.do_bench(lambda: qcls.dequantize_blocks(blocks).to(torch.bfloat16),

@@ -21,8 +21,8 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from loaders import fp8  # noqa: E402
-from loaders.triton_fp8 import quantize_activations  # noqa: E402
+from loaders.quant import fp8  # noqa: E402
+from loaders.quant.kernels.fp8_act import quantize_activations  # noqa: E402
 
 # (what, rows, out_features, in_features)
 SHAPES = [
@@ -50,7 +50,7 @@ def main() -> None:
         x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
         w = torch.randn(n, k, device="cuda", generator=g) * 0.02
         bias = torch.randn(n, device="cuda", generator=g).bfloat16()
-        raw = fp8.quantize_rows(w)
+        raw = fp8.FP8Rows.encode(w)
         wq, w_scale = fp8.split(raw, (n, k))
         xq, x_scale = quantize_activations(x)
         one = torch.ones((), device="cuda")
@@ -67,7 +67,7 @@ def main() -> None:
                 t[rowwise, fast] = ms(scaled(rowwise, fast))
         t["quant"] = ms(lambda: quantize_activations(x))
         t["layer"] = ms(lambda: fp8.fp8_linear(x, fp8.operands(raw, (n, k)), bias))
-        reference = (xq.double() * x_scale.double()) @ fp8.dequantize_rows(raw, (n, k), torch.float64).T + bias.double()
+        reference = (xq.double() * x_scale.double()) @ fp8.FP8Rows.dequantize(raw, (n, k), torch.float64).T + bias.double()
         errors = [float((scaled(True, fast)().double() - reference).norm() / reference.norm()) for fast in (False, True)]
         gbs = (m * k * 3 + m * 4) / t["quant"] / 1e6
         print(f"| {what} | {m}x{n}x{k} | {t['bf16'] * 1e3:.0f} us | "

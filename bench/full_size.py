@@ -27,8 +27,8 @@ for _sub in ("", "tests", "bench"):
     sys.path.insert(0, str(REPO / _sub))
 
 from dequant_bandwidth import random_blocks  # noqa: E402
-from loaders.quants import DEQUANTIZERS  # noqa: E402
-from loaders.writer import city96_recipe, uniform_recipe, write_encoded  # noqa: E402
+from loaders.quant.formats import FORMATS  # noqa: E402
+from loaders.gguf.writer import city96_recipe, uniform_recipe, write_encoded  # noqa: E402
 from tiny_models import qwen_image_shapes, z_image_shapes  # noqa: E402
 from tiny_text_encoders import (llama_cpp_q4_k_m, llm_shapes, to_gguf_llm, to_gguf_mmproj, tokenizer_metadata,  # noqa: E402
                                 vision_shapes)
@@ -63,7 +63,7 @@ class Random:
             return self.floats(shape, name), T.F32
         if qtype == T.F16:
             return self.floats(shape, name).astype(np.float16), T.F16
-        n_blocks = int(np.prod(shape)) // DEQUANTIZERS[qtype].block_size
+        n_blocks = int(np.prod(shape)) // FORMATS[qtype].block_size
         blocks = random_blocks(qtype, n_blocks, self.device, generator=self.g)
         return blocks.reshape(shape[0], -1).cpu().numpy(), qtype
 

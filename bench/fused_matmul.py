@@ -5,7 +5,7 @@ Qwen2.5-VL-7B (the text encoder) and Qwen-Image (its per-step modulation takes 2
 
 Per type, shape and token count: the median time (triton.testing.do_bench) of the fused kernel and
 of dequant (our Triton kernel) + torch.nn.functional.linear, their ratio, and which one the layer's
-automatic choice (the shape rule in loaders.linear) takes. ``--sweep`` also times other tile shapes
+automatic choice (the shape rule in loaders.quant.plan) takes. ``--sweep`` also times other tile shapes
 of the fused kernel (at 2 and 16 tokens).
 """
 
@@ -24,11 +24,10 @@ from gguf import GGMLQuantizationType as T
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dequant_bandwidth import random_blocks  # noqa: E402
-from loaders import linear  # noqa: E402
-from loaders.quants import DEQUANTIZERS  # noqa: E402
-from loaders.tensor import dequantize_bytes  # noqa: E402
-from loaders.triton_dequant import KERNEL_TYPES  # noqa: E402
-from loaders.triton_matmul import fused_linear  # noqa: E402
+from loaders.quant.formats import FORMATS, KERNEL_FORMATS  # noqa: E402
+from loaders.quant.kernels.matmul import fused_linear  # noqa: E402
+from loaders.quant.plan import fused_rows  # noqa: E402
+from loaders.quant.weight import dequantize_bytes  # noqa: E402
 
 # (what, out_features, in_features, token counts)
 SHAPES = [
@@ -50,7 +49,7 @@ def sweep(qtype: T, raw: torch.Tensor, shape, x: torch.Tensor) -> str:
         for warps in (2, 4):
             for stages in (2, 3, 4):
                 try:
-                    ms = median_ms(lambda: fused_linear(x, raw, qtype, shape, None, block_n, warps, stages))
+                    ms = median_ms(lambda: fused_linear(x, raw, FORMATS[qtype], shape, None, block_n, warps, stages))
                 except triton.runtime.errors.OutOfResources:
                     continue
                 results.append((ms, f"BN{block_n} w{warps} s{stages}"))
@@ -61,22 +60,22 @@ def sweep(qtype: T, raw: torch.Tensor, shape, x: torch.Tensor) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--types", default=",".join(t.name for t in sorted(KERNEL_TYPES, key=int)))
+    parser.add_argument("--types", default=",".join(f.name for f in KERNEL_FORMATS))
     a = parser.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print("| type | weight | tokens | fused ms | dequant + cuBLAS ms | fused speed-up | automatic choice |")
     print("|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     for qtype in [T[name] for name in a.types.split(",")]:
-        qcls = DEQUANTIZERS[qtype]
+        qcls = FORMATS[qtype]
         for what, n, k, token_counts in SHAPES:
             raw = random_blocks(qtype, n * k // qcls.block_size).reshape(n, -1)
             for m in token_counts:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                fused_ms = median_ms(lambda: fused_linear(x, raw, qtype, (n, k)))
+                fused_ms = median_ms(lambda: fused_linear(x, raw, qcls, (n, k)))
                 plain_ms = median_ms(lambda: torch.nn.functional.linear(
-                    x, dequantize_bytes(raw, qtype, (n, k), torch.bfloat16)))
-                chose = linear.uses_fused(m, (n, k), qtype, x.dtype)
+                    x, dequantize_bytes(raw, qcls, (n, k), torch.bfloat16)))
+                chose = m <= fused_rows(qcls, (n, k))
                 print(f"| {qtype.name} | {what} {n}x{k} | {m} | {fused_ms:.3f} | {plain_ms:.3f} | "
                       f"{plain_ms / fused_ms:.2f}x | {'fused' if chose else 'dequant + cuBLAS'} |")
                 if a.sweep and m in (2, 16):

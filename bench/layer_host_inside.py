@@ -11,6 +11,7 @@ import torch
 
 import comfy.memory_management
 import comfy.model_management as mm
+import comfy.sd
 import comfyui_version
 
 # One block's Linear layers in the order the block runs them, and which input each reads: the
@@ -65,21 +66,20 @@ def profile_text(run, calls, lines=25):
 
 
 def run(cfg):
-    sys.path.insert(0, cfg["repo"] + "/tests/comfy_scripts")
     sys.path.insert(0, cfg["repo"] + "/bench")
-    from script_helpers import loaded_module
-    from qwen_step_inside import native_model, random_weights, write_gguf
-    pkg = loaded_module(cfg, cfg["package"])
-    unet = pkg.nodes.model
-    ours_sd, native_sd = random_weights(cfg, pkg)
-    write_gguf(cfg["gguf"], ours_sd)
-    del ours_sd
+    from qwen_step_inside import native_model, random_model
+    pkg, native_sd = random_model(cfg)
+    unet = pkg.nodes.integration.diffusion
     variants = {
         "native bf16": lambda: native_model(native_sd),
+        "native bf16, classic loader": lambda: comfy.sd.load_diffusion_model_state_dict(dict(native_sd),
+                                                                                        disable_dynamic=True),
         "ours, on the fly": lambda: unet.load_gguf_unet(cfg["gguf"], unet.ON_THE_FLY),
-        "ours, fp8 compute": lambda: unet.load_gguf_unet(cfg["gguf"], unet.FP8),
+        "ours, fp8 compute": lambda: unet.load_gguf_unet(cfg["gguf"], unet.FP8_COMPUTE),
         "ours, on the fly, classic loader": lambda: unet.load_gguf_unet(cfg["gguf"], unet.ON_THE_FLY, disable_dynamic=True),
-        "ours, fp8 compute, classic loader": lambda: unet.load_gguf_unet(cfg["gguf"], unet.FP8, disable_dynamic=True),
+        "ours, fp8 compute, classic loader": lambda: unet.load_gguf_unet(cfg["gguf"], unet.FP8_COMPUTE, disable_dynamic=True),
+        "ours, cached": lambda: unet.load_gguf_unet(cfg["gguf"], unet.CACHED),
+        "ours, cached, classic loader": lambda: unet.load_gguf_unet(cfg["gguf"], unet.CACHED, disable_dynamic=True),
     }
     # All models loaded at once (two blocks each) and timed in turns, round after round in alternating
     # order: the host's speed drifts by tens of percent over a run, and each model meets it alike.

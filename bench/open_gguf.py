@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGUFReader, GGUFWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from loaders.gguf_file import GGUFFile  # noqa: E402
+from loaders.gguf.reader import GGUFFile  # noqa: E402
 
 N_TOKENS, N_MERGES = 152_064, 151_387
 

@@ -45,9 +45,9 @@ def random_weights(cfg, pkg):
     from tiny_models import qwen_image_shapes
     from dequant_bandwidth import random_blocks
     from gguf import GGMLQuantizationType as T
-    from loaders.writer import city96_recipe
+    from loaders.gguf.writer import city96_recipe
     recipe = city96_recipe(T.Q4_K, cfg["layers"])
-    GGMLTensor = pkg.loaders.tensor.GGMLTensor
+    GGMLTensor = pkg.loaders.quant.weight.GGMLTensor
     shapes = qwen_image_shapes(layers=cfg["layers"], heads=24, head_dim=128, text_dim=3584, mlp=12288,
                                in_channels=64, out_channels=16)
     ours, native = {}, {}
@@ -59,25 +59,36 @@ def random_weights(cfg, pkg):
             w = (torch.randn(shape, device=device, generator=g) * (0.02 if len(shape) > 1 else 1.0)).float()
             ours[name], native[name] = w.cpu(), w.to(torch.bfloat16).cpu()
             continue
-        qcls = pkg.loaders.quants.DEQUANTIZERS[qtype]
+        qcls = pkg.loaders.quant.formats.FORMATS[qtype]
         blocks = random_blocks(qtype, shape[0] * shape[1] // qcls.block_size, device)
         t = GGMLTensor(blocks, qtype, shape)
-        native[name] = pkg.loaders.tensor.dequantize(t, torch.bfloat16).cpu()
+        native[name] = pkg.loaders.quant.weight.dequantize(t, torch.bfloat16).cpu()
         ours[name] = GGMLTensor(blocks.cpu(), qtype, shape)
     return ours, native
+
+
+def random_model(cfg):
+    """(this package as ComfyUI loaded it, the native bf16 weights): a random model of cfg's size in
+    the Q4_K_M mix, written to cfg["gguf"] as GGUF."""
+    sys.path.insert(0, cfg["repo"] + "/tests/comfy_scripts")
+    from script_helpers import loaded_module
+    pkg = loaded_module(cfg, cfg["package"])
+    ours_sd, native_sd = random_weights(cfg, pkg)
+    write_gguf(cfg["gguf"], ours_sd)
+    return pkg, native_sd
 
 
 def write_gguf(path, weights):
     """The quantized weights as a GGUF file (city96 layout: ComfyUI names, architecture qwen_image)."""
     from gguf import GGMLQuantizationType as T
-    from loaders.writer import write_encoded
+    from loaders.gguf.writer import write_encoded
     encoded = {}
     for name, t in weights.items():
         if type(t) is torch.Tensor:
             encoded[name] = (t.numpy(), T.F32)
         else:
             with torch._C.DisableTorchFunctionSubclass():
-                encoded[name] = (t.numpy(), T(int(t.qtype)))
+                encoded[name] = (t.numpy(), t.fmt.qtype)
     write_encoded(path, encoded, "qwen_image")
 
 
@@ -171,8 +182,8 @@ def run(cfg):
         ours_sd, weights["native"] = random_weights(cfg, pkg)
         write_gguf(gguf_path, ours_sd)
         del ours_sd
-    unet = pkg.nodes.model
-    guard = pkg.nodes.guard
+    unet = pkg.nodes.integration.diffusion
+    guard = pkg.nodes.integration.guard
     def ours(mode, classic=False):
         name = f"ours, {mode}" + (", classic loader" if classic else "")
         return lambda: {name: unet.load_gguf_unet(gguf_path, mode, disable_dynamic=classic)}
@@ -182,8 +193,8 @@ def run(cfg):
         return {"ours, on the fly": model, "ours, on the fly + NaN guard": guard.add_guard(model)}
 
     variants = {
-        "ours, fp8 compute": ours(unet.FP8),
-        "ours, fp8 compute, classic loader": ours(unet.FP8, classic=True),
+        "ours, fp8 compute": ours(unet.FP8_COMPUTE),
+        "ours, fp8 compute, classic loader": ours(unet.FP8_COMPUTE, classic=True),
         "ours, on the fly, classic loader": ours(unet.ON_THE_FLY, classic=True),
         "native bf16": lambda: {"native bf16": native_model(weights["native"])},
         "native fp8_e4m3fn": lambda: {"native fp8_e4m3fn": native_model(weights["native"], torch.float8_e4m3fn)},

@@ -7,8 +7,8 @@ ComfyUI (qwen_step.py: our loader in each mode against native bf16 and fp8_e4m3f
 1328x1328, then the auto mode with ComfyUI limited to 12 and 8 GB), the text encoder's load and encode
 time (text_encoder.py), each dequant kernel's bandwidth against the copy bandwidth
 (dequant_bandwidth.py), the fp8 matmuls (fp8_matmul.py), the fused dequant-matmul (fused_matmul.py),
-opening a GGUF with a 152k-token tokenizer (open_gguf.py) and host time per layer call
-(layer_host.py). Each writes its whole output to DIR/<name>.log; DIR/summary.md gets every table, with
+opening a GGUF with a 152k-token tokenizer (open_gguf.py), host time per layer call
+(layer_host.py) and loading in each mode with the first steps (load_time.py). Each writes its whole output to DIR/<name>.log; DIR/summary.md gets every table, with
 the GPU, the versions, the date and the commands, and is printed at the end. --quick runs fewer steps;
 --only runs the named ones (comma-separated). A log is written as its benchmark runs, so a run cut
 short keeps what it measured.
@@ -39,6 +39,7 @@ def runs(quick: bool) -> list[tuple[str, list[str]]]:
         ("fused_matmul", ["fused_matmul.py"]),
         ("open_gguf", ["open_gguf.py"]),
         ("layer_host", ["layer_host.py"]),
+        ("load_time", ["load_time.py"]),
     ]
 
 

@@ -1,6 +1,7 @@
 """The part of text_encoder.py that runs inside a started ComfyUI (see tests/comfy_runner.py)."""
 
 import gc
+import importlib
 import os
 import statistics
 import sys
@@ -44,11 +45,11 @@ def random_weights(cfg, pkg):
             ours[gguf_name], native[hf_name] = (w.float().cpu().numpy(), T.F32), w.to(torch.bfloat16).cpu()
             exact[hf_name] = w.float().cpu()
             continue
-        qcls = pkg.loaders.quants.DEQUANTIZERS[qtype]
+        qcls = pkg.loaders.quant.formats.FORMATS[qtype]
         blocks = well_conditioned(qtype, random_blocks(qtype, shape[0] * shape[1] // qcls.block_size, device,
                                                        generator=g), shape, pkg)
-        t = pkg.loaders.tensor.GGMLTensor(blocks, qtype, shape)
-        exact[hf_name] = pkg.loaders.tensor.dequantize(t, torch.float32).cpu()
+        t = pkg.loaders.quant.weight.GGMLTensor(blocks, qtype, shape)
+        exact[hf_name] = pkg.loaders.quant.weight.dequantize(t, torch.float32).cpu()
         native[hf_name] = exact[hf_name].to(torch.bfloat16)
         ours[gguf_name] = (blocks.reshape(shape[0], -1).cpu().numpy(), qtype)  # one row of blocks per weight row
     return ours, native, exact
@@ -69,7 +70,7 @@ def well_conditioned(qtype, blocks, shape, pkg):
     if mean is not None:
         d = blocks[:, 0:2].contiguous().view(torch.float16)
         blocks[:, 2:4] = (d.float() * mean).to(torch.float16).view(torch.uint8).reshape(-1, 2)
-    std = pkg.loaders.tensor.dequantize(pkg.loaders.tensor.GGMLTensor(blocks, qtype, shape), torch.float32).std()
+    std = pkg.loaders.quant.weight.dequantize(pkg.loaders.quant.weight.GGMLTensor(blocks, qtype, shape), torch.float32).std()
     gain = (shape[1] ** -0.5 / std).item()
     for off in F16_FIELDS[qtype]:
         field = blocks[:, off:off + 2].contiguous().view(torch.float16)
@@ -79,7 +80,7 @@ def well_conditioned(qtype, blocks, shape, pkg):
 
 def write_gguf(path, weights, spec, tokenizer_folder):
     from tiny_text_encoders import tokenizer_metadata
-    from loaders.writer import write_encoded
+    from loaders.gguf.writer import write_encoded
     meta = {"qwen2vl.block_count": spec["layers"], "qwen2vl.embedding_length": spec["hidden"],
             "qwen2vl.feed_forward_length": spec["intermediate"], "qwen2vl.attention.head_count": spec["heads"],
             "qwen2vl.attention.head_count_kv": spec["kv_heads"], "qwen2vl.rope.freq_base": 1000000.0,
@@ -122,12 +123,12 @@ def byte_checks(pkg):
     encoder computes in fp32, which nothing else runs at full size)? Names the layers that fail.
     (The loader's view counts as held while nothing was evicted: the encoder is small next to the
     GPUs this runs on.)"""
-    kernels = pkg.loaders.tensor.cuda_kernels()
+    kernels = importlib.import_module(pkg.__name__ + ".loaders.quant.kernels.dequant") if pkg.loaders.compat.triton_kernels() else None
 
     def check(clip):
         resident, wrong_bytes, wrong_values = 0, [], []
         for name, m in clip.cond_stage_model.named_modules():
-            if not isinstance(m, pkg.nodes.ops.FileWeights) or not m.quantized():
+            if not isinstance(m, pkg.nodes.integration.ops.FileWeights) or not m.quantized():
                 continue
             file_bytes = m.weight.to("cuda")
             held = m.__dict__.get("_v_weight")
@@ -135,11 +136,11 @@ def byte_checks(pkg):
                 resident += 1
                 if not torch.equal(held.reshape(-1), file_bytes.reshape(-1)):
                     wrong_bytes.append(name)
-            if m.weight_qtype in kernels.KERNEL_TYPES:
-                qcls = pkg.loaders.quants.DEQUANTIZERS[m.weight_qtype]
-                got = kernels.dequantize_cuda(file_bytes.contiguous(), m.weight_qtype, m.weight_qshape, torch.float32)
+            qcls, shape = m.plan.fmt, m.plan.shape
+            if qcls.tile is not None:
+                got = kernels.dequantize_cuda(file_bytes.contiguous(), qcls, shape, torch.float32)
                 with torch._C.DisableTorchFunctionSubclass():
-                    want = qcls.dequantize_blocks(file_bytes.reshape(-1, qcls.type_size)).reshape(m.weight_qshape)
+                    want = qcls.dequantize_blocks(file_bytes.reshape(-1, qcls.type_size)).reshape(shape)
                 if not torch.equal(got, want.float()):
                     wrong_values.append(name)
         return {"resident_layers": resident, "wrong_bytes": wrong_bytes, "wrong_values": wrong_values}
@@ -204,26 +205,26 @@ def run(cfg):
     exact.clear()
 
     def ours():
-        return pkg.nodes.text_encoder.build_clip(pkg.loaders.text_encoder.open_text_encoder(cfg["gguf"]))
+        return pkg.nodes.integration.text_encoder.build_clip(pkg.loaders.models.text_encoder.open_text_encoder(cfg["gguf"]))
 
     keep("ours, GGUF Q4_K_M", measure(ours, cfg["runs"], byte_checks(pkg)))
     # The same model with the torch dequantizers instead of the Triton kernels (same values bit for
     # bit): tells a kernel or launch fault from one of the loading path. (The switch is read once and
     # cached: cleared on the way in and out.)
     os.environ["QWEN_GGUF_TORCH_DEQUANT"] = "1"
-    pkg.loaders.tensor.cuda_kernels.cache_clear()
+    pkg.loaders.compat.triton_kernels.cache_clear()
     try:
         keep("ours, torch dequant", measure(ours, 2))
     finally:
         del os.environ["QWEN_GGUF_TORCH_DEQUANT"]
-        pkg.loaders.tensor.cuda_kernels.cache_clear()
+        pkg.loaders.compat.triton_kernels.cache_clear()
     # Ours computing in fp32 instead of bf16: tells bf16 rounding from a fault of the path.
-    bf16_rule = pkg.nodes.text_encoder.compute_dtype
-    pkg.nodes.text_encoder.compute_dtype = lambda device: torch.float32
+    bf16_rule = pkg.nodes.integration.text_encoder.compute_dtype
+    pkg.nodes.integration.text_encoder.compute_dtype = lambda device: torch.float32
     try:
         keep("ours, fp32 compute", measure(ours, 1))
     finally:
-        pkg.nodes.text_encoder.compute_dtype = bf16_rule
+        pkg.nodes.integration.text_encoder.compute_dtype = bf16_rule
     rows["ours, GGUF Q4_K_M"]["rel_diff_to_torch_dequant"] = rel(conds["ours, GGUF Q4_K_M"],
                                                                  conds["ours, torch dequant"])
     if REFERENCE in rows:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..loaders.file_kind import CLIP_LOADER
-from ..loaders.text_encoder import open_text_encoder
-from .text_encoder import build_clip
+from ..loaders.gguf.file_kind import CLIP_LOADER
+from ..loaders.models.text_encoder import open_text_encoder
+from .integration.text_encoder import build_clip
 
 NONE = "none"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..loaders.file_kind import UNET_LOADER
-from .model import AUTO, CACHED, FP8, MODES, ON_THE_FLY, load_gguf_unet
-from .model_files import full_path, validate
+from ..loaders.gguf.file_kind import UNET_LOADER
+from .integration.diffusion import AUTO, CACHED, FP8_COMPUTE, MODES, ON_THE_FLY, load_gguf_unet
+from .integration.model_files import full_path, validate
 
 FOLDER = "diffusion_models_gguf"
 
@@ -34,9 +34,9 @@ class UnetLoaderGGUF(io.ComfyNode):
                 io.Combo.Input(
                     "mode", options=MODES, default=AUTO, optional=True,
                     tooltip=f"{ON_THE_FLY}: least VRAM, weights stay quantized and each layer is dequantized "
-                            f"when it runs. {CACHED}: as many weights as free VRAM allows are held "
-                            f"dequantized (bf16) for native speed, the rest on the fly. {FP8}: weights "
-                            f"requantized to fp8 with per-row scales and run with fp8 matmuls, on GPUs with fp8 "
+                            f"when it runs. {CACHED}: loads as fast; each layer keeps a dequantized (bf16) copy on "
+                            f"the GPU from its first run while free VRAM allows (native speed), the rest on the "
+                            f"fly. {FP8_COMPUTE}: weights held as fp8 with per-row scales and run with fp8 matmuls, on GPUs with fp8 "
                             f"tensor cores (RTX 40xx, H100 and later): about 1 byte per weight, faster than bf16 "
                             f"at large sizes, results a few percent from bf16. {AUTO}: {CACHED} on a GPU, {ON_THE_FLY} on "
                             f"the CPU. The log says what was chosen.",

@@ -52,7 +52,7 @@ def seed_files(folder: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     import comfy.ldm.wan.vae
-    from loaders.writer import uniform_recipe, write_gguf
+    from loaders.gguf.writer import uniform_recipe, write_gguf
     from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model,
                              z_image_shapes)
     from tiny_text_encoders import QWEN25VL, VISION, byte_level_tokenizer, write_llm, write_mmproj
@@ -125,7 +125,7 @@ class Forward:
     def _sample(self, path: str, context_key: str, latent_shape: tuple[int, ...]):
         import torch
         import comfy.sample
-        model = self.pkg.nodes.guard.add_guard(self.pkg.nodes.model.load_gguf_unet(path, "on the fly"))
+        model = self.pkg.nodes.integration.guard.add_guard(self.pkg.nodes.integration.diffusion.load_gguf_unet(path, "on the fly"))
         width = model.model.model_config.unet_config[context_key]
         context = [[torch.randn(1, 6, width), {}]]
         latent = torch.zeros(latent_shape)
@@ -133,21 +133,21 @@ class Forward:
                                    latent, seed=0, disable_pbar=True)
 
     def text_encoder(self, path: str):
-        clip = self.pkg.nodes.text_encoder.build_clip(self.pkg.loaders.text_encoder.open_text_encoder(path))
+        clip = self.pkg.nodes.integration.text_encoder.build_clip(self.pkg.loaders.models.text_encoder.open_text_encoder(path))
         return clip.encode_from_tokens(clip.tokenize("a photo of a cat"))
 
     def mmproj(self, path: str):
         import torch
         import comfy.model_management
-        te = self.pkg.loaders.text_encoder.open_text_encoder(self.seeds["text_encoder"], path)
-        clip = self.pkg.nodes.text_encoder.build_clip(te)
+        te = self.pkg.loaders.models.text_encoder.open_text_encoder(self.seeds["text_encoder"], path)
+        clip = self.pkg.nodes.integration.text_encoder.build_clip(te)
         comfy.model_management.load_models_gpu([clip.patcher])
-        transformer = getattr(clip.cond_stage_model, self.pkg.nodes.text_encoder.FAMILIES[te.family].name).transformer
+        transformer = getattr(clip.cond_stage_model, self.pkg.nodes.integration.text_encoder.ENCODER_FAMILIES[te.family].name).transformer
         return transformer.preprocess_embed({"type": "image", "data": torch.rand(1, 56, 56, 3)}, "cpu")[0]
 
     def vae_gguf(self, path: str):
         import torch
-        return self.pkg.nodes.vae.load_vae(path).decode(torch.randn(1, 16, 1, 4, 4))
+        return self.pkg.nodes.integration.vae.load_vae(path).decode(torch.randn(1, 16, 1, 4, 4))
 
     vae_safetensors = vae_gguf
 
@@ -159,7 +159,7 @@ def _child(forward: Forward, kind: str, path: str, conn) -> None:
     if cap == resource.RLIM_INFINITY:
         resource.setrlimit(resource.RLIMIT_AS, (used + MEMORY_CAP, resource.RLIM_INFINITY))
     torch.set_num_threads(1)
-    error = forward.pkg.loaders.errors.GGUFError
+    error = forward.pkg.loaders.gguf.errors.GGUFError
     start = time.perf_counter()
     try:
         out = getattr(forward, kind)(path)

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file
 
 from comfy_env import PACKAGE_NAME, REPO, comfyui_path, requires_comfyui, run_prompts, run_script
-from loaders.text_encoder import open_text_encoder
+from loaders.models.text_encoder import open_text_encoder
 from tiny_text_encoders import QWEN3, QWEN25VL, VISION, write_llm, write_mmproj
 
 pytestmark = requires_comfyui

@@ -8,12 +8,11 @@ import torch
 from gguf import GGMLQuantizationType as T
 from safetensors.numpy import load_file
 
-from loaders.diffusion import open_diffusion_model
-from loaders.errors import GGUFError
-from loaders.gguf_file import GGUFFile
-from loaders.tensor import GGMLTensor, dequantize
-from loaders.weight_cache import convert, nbytes, plan_cache
-from loaders.writer import uniform_recipe, write_gguf
+from loaders.models.diffusion import open_diffusion_model
+from loaders.gguf.errors import GGUFError
+from loaders.gguf.reader import GGUFFile
+from loaders.quant.weight import GGMLTensor, dequantize
+from loaders.gguf.writer import uniform_recipe, write_gguf
 from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model,
                          z_image_shapes)
 
@@ -53,7 +52,7 @@ def test_qwen_image_config_from_shapes(tmp_path, qwen_weights):
 def test_full_size_qwen_image_config_matches_comfyui_defaults():
     shapes = qwen_image_shapes(layers=60, heads=24, head_dim=128, text_dim=3584, mlp=12288, in_channels=64,
                                out_channels=16)
-    from loaders.diffusion import qwen_image_config
+    from loaders.models.diffusion import qwen_image_config
     sd = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     config, _ = qwen_image_config(sd, "full.gguf")
     assert config["num_layers"] == 60 and config["num_attention_heads"] == 24
@@ -107,7 +106,7 @@ def test_z_image_config_and_original_names(tmp_path):
     do = open_diffusion_model(str(tmp_path / "zo.gguf"))
     assert set(do.state_dict) == set(dm.state_dict)
     fused = do.state_dict["layers.0.attention.qkv.weight"]
-    assert isinstance(fused, GGMLTensor) and fused.qtype == T.Q4_K
+    assert isinstance(fused, GGMLTensor) and fused.fmt.qtype == T.Q4_K
     for key in dm.state_dict:
         assert torch.equal(dequantize(do.state_dict[key], torch.float32), dequantize(dm.state_dict[key], torch.float32))
 
@@ -125,32 +124,3 @@ def test_wrong_kind_of_file(tmp_path, arch, tensors, fragment):
     with pytest.raises(GGUFError) as info:
         open_diffusion_model(str(path))
     assert path.name in str(info.value) and fragment in str(info.value)
-
-
-def test_cache_plan_fits_the_budget_smallest_first(tmp_path, qwen_weights):
-    write_model(tmp_path / "m.gguf", qwen_weights, qwen_image_recipe(), twin=str(tmp_path / "m.st"))
-    sd = open_diffusion_model(str(tmp_path / "m.gguf")).state_dict
-    twin = load_file(str(tmp_path / "m.st"))
-    quantized = {k: t for k, t in sd.items() if isinstance(t, GGMLTensor)}
-    file_bytes = sum(nbytes(t) for t in sd.values())
-    full = file_bytes + sum(t.qshape.numel() * 2 - nbytes(t) for t in quantized.values())
-
-    assert plan_cache(sd, file_bytes, torch.bfloat16).keys == ()
-    everything = plan_cache(sd, full, torch.bfloat16)
-    assert set(everything.keys) == set(quantized) and everything.model_bytes == full
-    budget = (file_bytes + full) // 2
-    half = plan_cache(sd, budget, torch.bfloat16)
-    assert 0 < len(half.keys) < len(quantized) and half.model_bytes <= budget
-    # Nothing left out would have fitted: the plan stops only where the budget does.
-    left = [t for k, t in quantized.items() if k not in half.keys]
-    assert half.model_bytes + min(t.qshape.numel() * 2 - nbytes(t) for t in left) > budget
-    assert max(nbytes(quantized[k]) for k in half.keys) <= max(nbytes(t) for t in left)
-
-    ram_bound = plan_cache(sd, full, torch.bfloat16, max_cached=everything.cached_bytes // 3)
-    assert 0 < ram_bound.cached_bytes <= everything.cached_bytes // 3
-
-    converted = convert(sd, half.keys, torch.float32)
-    for key in half.keys:
-        assert type(converted[key]) is torch.Tensor
-        np.testing.assert_array_equal(converted[key].numpy(), twin[key], err_msg=key)
-    assert all(converted[k] is sd[k] for k in sd if k not in half.keys)

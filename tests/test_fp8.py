@@ -4,9 +4,9 @@ matmuls (CUDA with fp8 tensor cores) against a float64 matmul of the same weight
 import pytest
 import torch
 
-from loaders import fp8
-from loaders.linear import quantized_linear
-from loaders.tensor import dequantize_bytes
+from loaders.quant import fp8
+from loaders.quant.plan import quantized_linear
+from loaders.quant.weight import dequantize_bytes
 
 
 def weight(rows=96, cols=160, seed=0):
@@ -24,7 +24,7 @@ def test_rows_hold_each_value_to_fp8_precision():
     q, scale = fp8.split(raw, w.shape)
     assert q.dtype == torch.float8_e4m3fn and q.is_contiguous() and q.shape == w.shape
     torch.testing.assert_close(scale, w.abs().amax(dim=1).clamp(min=fp8.MIN_AMAX) / fp8.FP8_MAX)
-    back = dequantize_bytes(raw, fp8.FP8_ROWS, w.shape, torch.float32)
+    back = dequantize_bytes(raw, fp8.FP8Rows, w.shape, torch.float32)
     # e4m3: 3 mantissa bits, a relative step of 1/8 (error <= 1/16); below 2^-6 the subnormal step 2^-9.
     bound = torch.maximum(w.abs() / 16, 2.0 ** -10 * scale[:, None]) * 1.0001
     assert ((back - w).abs() <= bound).all()
@@ -38,8 +38,8 @@ def test_linear_without_fp8_tensor_cores_uses_the_dequantized_weight():
     raw = fp8.quantize_rows(w)
     x = torch.randn(7, w.shape[1])
     bias = torch.randn(w.shape[0])
-    expected = torch.nn.functional.linear(x, fp8.dequantize_rows(raw, w.shape, torch.float32), bias)
-    torch.testing.assert_close(quantized_linear(x, raw, fp8.FP8_ROWS, w.shape, bias), expected)
+    expected = torch.nn.functional.linear(x, fp8.FP8Rows.dequantize(raw, w.shape, torch.float32), bias)
+    torch.testing.assert_close(quantized_linear(x, raw, fp8.FP8Rows, w.shape, bias), expected)
 
 
 def test_matmul_operands_view_the_bytes_where_they_lie():
@@ -114,7 +114,7 @@ def test_fp8_matmul_matches_float_matmul(path, rows):
     # sign). A float64 emulation of the same rounding gives at most 4.1% rms over 200 seeds
     # (3.0% against the same fp8 weight in float, where only the activations' rounding remains).
     assert dot_error(got, expected, x, w) < 0.06
-    ref = x.double() @ fp8.dequantize_rows(raw, w.shape, torch.float64).T + bias.double()
+    ref = x.double() @ fp8.FP8Rows.dequantize(raw, w.shape, torch.float64).T + bias.double()
     assert dot_error(got, ref, x, w) < 0.045
 
 
@@ -130,9 +130,9 @@ def test_layer_entry_point_takes_the_fp8_matmul_for_bf16_and_float_for_fp32():
     w = weight(256, 512).cuda()
     raw = fp8.quantize_rows(w)
     x = torch.randn(40, 512, generator=torch.Generator().manual_seed(0)).cuda()
-    exact = torch.nn.functional.linear(x, fp8.dequantize_rows(raw, w.shape, torch.float32))
-    torch.testing.assert_close(quantized_linear(x, raw, fp8.FP8_ROWS, w.shape), exact)
-    fast = quantized_linear(x.bfloat16(), raw, fp8.FP8_ROWS, w.shape)
+    exact = torch.nn.functional.linear(x, fp8.FP8Rows.dequantize(raw, w.shape, torch.float32))
+    torch.testing.assert_close(quantized_linear(x, raw, fp8.FP8Rows, w.shape), exact)
+    fast = quantized_linear(x.bfloat16(), raw, fp8.FP8Rows, w.shape)
     assert fast.dtype == torch.bfloat16 and 0 < dot_error(fast, exact.double(), x, w) < 0.045
 
 
@@ -141,7 +141,7 @@ def test_layer_entry_point_takes_the_fp8_matmul_for_bf16_and_float_for_fp32():
 @pytest.mark.parametrize("per_row", [True, False])
 def test_activation_quantization_equals_torch_rounding(cols, per_row):
     # Only on the GPU: Triton's interpreter converts to fp8 by its own (wrong) rounding.
-    from loaders.triton_fp8 import quantize_activations
+    from loaders.quant.kernels.fp8_act import quantize_activations
     g = torch.Generator().manual_seed(cols)
     x = (torch.randn(33, cols, generator=g) * 3).cuda()
     x[7] *= 1000  # an outlier row

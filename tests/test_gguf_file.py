@@ -10,10 +10,10 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFWriter, quants
 
-from loaders.errors import GGUFError
-from loaders.gguf_file import GGUFFile
-from loaders.state_dict import load_state_dict
-from loaders.tensor import GGMLTensor
+from loaders.gguf.errors import GGUFError
+from loaders.gguf.reader import GGUFFile
+from loaders.gguf.state_dict import load_state_dict
+from loaders.quant.weight import GGMLTensor
 
 
 def _s(text: str) -> bytes:
@@ -157,7 +157,7 @@ def test_quantized_tensors_are_views_of_the_file(tmp_path):
     content = raw_gguf([("q", [64, 2], T.Q8_0, 0)], bytes(136))
     f = GGUFFile(write(tmp_path, content))
     t = load_state_dict(f)["q"]
-    assert isinstance(t, GGMLTensor) and t.qshape == (2, 64) and t.qtype == T.Q8_0
+    assert isinstance(t, GGMLTensor) and t.qshape == (2, 64) and t.fmt.qtype == T.Q8_0
     assert t.untyped_storage().data_ptr() == f.raw("q").untyped_storage().data_ptr()
 
 

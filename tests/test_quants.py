@@ -11,9 +11,8 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
-from loaders.kernel_tiles import GPU_TILES, TILES
-from loaders.quants import DEQUANTIZERS
-from loaders.tensor import GGMLTensor, dequantize
+from loaders.quant.formats import FORMATS, KERNEL_FORMATS
+from loaders.quant.weight import GGMLTensor, dequantize
 
 # Byte offsets of each type's f16 scale fields: random bytes there could be inf/NaN, so they are
 # overwritten with small finite values, as real files hold.
@@ -34,8 +33,8 @@ def random_blocks(qtype: GGMLQuantizationType, n_blocks: int, seed: int = 0) -> 
     return blocks
 
 
-def test_every_required_type_is_registered():
-    assert set(F16_FIELDS) == {q.name for q in DEQUANTIZERS}
+def test_every_required_type_is_registered_with_a_kernel():
+    assert set(F16_FIELDS) == {q.name for q in FORMATS} == {f.name for f in KERNEL_FORMATS}
 
 
 @pytest.mark.parametrize("name", sorted(F16_FIELDS))
@@ -62,7 +61,7 @@ def test_float_conversion_dequantizes_and_moves_keep_bytes(name):
     np.testing.assert_array_equal(t.float().numpy(), expected)
     assert t.to(dtype=torch.bfloat16).dtype == torch.bfloat16
     for moved in (t.to("cpu"), t.clone(), t.detach(), t.data, torch.nn.Parameter(t, requires_grad=False)):
-        assert isinstance(moved, GGMLTensor) and moved.qtype == qtype and moved.qshape == t.qshape
+        assert isinstance(moved, GGMLTensor) and moved.fmt is FORMATS[qtype] and moved.qshape == t.qshape
     assert t.numel() * t.element_size() == blocks.nbytes
 
 
@@ -75,8 +74,12 @@ needs_kernel_device = pytest.mark.skipif(KERNEL_DEVICE == "cuda" and not torch.c
                                          reason="the Triton kernels need a CUDA GPU")
 
 
-# Every GPU's tile table, whatever the GPU here: tiles change how blocks are split, never a value.
-TILE_TABLES = {"default": TILES, **GPU_TILES}
+# Every GPU's tiles, whatever the GPU here: tiles change how blocks are split, never a value.
+TILE_TABLES = ["default"] + sorted({gpu for f in KERNEL_FORMATS for gpu in f.gpu_tiles})
+
+
+def tile(fmt, gpu: str):
+    return fmt.tile_for(None if gpu == "default" else gpu)
 
 
 @needs_kernel_device
@@ -84,15 +87,15 @@ TILE_TABLES = {"default": TILES, **GPU_TILES}
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("tiles", sorted(TILE_TABLES))
 def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype, tiles):
-    from loaders import triton_dequant
+    from loaders.quant.kernels import dequant
     qtype = GGMLQuantizationType[name]
     block_size, _ = GGML_QUANT_SIZES[qtype]
     # 37 rows of 9 blocks: the block count is no multiple of any program's tile, so the masks matter.
     rows, cols = 37, block_size * 9
     blocks = torch.from_numpy(random_blocks(qtype, rows * 9, seed=11)).to(KERNEL_DEVICE)
     t = GGMLTensor(blocks, qtype, (rows, cols))
-    got = triton_dequant.dequantize_cuda(t.contiguous(), qtype, (rows, cols), dtype, TILE_TABLES[tiles][qtype])
-    cls = DEQUANTIZERS[qtype]
+    cls = FORMATS[qtype]
+    got = dequant.dequantize_cuda(t.contiguous(), cls, (rows, cols), dtype, tile(cls, tiles))
     with torch._C.DisableTorchFunctionSubclass():
         expected = cls.dequantize_blocks(blocks.reshape(-1, cls.type_size)).reshape(rows, cols).to(dtype)
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
@@ -104,12 +107,13 @@ def test_triton_kernel_equals_torch_path_bit_for_bit(name, dtype, tiles):
 @needs_kernel_device
 @pytest.mark.skipif(KERNEL_DEVICE == "cpu", reason="the interpreter reads any address; a GPU's 2- and 8-byte loads do not")
 @pytest.mark.parametrize("name", sorted(F16_FIELDS))
-# 1, 2 and 4: copied by aligned(); 8: read in place, by the kernels Triton specialises for blocks
+# 1, 2 and 4: copied by aligned() where the type's loads need that alignment; 8: read in place, by the kernels Triton specialises for blocks
 # that are not 16-byte aligned (IQ4_XS then cannot load four words at once).
 @pytest.mark.parametrize("shift", (1, 2, 4, 8))
 def test_kernels_read_blocks_at_any_offset_from_a_16_byte_boundary(name, shift):
-    from loaders import triton_dequant, triton_matmul
+    from loaders.quant.kernels import dequant, matmul
     qtype = GGMLQuantizationType[name]
+    fmt = FORMATS[qtype]
     block_size, _ = GGML_QUANT_SIZES[qtype]
     rows, cols = 37, block_size * 9
     blocks = torch.from_numpy(random_blocks(qtype, rows * 9, seed=3)).to(KERNEL_DEVICE).reshape(rows, -1)
@@ -117,23 +121,24 @@ def test_kernels_read_blocks_at_any_offset_from_a_16_byte_boundary(name, shift):
     shifted = buffer[shift:].view(rows, -1)
     shifted.copy_(blocks)
     assert shifted.data_ptr() % 16 == shift
-    expected = triton_dequant.dequantize_cuda(blocks, qtype, (rows, cols), torch.float32)
-    got = triton_dequant.dequantize_cuda(shifted, qtype, (rows, cols), torch.float32)
+    expected = dequant.dequantize_cuda(blocks, fmt, (rows, cols), torch.float32)
+    got = dequant.dequantize_cuda(shifted, fmt, (rows, cols), torch.float32)
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
     x = torch.randn(3, cols, device=KERNEL_DEVICE)
-    assert torch.equal(triton_matmul.fused_linear(x, shifted, qtype, (rows, cols)),
-                       triton_matmul.fused_linear(x, blocks, qtype, (rows, cols)))
+    assert torch.equal(matmul.fused_linear(x, shifted, fmt, (rows, cols)),
+                       matmul.fused_linear(x, blocks, fmt, (rows, cols)))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_blocks_off_an_8_byte_boundary_are_copied_once_said(caplog):
-    from loaders import triton_dequant
+    from loaders.quant.kernels import dequant
     buffer = torch.arange(64, dtype=torch.uint8)
-    assert triton_dequant.aligned(buffer) is buffer
-    triton_dequant._warn_misaligned.cache_clear()
+    assert dequant.aligned(buffer) is buffer
+    assert dequant.aligned(buffer[2:], 2) is not buffer and dequant.aligned(buffer[2:], 2).data_ptr() == buffer[2:].data_ptr()
+    dequant._warn_misaligned.cache_clear()
     with caplog.at_level("WARNING"):
         for _ in range(2):
-            copy = triton_dequant.aligned(buffer[3:])
+            copy = dequant.aligned(buffer[3:])
             assert copy.data_ptr() % 8 == 0 and torch.equal(copy, buffer[3:])
     assert sum("off an 8-byte boundary" in r.getMessage() for r in caplog.records) == 1
 
@@ -146,7 +151,7 @@ FUSED_ROWS = INTERPRETED_FUSED_ROWS if KERNEL_DEVICE == "cpu" else (1, 19, 40, 3
 @pytest.mark.parametrize("name", sorted(F16_FIELDS))
 @pytest.mark.parametrize("rows", FUSED_ROWS)
 def test_fused_matmul_equals_dequantize_then_matmul(name, rows):
-    from loaders import triton_matmul
+    from loaders.quant.kernels import matmul
     qtype = GGMLQuantizationType[name]
     block_size, _ = GGML_QUANT_SIZES[qtype]
     # 70 output features (two column tiles, the second partly masked); 12 blocks per row: the
@@ -156,25 +161,22 @@ def test_fused_matmul_equals_dequantize_then_matmul(name, rows):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=g).to(KERNEL_DEVICE)
     bias = torch.randn(n, generator=g).to(KERNEL_DEVICE)
-    cls = DEQUANTIZERS[qtype]
+    cls = FORMATS[qtype]
     w = cls.dequantize_blocks(blocks.reshape(-1, cls.type_size)).reshape(n, k)
     expected = (x.double() @ w.double().T + bias.double())
     for dtype, tol in [(torch.float32, 1e-5)] + ([(torch.bfloat16, 1e-2)] if KERNEL_DEVICE == "cuda" else []):
         for split in (1, 2):  # whole rows per program, and K split between two (partial sums added)
-            got = triton_matmul.fused_linear(x.to(dtype), blocks.reshape(n, -1), qtype, (n, k), bias.to(dtype),
-                                             split=split)
+            got = matmul.fused_linear(x.to(dtype), blocks.reshape(n, -1), cls, (n, k), bias.to(dtype), split=split)
             assert got.dtype == dtype and got.shape == (rows, n)
             err = (got.double() - expected).abs().max() / expected.abs().max()
             assert err < tol, (dtype, split, err)
     if KERNEL_DEVICE == "cuda":
-        # The layer's entry point, with the kernel forced either way: the same result.
-        from loaders import linear
+        # A layer's plan, with the kernel forced either way: the same result.
+        from loaders.quant.plan import bind
         for choice in ("on", "off"):
-            linear.FUSED = choice
-            try:
-                got = linear.quantized_linear(x.bfloat16()[None], blocks.reshape(n, -1), qtype, (n, k), bias.bfloat16())
-            finally:
-                linear.FUSED = "auto"
+            plan = bind(cls, (n, k), KERNEL_DEVICE, fused=choice)
+            assert plan.fused_rows == (0 if choice == "off" else 512)
+            got = plan(x.bfloat16()[None], blocks.reshape(n, -1), bias.bfloat16())
             assert got.shape == (1, rows, n)
             assert (got[0].double() - expected).abs().max() / expected.abs().max() < 1e-2
 
@@ -191,50 +193,36 @@ def test_triton_kernels_in_interpreter():
     assert r.returncode == 0 and f"{expected} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def test_tile_tables_cover_every_kernel_type_and_fall_back_to_the_default():
-    from loaders.kernel_tiles import tiles_for
-    for tiles in TILE_TABLES.values():
-        assert set(tiles) == set(TILES)
-        # The sweeps vary blocks per program and warps: each type's sub-block split is the same in every table.
-        assert all(tiles[q].nsub == TILES[q].nsub for q in TILES)
-    assert tiles_for(-1) is TILES  # a CPU tensor's device (the interpreter)
+def test_gpu_tiles_keep_each_types_sub_block_split():
+    # The sweeps vary blocks per program and warps: each type's sub-block split is the same on every GPU.
+    for fmt in KERNEL_FORMATS:
+        assert all(t.nsub == fmt.tile.nsub for t in fmt.gpu_tiles.values()), fmt.name
+    assert FORMATS[GGMLQuantizationType.Q5_K].tile_for(None) is FORMATS[GGMLQuantizationType.Q5_K].tile
 
 
-def test_tile_table_is_chosen_by_a_whole_word_of_the_gpu_name(monkeypatch):
-    from loaders import kernel_tiles
-    names = {0: "NVIDIA H200", 1: "NVIDIA GH200 480GB", 2: "NVIDIA H100 80GB HBM3"}
-    monkeypatch.setattr(kernel_tiles.torch.cuda, "get_device_name", names.__getitem__)
-    kernel_tiles.tiles_for.cache_clear()
-    try:
-        assert kernel_tiles.tiles_for(0) is GPU_TILES["H200"]
-        assert kernel_tiles.tiles_for(1) is TILES and kernel_tiles.tiles_for(2) is TILES
-    finally:
-        kernel_tiles.tiles_for.cache_clear()
+def test_gpu_tiles_are_chosen_by_a_whole_word_of_the_gpu_name():
+    q5_k = FORMATS[GGMLQuantizationType.Q5_K]
+    assert q5_k.tile_for("NVIDIA H200") is q5_k.gpu_tiles["H200"] != q5_k.tile
+    assert q5_k.tile_for("NVIDIA GH200 480GB") is q5_k.tile and q5_k.tile_for("NVIDIA H100 80GB HBM3") is q5_k.tile
 
 
 def test_an_unknown_fused_setting_is_said_and_read_as_auto(caplog):
-    from loaders.linear import fused_choice
+    from loaders.quant.plan import fused_choice
     assert fused_choice("off") == "off" and fused_choice("on") == "on"
     with caplog.at_level("WARNING"):
         assert fused_choice("yes") == "auto"
     assert "QWEN_GGUF_FUSED='yes'" in caplog.text and "auto, on, off" in caplog.text
 
 
-def test_the_fused_kernel_is_picked_for_few_rows_on_large_weights_except_iq4_nl(monkeypatch):
-    from loaders import linear
-    Q = GGMLQuantizationType
-    monkeypatch.setattr(linear, "FUSED", "auto")
+def test_the_fused_kernel_is_picked_for_few_rows_on_large_weights_except_iq4_nl():
+    from loaders.quant.plan import FUSED_MAX_ROWS, fused_rows
+    F = {q.name: f for q, f in FORMATS.items()}
     modulation, q_proj = (18432, 3072), (3584, 3584)
-    assert linear.uses_fused(2, modulation, Q.Q4_K, torch.bfloat16)
-    assert linear.uses_fused(16, modulation, Q.IQ4_XS, torch.bfloat16)
-    assert not linear.uses_fused(2, modulation, Q.IQ4_NL, torch.bfloat16)
-    assert not linear.uses_fused(17, modulation, Q.Q4_K, torch.bfloat16)
-    assert not linear.uses_fused(2, q_proj, Q.Q4_K, torch.bfloat16)
-    assert not linear.uses_fused(2, modulation, Q.Q4_K, torch.float32)
-    monkeypatch.setattr(linear, "FUSED", "on")
-    assert linear.uses_fused(2, modulation, Q.IQ4_NL, torch.bfloat16)
-    monkeypatch.setattr(linear, "FUSED", "off")
-    assert not linear.uses_fused(2, modulation, Q.Q4_K, torch.bfloat16)
+    assert fused_rows(F["Q4_K"], modulation, "auto") == fused_rows(F["IQ4_XS"], modulation, "auto") == FUSED_MAX_ROWS == 16
+    assert fused_rows(F["IQ4_NL"], modulation, "auto") == 0
+    assert fused_rows(F["Q4_K"], q_proj, "auto") == 0
+    assert fused_rows(F["IQ4_NL"], modulation, "on") == 512
+    assert fused_rows(F["Q4_K"], modulation, "off") == 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")

@@ -8,12 +8,12 @@ import torch
 from gguf import GGMLQuantizationType as T
 from safetensors.numpy import load_file
 
-from loaders.errors import GGUFError
-from loaders.gguf_file import GGUFFile
-from loaders.tensor import GGMLTensor, dequantize
-from loaders.text_encoder import open_text_encoder
-from loaders.tokenizer import build_tokenizer
-from loaders.writer import write_gguf
+from loaders.gguf.errors import GGUFError
+from loaders.gguf.reader import GGUFFile
+from loaders.quant.weight import GGMLTensor, dequantize
+from loaders.models.text_encoder import open_text_encoder
+from loaders.models.tokenizer import build_tokenizer
+from loaders.gguf.writer import write_gguf
 from tiny_models import QWEN_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model
 from tiny_text_encoders import QWEN3, QWEN25VL, VISION, byte_level_tokenizer, write_llm, write_mmproj
 

@@ -8,9 +8,9 @@ import torch
 from gguf import GGMLQuantizationType as T
 from safetensors.torch import save_file
 
-from loaders.errors import GGUFError
-from loaders.vae import FLUX, WAN21, open_vae
-from loaders.writer import write_gguf
+from loaders.gguf.errors import GGUFError
+from loaders.models.vae import FLUX, WAN21, open_vae
+from loaders.gguf.writer import write_gguf
 
 
 def wan(z: int = 16) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T, quants
 from safetensors.numpy import save_file
 
-from loaders.writer import Recipe, city96_recipe, encode, uniform_recipe, write_gguf
+from loaders.gguf.writer import Recipe, city96_recipe, encode, uniform_recipe, write_gguf
 
 QWEN_IMAGE = dict(layers=3, heads=4, head_dim=64, text_dim=256, mlp=1024, in_channels=64, out_channels=16)
 Z_IMAGE = dict(layers=3, refiners=2, heads=4, head_dim=64, cap_dim=256, ffn=768, in_channels=16)

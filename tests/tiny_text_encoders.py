@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from safetensors.numpy import save_file
 
-from loaders.writer import uniform_recipe, write_gguf
+from loaders.gguf.writer import uniform_recipe, write_gguf
 from tiny_models import decoded, random_weights
 
 QWEN25VL = dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, intermediate=512, vocab=152064)

@@ -3,7 +3,7 @@
 //   same model is, is switched to the installed one (the loader does the same for API prompts).
 // - Files of this package's manifest that a workflow needs and that are missing are listed in a panel
 //   with a Download button each: progress (size, speed, time left), resume, size/sha256 checks
-//   happen on the server (nodes/model_files.py); the loaders' file lists refresh when done.
+//   happen on the server (nodes/integration/model_files.py); the loaders' file lists refresh when done.
 // - The template browser lists this package's presets in their intended order.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";

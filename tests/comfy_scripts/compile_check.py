@@ -15,7 +15,7 @@ from script_helpers import loaded_module
 def run(cfg):
     pkg = loaded_module(cfg, cfg["package"])
     path = folder_paths.get_full_path_or_raise("diffusion_models", cfg["gguf"])
-    patcher = pkg.nodes.model.load_gguf_unet(path, pkg.nodes.model.ON_THE_FLY, disable_dynamic=True)
+    patcher = pkg.nodes.integration.diffusion.load_gguf_unet(path, pkg.nodes.integration.diffusion.ON_THE_FLY, disable_dynamic=True)
     mm.load_models_gpu([patcher])
     device, dtype = mm.get_torch_device(), patcher.model.get_dtype_inference()
     results = {}
@@ -35,16 +35,16 @@ def run(cfg):
             "max_diff": (got.float() - ref.float()).abs().max().item(), "scale": ref.float().abs().max().item()}
 
     for name, module in patcher.model.named_modules():
-        if not isinstance(module, pkg.nodes.ops.GGUFOps.Linear) or not module.quantized():
+        if not isinstance(module, pkg.nodes.integration.ops.GGUFOps.Linear) or not module.quantized():
             continue
-        if module.weight_qtype.name not in results:
-            check(module.weight_qtype.name, module, name)
+        if module.plan.fmt.name not in results:
+            check(module.plan.fmt.name, module, name)
     # An fp8-compute layer (FP8 rows), built directly: the loader makes them only on fp8 GPUs. On the
     # CPU it runs the dequantized weight, on such a GPU the fp8 matmul; either must trace whole.
-    fp8 = pkg.loaders.fp8
-    layer = pkg.nodes.ops.GGUFOps.Linear(256, 128)
-    raw = fp8.quantize_rows(torch.randn(128, 256, generator=torch.Generator().manual_seed(0)))
-    layer.load_state_dict({"weight": pkg.loaders.tensor.wrap(raw, fp8.FP8_ROWS, (128, 256)),
+    fp8 = pkg.loaders.quant.fp8
+    layer = pkg.nodes.integration.ops.GGUFOps.Linear(256, 128)
+    raw = fp8.FP8Rows.encode(torch.randn(128, 256, generator=torch.Generator().manual_seed(0)))
+    layer.load_state_dict({"weight": pkg.loaders.quant.weight.wrap(raw, fp8.FP8Rows, (128, 256)),
                            "bias": torch.zeros(128, dtype=dtype)})
     layer.to(device)
     check("FP8_ROWS", layer, "fp8 rows (built)")

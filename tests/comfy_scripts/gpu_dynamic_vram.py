@@ -36,7 +36,7 @@ def run(cfg):
     ref = forward(comfy.sd.load_lora_for_models(native, None, lora, 1.0, 0.0)[0])
     result["lora_effect"] = rel(ref, base)
     lora_ours = comfy.sd.load_lora_for_models(ours, None, lora, 1.0, 0.0)[0]
-    count = pkg.nodes.lora.cached_factor_count
+    count = pkg.nodes.integration.ops.cached_factor_count
     mm.load_models_gpu([lora_ours])
     with torch.no_grad():
         lora_ours.model.apply_model(x, sigma, c_crossattn=context)
@@ -46,33 +46,61 @@ def run(cfg):
     result["lora"] = rel(forward(lora_ours), ref)
     result["lora_again"] = rel(forward(lora_ours), ref)
     result["after_lora"] = rel(forward(ours), base)
-    quantized_layers = pkg.nodes.ops.quantized_layers
+    quantized_layers = pkg.nodes.integration.ops.quantized_layers
     result["quantized_params"] = quantized_layers(ours.model)
-    cached = pkg.nodes.model.load_gguf_unet(dm.path, "auto")
-    result["auto_cached"] = rel(forward(cached), base)
-    result["auto_cached_quantized_params"] = quantized_layers(cached.model)
-    # The fp8 mode: every eligible Linear weight requantized to FP8 rows; output within fp8 rounding.
-    fp8_model = pkg.nodes.model.load_gguf_unet(dm.path, "fp8 compute")
-    result["fp8"] = rel(forward(fp8_model), base)
-    result["fp8_layers"] = sum(getattr(m, "weight_qtype", None) is pkg.loaders.fp8.FP8_ROWS
-                               for m in fp8_model.model.modules())
-    result["fp8_lora"] = rel(forward(comfy.sd.load_lora_for_models(fp8_model, None, lora, 1.0, 0.0)[0]), ref)
-    # The q, k and v projections of each stream share one activation quantization, and the dynamic
-    # loader's resident fp8 weights keep their operands only while the model is loaded. Neither may
-    # change a bit of the result.
-    layers = [m for m in fp8_model.model.modules() if isinstance(m, pkg.nodes.ops.GGUFOps.Linear)]
-    result["fp8_shared_groups"] = len({id(m.shared_input) for m in layers if m.shared_input is not None})
+    copies_of = pkg.nodes.integration.compat.COPIES
+    plan_mod = pkg.loaders.quant.plan
+
+    def held(patcher, kind):
+        return sum(isinstance(p.copy, kind) for p in getattr(patcher.model, copies_of).holders)
+
+    # auto on a GPU with room: every layer converts its bytes at its first run and keeps the copy.
+    cached = pkg.nodes.integration.diffusion.load_gguf_unet(dm.path, "auto")
+    mm.load_models_gpu([cached])
+    with torch.no_grad():
+        first = cached.model.apply_model(x, sigma, c_crossattn=context).float().cpu()
+        again = cached.model.apply_model(x, sigma, c_crossattn=context).float().cpu()
+    result["auto_cached"] = rel(first, base)
+    result["auto_cached_copies"] = held(cached, plan_mod.Copy)
+    result["auto_copy_equals_first"] = torch.equal(first, again)
+    mm.unload_all_models()
+    result["auto_cached_copies_after_unload"] = len(getattr(cached.model, copies_of).holders)
+    # The fp8 mode with room: FP8-rows copies made on the GPU at first use; output within fp8 rounding.
+    fp8_model = pkg.nodes.integration.diffusion.load_gguf_unet(dm.path, "fp8 compute")
+    layers = [m for m in fp8_model.model.modules() if isinstance(m, pkg.nodes.integration.ops.FileWeights)
+              and m.plan is not None]
+    result["fp8_shared_groups"] = len({id(m.plan.shared) for m in layers if m.plan.shared is not None})
     result["blocks"] = len(fp8_model.model.diffusion_model.transformer_blocks)
-    kept = pkg.nodes.ops._KEPT_FP8
     mm.load_models_gpu([fp8_model])
     with torch.no_grad():
         shared = [fp8_model.model.apply_model(x, sigma, c_crossattn=context).float().cpu() for _ in range(2)]
-    result["fp8_kept_while_loaded"] = sum(kept in m.__dict__ for m in layers)
+    result["fp8"] = rel(shared[0], base)
+    result["fp8_layers"] = held(fp8_model, plan_mod.FP8Copy)
     mm.unload_all_models()
-    result["fp8_kept_after_unload"] = sum(kept in m.__dict__ for m in layers)
+    result["fp8_copies_after_unload"] = len(getattr(fp8_model.model, copies_of).holders)
+    result["fp8_lora"] = rel(forward(comfy.sd.load_lora_for_models(fp8_model, None, lora, 1.0, 0.0)[0]), ref)
+    # The q, k and v projections of each stream share one activation quantization. It changes no bit.
     for m in layers:
-        m.shared_input = None
+        m.plan.shared = None
     result["fp8_shared_equals_unshared"] = torch.equal(shared[0], forward(fp8_model))
-    result["fp8_kept_equals_fresh"] = torch.equal(shared[0], shared[1])
+    result["fp8_copy_equals_first"] = torch.equal(shared[0], shared[1])
+    # Where the copies would not fit next to the file's bytes, the fp8 mode requantizes at load: ComfyUI
+    # then holds FP8 rows, and the dynamic loader's resident ones keep their operands while loaded.
+    real_free = mm.get_free_memory
+    mm.get_free_memory = lambda *a, **k: 1 << 30
+    try:
+        at_load = pkg.nodes.integration.diffusion.load_gguf_unet(dm.path, "fp8 compute")
+    finally:
+        mm.get_free_memory = real_free
+    fp8_plans = [m.plan for m in at_load.model.modules() if isinstance(getattr(m, "plan", None), plan_mod.FP8Plan)]
+    result["fp8_at_load_layers"] = len(fp8_plans)
+    mm.load_models_gpu([at_load])
+    with torch.no_grad():
+        kept = [at_load.model.apply_model(x, sigma, c_crossattn=context).float().cpu() for _ in range(2)]
+    result["fp8_at_load"] = rel(kept[0], base)
+    result["fp8_kept_while_loaded"] = sum(p.kept is not None for p in fp8_plans)
+    mm.unload_all_models()
+    result["fp8_kept_after_unload"] = sum(p.kept is not None for p in fp8_plans)
+    result["fp8_kept_equals_fresh"] = torch.equal(kept[0], kept[1])
     result["finite"] = bool(torch.isfinite(base).all())
     return result

@@ -51,7 +51,7 @@ def run(cfg):
         return (a - b).abs().max().item()
 
     def n_quantized(patcher):
-        return pkg.nodes.ops.quantized_layers(patcher.model)
+        return pkg.nodes.integration.ops.quantized_layers(patcher.model)
 
     result = {}
     base_native = forward(native, full_load=True)
@@ -79,10 +79,10 @@ def run(cfg):
     result["lora_partial_again"] = diff(partial_again, ref)
     result["lora_partial_full_patch_calls"] = calls.pop()
     result["quantized_params_partial"] = n_quantized(lora_ours)
-    result["factors_while_loaded"] = pkg.nodes.lora.cached_factor_count(lora_ours.model)
+    result["factors_while_loaded"] = pkg.nodes.integration.ops.cached_factor_count(lora_ours.model)
     lora_ours.partially_unload(mm.unet_offload_device(), memory_to_free=1 << 40)
     lora_ours.detach()
-    result["factors_after_detach"] = pkg.nodes.lora.cached_factor_count(lora_ours.model)
+    result["factors_after_detach"] = pkg.nodes.integration.ops.cached_factor_count(lora_ours.model)
 
     # A LoRA whose matrices do not fit its weight: ComfyUI logs an error and skips it; so do we.
     bad = dict(lora)
@@ -115,11 +115,21 @@ def run(cfg):
     result["file_tensor_bytes"] = sum(t.numel() * t.element_size() for t in dm.state_dict.values())
 
     try:
-        pkg.nodes.model.load_gguf_unet(dm.path, "fastest")
+        pkg.nodes.integration.diffusion.load_gguf_unet(dm.path, "fastest")
     except Exception as e:  # noqa: BLE001  (the test checks its type and message)
         result["bad_mode_error"] = f"{type(e).__name__}: {e}"
-    cached = pkg.nodes.model.load_gguf_unet(dm.path, "cached")
+    cached = pkg.nodes.integration.diffusion.load_gguf_unet(dm.path, "cached")
+    copies = getattr(cached.model, pkg.nodes.integration.compat.COPIES)
+    result["cached_copies_before"] = len(copies.holders)
     result["cached"] = diff(forward(cached, full_load=True), base_native)
+    result["cached_copies"] = len(copies.holders)
+    result["cached_again"] = diff(cached.model.apply_model(x, sigma, c_crossattn=context), base_native)
     result["cached_quantized_params"] = n_quantized(cached)
     result["cached_model_size"] = cached.model_size()
+    # ComfyUI asking the model for memory frees the copies first; unloading frees them too.
+    result["cached_freed"] = cached.partially_unload(mm.unet_offload_device(), memory_to_free=1)
+    result["cached_copies_after_free"] = len(copies.holders)
+    forward(cached, full_load=True)
+    cached.detach()
+    result["cached_copies_after_detach"] = len(copies.holders)
     return result

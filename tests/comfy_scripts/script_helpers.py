@@ -17,8 +17,8 @@ def ours_and_native(cfg):
     cfg["twin"], the LoRA cfg["lora"], and the file as our library reads it."""
     pkg = loaded_module(cfg, cfg["package"])
     path = folder_paths.get_full_path_or_raise("diffusion_models", cfg["gguf"])
-    dm = pkg.loaders.diffusion.open_diffusion_model(path)
-    ours = pkg.nodes.model.load_gguf_unet(path, pkg.nodes.model.ON_THE_FLY)
+    dm = pkg.loaders.models.diffusion.open_diffusion_model(path)
+    ours = pkg.nodes.integration.diffusion.load_gguf_unet(path, pkg.nodes.integration.diffusion.ON_THE_FLY)
     native = loaded_module(cfg, "comfy_test_nodes").TestNativeUnetLoader().load(
         cfg["twin"], dm.family, json.dumps(dm.unet_config))[0]
     import comfy.utils

@@ -17,7 +17,7 @@ def run(cfg):
     # ComfyUI's rule for a text encoder over 1 GB on a GPU with room for it (the fixture is smaller).
     mm.text_encoder_initial_device = lambda load_device, offload_device, model_size=0: load_device
     path = folder_paths.get_full_path_or_raise("text_encoders", cfg["gguf"])
-    ours = pkg.nodes.text_encoder.build_clip(pkg.loaders.text_encoder.open_text_encoder(path))
+    ours = pkg.nodes.integration.text_encoder.build_clip(pkg.loaders.models.text_encoder.open_text_encoder(path))
     native = loaded_module(cfg, "comfy_test_nodes").TestNativeClipLoader().load(**cfg["native"])[0]
 
     def encode(clip):
@@ -25,7 +25,7 @@ def run(cfg):
 
     conds = [encode(ours) for _ in range(2)]
     layers = [m for m in ours.cond_stage_model.modules()
-              if isinstance(m, pkg.nodes.ops.FileWeights) and m.quantized()]
+              if isinstance(m, pkg.nodes.integration.ops.FileWeights) and m.quantized()]
     on_gpu = sum(m.weight.device.type == "cuda" for m in layers)
     ref = encode(native)
     return {"aimdo_enabled": comfy.memory_management.aimdo_enabled, "patcher": type(ours.patcher).__name__,

@@ -62,7 +62,7 @@ def vision_weights(cfg) -> tuple[dict, dict]:
 
 def write_mmproj(path, tensors, spec):
     from gguf import GGMLQuantizationType as T
-    from loaders.writer import write_gguf
+    from loaders.gguf.writer import write_gguf
     meta = {"general.type": "mmproj", "clip.has_vision_encoder": True, "clip.projector_type": "qwen2.5vl_merger",
             "clip.use_silu": True, "clip.vision.image_size": 560, "clip.vision.patch_size": VISION["patch"],
             "clip.vision.embedding_length": VISION["hidden"], "clip.vision.feed_forward_length": VISION["intermediate"],
@@ -96,16 +96,16 @@ def check(cfg, pkg) -> dict:
     rounding of the reference, the second within fp32 rounding (a wrong weight, mask or rope would
     show in both)."""
     reference = load_file(cfg["reference"])
-    te = pkg.loaders.text_encoder.open_text_encoder(cfg["gguf"], cfg["mmproj"])
+    te = pkg.loaders.models.text_encoder.open_text_encoder(cfg["gguf"], cfg["mmproj"])
     out = {"device": str(comfy.model_management.get_torch_device())}
-    bf16_rule = pkg.nodes.text_encoder.compute_dtype
+    bf16_rule = pkg.nodes.integration.text_encoder.compute_dtype
     for label, rule in (("bf16", bf16_rule), ("fp32", lambda device: torch.float32)):
-        pkg.nodes.text_encoder.compute_dtype = rule
+        pkg.nodes.integration.text_encoder.compute_dtype = rule
         try:
-            clip = pkg.nodes.text_encoder.build_clip(te)
+            clip = pkg.nodes.integration.text_encoder.build_clip(te)
             got = encode(clip)
         finally:
-            pkg.nodes.text_encoder.compute_dtype = bf16_rule
+            pkg.nodes.integration.text_encoder.compute_dtype = bf16_rule
         out["patcher"] = type(clip.patcher).__name__
         for name, ref in reference.items():
             g = got[name]

@@ -36,7 +36,7 @@ def run(cfg):
     embeddings = folder_paths.get_folder_paths("embeddings")
     report = {"texts": len(texts), "mismatches": [], "tokens": 0}
     for family, gguf in cfg["ggufs"].items():
-        ours = pkg.nodes.text_encoder.build_clip(pkg.loaders.text_encoder.open_text_encoder(gguf)).tokenizer
+        ours = pkg.nodes.integration.text_encoder.build_clip(pkg.loaders.models.text_encoder.open_text_encoder(gguf)).tokenizer
         native = NATIVE[family](embedding_directory=embeddings)
         cases = [(text, {}) for text in texts]
         if family == "qwen25vl":  # the edit nodes' path: the image template and its image tokens

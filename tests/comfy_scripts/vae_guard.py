@@ -20,7 +20,7 @@ class Records(logging.Handler):
 
 
 def run(cfg):
-    vae_nodes = loaded_module(cfg, cfg["package"]).nodes.vae
+    vae_nodes = loaded_module(cfg, cfg["package"]).nodes.integration.vae
     records = Records()
     logging.getLogger().addHandler(records)
     logging.getLogger().setLevel(logging.INFO)

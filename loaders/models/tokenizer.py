@@ -1,0 +1,93 @@
+"""Rebuilding a Hugging Face ``tokenizers`` BPE tokenizer from a GGUF's own tokenizer metadata.
+
+llama.cpp stores the byte-level vocabulary (``tokenizer.ggml.tokens``, in id order), the token
+types and the merges; with the pre-tokenizer regex named by ``tokenizer.ggml.pre`` that is all a
+byte-level BPE needs, so the ids come from the file the user loaded rather than a bundled copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from ..gguf.errors import GGUFError
+from ..gguf.reader import GGUFFile, StringArray, describe
+
+# Pre-tokenizer rule -> its split regex.
+PRE_TOKENIZERS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+# tokenizer.ggml.pre values -> the rule llama.cpp applies for them (llama-vocab.cpp): converters name
+# the pre-tokenizer after the model, so fine-tunes of Qwen carry names of their own.
+PRE_TOKENIZER_NAMES = {"qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "kormo": "qwen2", "f2llmv2": "qwen2",
+                       "megrez": "qwen2"}
+
+# llama.cpp token types
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+
+
+def has_tokenizer(gguf: GGUFFile) -> bool:
+    return gguf.get("tokenizer.ggml.tokens") is not None and gguf.get("tokenizer.ggml.merges") is not None
+
+
+def _strings(gguf: GGUFFile, key: str) -> list[str]:
+    value = gguf.get(key)
+    if not isinstance(value, StringArray):
+        raise GGUFError(gguf.path, f"corrupt header: {key} is {describe(value)}, not an array of strings")
+    return value.tolist()
+
+
+def _token_types(gguf: GGUFFile, n_tokens: int) -> list[int]:
+    types = gguf.get("tokenizer.ggml.token_type")
+    if types is None:
+        return [NORMAL] * n_tokens
+    if not isinstance(types, np.ndarray) or types.dtype.kind not in "iu" or len(types) != n_tokens:
+        raise GGUFError(gguf.path, f"corrupt header: tokenizer.ggml.token_type is not an array of {n_tokens:,} "
+                                   "integers (one per token)")
+    return [int(t) for t in types]
+
+
+def build_tokenizer(gguf: GGUFFile) -> Tokenizer:
+    """The file's tokenizer; GGUFError naming the file when its tokenizer metadata is damaged."""
+    try:
+        return _build(gguf)
+    except GGUFError:
+        raise
+    except Exception as e:  # the tokenizers library's own errors: a merge or token it refuses
+        raise GGUFError(gguf.path, f"its tokenizer metadata does not make a tokenizer: {e}") from None
+
+
+def _build(gguf: GGUFFile) -> Tokenizer:
+    model = gguf.get_str("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFError(gguf.path, f"tokenizer model {model!r} is not a byte-level BPE (expected 'gpt2')")
+    pre = gguf.get_str("tokenizer.ggml.pre", "qwen2")
+    if pre not in PRE_TOKENIZER_NAMES:
+        raise GGUFError(gguf.path, f"tokenizer pre-tokenizer {pre!r} is not supported "
+                                   f"(supported: {', '.join(PRE_TOKENIZER_NAMES)})")
+    rule = PRE_TOKENIZERS[PRE_TOKENIZER_NAMES[pre]]
+    tokens = _strings(gguf, "tokenizer.ggml.tokens")
+    types = _token_types(gguf, len(tokens))
+    vocab = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (NORMAL, CONTROL, USER_DEFINED)}
+    merges = []
+    for i, merge in enumerate(_strings(gguf, "tokenizer.ggml.merges")):
+        pair = tuple(merge.split(" ", 1))
+        if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:
+            raise GGUFError(gguf.path, f"corrupt tokenizer: merge {i} ({merge[:40]!r}) names a token that is not in "
+                                       "the vocabulary")
+        merges.append(pair)
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(rule), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    # Added tokens are matched whole before BPE; control ones are "special" (skipped when decoding).
+    added = sorted((i, t, k) for i, (t, k) in enumerate(zip(tokens, types)) if k in (CONTROL, USER_DEFINED))
+    for _, text, kind in added:
+        token = AddedToken(text, special=kind == CONTROL, normalized=False, lstrip=False, rstrip=False,
+                           single_word=False)
+        tok.add_special_tokens([token]) if kind == CONTROL else tok.add_tokens([token])
+    return tok

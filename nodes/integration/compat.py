@@ -1,0 +1,213 @@
+"""Every ComfyUI internal this package relies on, in one place, checked once at start-up.
+
+ComfyUI's public surface for custom ops is small; where we need more, it is reached from here only,
+so that a ComfyUI change breaks one module, and ``check()`` (run when ComfyUI loads the package)
+finds it first: an internal that moved logs one line naming it and the slower path taken instead,
+or, where there is none, the feature it disables. What we use and why:
+
+- ``comfy.ops.CastBiasWeightContext`` (public): the weight's bytes brought to the input's device by
+  ComfyUI's offload streams and dynamic VRAM loader. Fallback: ``cast_bias_weight`` /
+  ``uncast_bias_weight``, the functions the context wraps.
+- ``weight_function`` / ``weight_lowvram_function`` (and the bias's): the patches ComfyUI sets on a
+  layer. They expect float weights, so they are hidden while the bytes are cast and applied after
+  dequantizing (``hidden_patches``).
+- ``_v`` and ``_v_weight``: the dynamic VRAM loader's mark on the layers it manages and its resident
+  copy of the weight. Without them every layer goes through the cast, and fp8 operands are remade
+  per call (slower, same results).
+- ``comfy.model_patcher.LowVramPatch`` (``patches``, ``key``) and ``LoRAAdapter.weights``: what a
+  per-layer patch holds, read to apply plain LoRAs in low-rank form. Fallback: ComfyUI's own patch
+  function (a full-size weight difference per call).
+- ``convert_weight`` / ``set_weight``: the hooks ComfyUI's patcher calls on an op (``get_key_weight``).
+  Without them a LoRA cannot be merged into a quantized weight: then it is applied per call.
+- ``BaseModel.manual_cast_dtype`` and ``CastWeightBiasOp.comfy_cast_weights``: how the NaN guard
+  redoes a step in fp32. Without them the guard only reports. ``executor.class_obj``: the model an
+  APPLY_MODEL wrapper wraps.
+- ``ModelPatcher.partially_unload``: where ComfyUI asks a loaded model for memory. Our patcher
+  class frees the converted copies its layers hold first (``patcher_class``).
+- ``folder_paths.folder_names_and_paths``: the core model folders our .gguf keys share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+from typing import Iterator
+
+import torch
+
+import comfy.model_patcher
+import comfy.ops
+import folder_paths
+
+log = logging.getLogger(__name__)
+
+_PATCH_ATTRS = ("weight_function", "weight_lowvram_function")
+# The attribute of a BaseModel holding its layers' converted copies (loaders.quant.plan.DeviceCopies).
+COPIES = "qwen_image_gguf_copies"
+
+
+class Features:
+    """What ``check()`` found (all on until it says otherwise)."""
+    cast_context = hasattr(comfy.ops, "CastBiasWeightContext")
+    dynamic_marks = True
+    low_rank_lora = True
+    merge_hooks = True
+    fp32_redo = True
+
+
+def check() -> None:
+    """Look at each internal once (at start-up) and log what changed."""
+    if not Features.cast_context:
+        log.info("ComfyUI has no comfy.ops.CastBiasWeightContext: GGUF layers use cast_bias_weight directly")
+    try:
+        source = inspect.getsource(comfy.ops.cast_bias_weight)
+    except (OSError, TypeError, AttributeError):
+        source = ""
+    if '"_v"' not in source:
+        Features.dynamic_marks = False
+        log.info("ComfyUI's cast_bias_weight no longer reads the dynamic loader's _v mark: GGUF layers take the "
+                 "cast path on every call (more host time)")
+    patch = getattr(comfy.model_patcher, "LowVramPatch", None)
+    try:
+        from comfy.weight_adapter.lora import LoRAAdapter
+        probe = patch("k", {"k": []}) if patch is not None else None
+        Features.low_rank_lora = (probe is not None and hasattr(probe, "patches") and hasattr(probe, "key")
+                                  and "weights" in inspect.signature(LoRAAdapter.__init__).parameters)
+    except (ImportError, TypeError, ValueError):
+        Features.low_rank_lora = False
+    if not Features.low_rank_lora:
+        log.info("ComfyUI's LowVramPatch / LoRAAdapter changed: LoRAs on GGUF layers run through ComfyUI's own "
+                 "patch function (a full-size weight difference per call)")
+    if not hasattr(comfy.model_patcher, "get_key_weight"):
+        Features.merge_hooks = False
+        log.info("ComfyUI's patcher no longer calls convert_weight / set_weight: LoRAs on GGUF weights are applied "
+                 "per call, never merged")
+    if not hasattr(comfy.ops.CastWeightBiasOp, "comfy_cast_weights"):
+        Features.fp32_redo = False
+        log.info("ComfyUI's ops have no comfy_cast_weights: the NaN guard reports a non-finite step without redoing "
+                 "it in fp32")
+
+
+class _FreesCopiesFirst:
+    """A patcher mix-in: memory asked of the model comes first from its layers' converted copies,
+    which ComfyUI does not see (they come back, at first use, while memory allows)."""
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        copies = getattr(self.model, COPIES, None)
+        freed = copies.drop() if copies is not None else 0
+        if freed and freed >= memory_to_free:
+            return freed
+        return freed + super().partially_unload(device_to, memory_to_free - freed, force_patch_weights)
+
+
+@functools.lru_cache(maxsize=None)
+def patcher_class(dynamic: bool) -> type:
+    """ComfyUI's patcher class for a diffusion model (its dynamic VRAM one, or the classic one), with
+    the copies freed first when ComfyUI asks the model for memory."""
+    base = comfy.model_patcher.CoreModelPatcher if dynamic else comfy.model_patcher.ModelPatcher
+    return type(f"GGUF{base.__name__}", (_FreesCopiesFirst, base), {})
+
+
+def managed(layer: torch.nn.Module) -> bool:
+    """Whether ComfyUI's dynamic VRAM loader manages ``layer`` (its cast must bring the bytes in)."""
+    return not Features.dynamic_marks or hasattr(layer, "_v")
+
+
+def resident(layer: torch.nn.Module, raw: torch.Tensor) -> bool:
+    """Whether ``raw`` is the dynamic loader's resident copy of the layer's bytes (handed back while
+    the bytes stay in place, a new tensor when it brings them in again)."""
+    return raw is layer.__dict__.get("_v_weight")
+
+
+class _CastBytes:
+    """``cast_bias_weight`` / ``uncast_bias_weight`` as a context (what CastBiasWeightContext is)."""
+
+    def __init__(self, layer, input, **kwargs):
+        self.layer = layer
+        self.state = comfy.ops.cast_bias_weight(layer, input, **kwargs)
+
+    def __enter__(self):
+        return self.state[:2]
+
+    def __exit__(self, *_args) -> None:
+        comfy.ops.uncast_bias_weight(self.layer, *self.state)
+
+
+_CONTEXT = comfy.ops.CastBiasWeightContext if Features.cast_context else _CastBytes
+
+
+def cast_bytes(layer: torch.nn.Module, input: torch.Tensor):
+    """A context giving (bytes, bias): ComfyUI's cast of the layer's weight bytes (uint8, uncast) and
+    bias (the input's dtype) to the input's device, through its offload streams and dynamic loader."""
+    return _CONTEXT(layer, input, dtype=torch.uint8, bias_dtype=input.dtype, offloadable=True)
+
+
+class hidden_patches:
+    """A context in which the layer's weight patches are hidden from ComfyUI's cast (they expect float
+    weights: the caller applies them after dequantizing)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.state = layer.__dict__
+
+    def __enter__(self) -> None:
+        # The instance dict directly: nn.Module.__setattr__ costs microseconds per layer.
+        state = self.state
+        self.saved = {k: state[k] for k in _PATCH_ATTRS if k in state}
+        state.update(weight_function=[], weight_lowvram_function=None)
+
+    def __exit__(self, *_args) -> None:
+        for k in _PATCH_ATTRS:
+            self.state.pop(k, None)
+        self.state.update(self.saved)
+
+
+def lowvram_patch_entries(patch) -> tuple | None:
+    """The (strength, adapter, strength_model, offset, function) entries of a ComfyUI per-layer patch,
+    or None for any other patch function (or where ComfyUI changed them)."""
+    if not Features.low_rank_lora or not isinstance(patch, comfy.model_patcher.LowVramPatch):
+        return None
+    return tuple(patch.patches[patch.key])
+
+
+def lora_factors(adapter) -> tuple | None:
+    """(up, down, alpha) of a plain LoRA adapter (no DoRA, LoCon mid weight or reshape), else None."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+    if type(adapter) is not LoRAAdapter:
+        return None
+    up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    if mid is not None or dora_scale is not None or reshape is not None:
+        return None
+    return up, down, alpha
+
+
+@contextlib.contextmanager
+def computing_in_fp32(model) -> Iterator[None]:
+    """``model`` (a ComfyUI BaseModel) run in fp32: inputs cast to fp32 and every layer casting its
+    weights to them, whatever dtype it normally computes in."""
+    layers = [m for m in model.modules() if isinstance(m, comfy.ops.CastWeightBiasOp)]
+    saved = (model.manual_cast_dtype, [m.comfy_cast_weights for m in layers])
+    model.manual_cast_dtype = torch.float32
+    for m in layers:
+        m.comfy_cast_weights = True
+    try:
+        yield
+    finally:
+        model.manual_cast_dtype = saved[0]
+        for m, value in zip(layers, saved[1]):
+            m.comfy_cast_weights = value
+
+
+def wrapped_model(executor):
+    """The BaseModel whose apply_model a ComfyUI wrapper ``executor`` runs."""
+    return executor.class_obj
+
+
+def core_folders(key: str) -> list[str]:
+    """The folders of ComfyUI's model folder ``key`` (none, with a log line, if ComfyUI dropped it)."""
+    entry = folder_paths.folder_names_and_paths.get(key)
+    if entry is None:
+        log.warning("ComfyUI has no model folder %r: its .gguf files are not listed", key)
+        return []
+    return entry[0]

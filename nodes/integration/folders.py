@@ -1,0 +1,24 @@
+"""Model-folder keys for .gguf files.
+
+``.gguf`` is not one of ComfyUI's model extensions; registering keys of our own that share the core
+keys' path lists (so extra_model_paths.yaml entries apply) avoids changing the extension set every
+other loader sees.
+"""
+
+from __future__ import annotations
+
+import folder_paths
+
+from .compat import core_folders
+
+# our key -> (the core key whose folders it shares, the extensions it lists)
+GGUF_FOLDERS = {
+    "diffusion_models_gguf": ("diffusion_models", {".gguf"}),
+    "text_encoders_gguf": ("text_encoders", {".gguf"}),
+    "vae_gguf": ("vae", {".gguf", ".safetensors", ".sft"}),
+}
+
+
+def register() -> None:
+    for key, (core, extensions) in GGUF_FOLDERS.items():
+        folder_paths.folder_names_and_paths[key] = (core_folders(core), extensions)
