@@ -224,6 +224,21 @@ def test_model_management_lifecycle(models, tmp_path):
     assert r["cached_freed"] > 0 and r["cached_copies_after_free"] == 0 == r["cached_copies_after_detach"], r
 
 
+def test_changed_comfyui_internals_take_their_fallbacks_with_one_line_each(models, tmp_path):
+    from comfy_env import PACKAGE_NAME, REPO, run_script
+    r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "compat_fallbacks.py",
+                   package=PACKAGE_NAME, gguf="qwen-tiny-Q4_K_M.gguf", twin="qwen-tiny.safetensors",
+                   lora="tiny-lora.safetensors")
+    assert r["features"] == {"dynamic_marks": False, "low_rank_lora": False, "fp32_redo": False,
+                             "cast": "_CastBytes"}, r
+    assert r["restored"] == {"dynamic_marks": True, "low_rank_lora": True, "fp32_redo": True}, r
+    assert len(r["lines"]) == 4 and all("ComfyUI" in line for line in r["lines"]), r
+    # The LoRA on the quantized layers through ComfyUI's own patch function (its full-size math, run
+    # otherwise only for the model's float layers), the bytes through cast_bias_weight: the same result.
+    assert r["full_lora_math_calls"][1] > r["full_lora_math_calls"][0], r
+    assert r["fallback_vs_present"] < 1e-5, r
+
+
 def test_gguf_linear_compiles_without_graph_breaks(models, tmp_path):
     from comfy_env import PACKAGE_NAME, REPO, run_script
     r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "compile_check.py",

@@ -189,9 +189,11 @@ class KernelPlan(LinearPlan):
 
     def __init__(self, fmt: type[Format], shape, device: torch.device, fused: str | None = None):
         from .kernels.dequant import Dequantizer
+        from .kernels.matmul import fused_linear
         super().__init__(fmt, shape)
         self.dequantize = Dequantizer(fmt, shape, device)
         self.fused_rows = fused_rows(fmt, self.shape, fused)
+        self.fused_linear = fused_linear
         self.in_features = self.shape[1]
 
     def weight(self, raw, dtype):
@@ -200,8 +202,7 @@ class KernelPlan(LinearPlan):
 
     def run(self, x, raw, bias):
         if 0 < x.numel() // self.in_features <= self.fused_rows and x.dtype in _FUSED_DTYPES and raw.is_cuda:
-            from .kernels.matmul import fused_linear
-            return fused_linear(x, raw, self.fmt, self.shape, bias)
+            return self.fused_linear(x, raw, self.fmt, self.shape, bias)
         return torch.nn.functional.linear(x, self.weight(raw, x.dtype), bias)
 
 

@@ -17,8 +17,9 @@ or, where there is none, the feature it disables. What we use and why:
 - ``comfy.model_patcher.LowVramPatch`` (``patches``, ``key``) and ``LoRAAdapter.weights``: what a
   per-layer patch holds, read to apply plain LoRAs in low-rank form. Fallback: ComfyUI's own patch
   function (a full-size weight difference per call).
-- ``convert_weight`` / ``set_weight``: the hooks ComfyUI's patcher calls on an op (``get_key_weight``).
-  Without them a LoRA cannot be merged into a quantized weight: then it is applied per call.
+- ``convert_weight`` / ``set_weight``: the hooks ComfyUI's patcher calls on an op (``get_key_weight``)
+  to merge a LoRA into a weight. There is no other way to merge into quantized bytes: if ComfyUI
+  stops calling them, ``check()`` warns that this package needs an update.
 - ``BaseModel.manual_cast_dtype`` and ``CastWeightBiasOp.comfy_cast_weights``: how the NaN guard
   redoes a step in fp32. Without them the guard only reports. ``executor.class_obj``: the model an
   APPLY_MODEL wrapper wraps.
@@ -48,26 +49,41 @@ _PATCH_ATTRS = ("weight_function", "weight_lowvram_function")
 COPIES = "qwen_image_gguf_copies"
 
 
+class _CastBytes:
+    """``cast_bias_weight`` / ``uncast_bias_weight`` as a context (what CastBiasWeightContext is)."""
+
+    def __init__(self, layer, input, **kwargs):
+        self.layer = layer
+        self.state = comfy.ops.cast_bias_weight(layer, input, **kwargs)
+
+    def __enter__(self):
+        return self.state[:2]
+
+    def __exit__(self, *_args) -> None:
+        comfy.ops.uncast_bias_weight(self.layer, *self.state)
+
+
 class Features:
-    """What ``check()`` found (all on until it says otherwise)."""
-    cast_context = hasattr(comfy.ops, "CastBiasWeightContext")
+    """What ``check()`` found (all on until it says otherwise), and the cast context it chose."""
+    cast = getattr(comfy.ops, "CastBiasWeightContext", _CastBytes)
     dynamic_marks = True
     low_rank_lora = True
-    merge_hooks = True
     fp32_redo = True
 
 
 def check() -> None:
     """Look at each internal once (at start-up) and log what changed."""
-    if not Features.cast_context:
-        log.info("ComfyUI has no comfy.ops.CastBiasWeightContext: GGUF layers use cast_bias_weight directly")
+    Features.dynamic_marks = Features.low_rank_lora = Features.fp32_redo = True
+    Features.cast = getattr(comfy.ops, "CastBiasWeightContext", _CastBytes)
+    if Features.cast is _CastBytes:
+        log.warning("ComfyUI has no comfy.ops.CastBiasWeightContext: GGUF layers use cast_bias_weight directly")
     try:
         source = inspect.getsource(comfy.ops.cast_bias_weight)
     except (OSError, TypeError, AttributeError):
         source = ""
     if '"_v"' not in source:
         Features.dynamic_marks = False
-        log.info("ComfyUI's cast_bias_weight no longer reads the dynamic loader's _v mark: GGUF layers take the "
+        log.warning("ComfyUI's cast_bias_weight no longer reads the dynamic loader's _v mark: GGUF layers take the "
                  "cast path on every call (more host time)")
     patch = getattr(comfy.model_patcher, "LowVramPatch", None)
     try:
@@ -78,15 +94,14 @@ def check() -> None:
     except (ImportError, TypeError, ValueError):
         Features.low_rank_lora = False
     if not Features.low_rank_lora:
-        log.info("ComfyUI's LowVramPatch / LoRAAdapter changed: LoRAs on GGUF layers run through ComfyUI's own "
+        log.warning("ComfyUI's LowVramPatch / LoRAAdapter changed: LoRAs on GGUF layers run through ComfyUI's own "
                  "patch function (a full-size weight difference per call)")
     if not hasattr(comfy.model_patcher, "get_key_weight"):
-        Features.merge_hooks = False
-        log.info("ComfyUI's patcher no longer calls convert_weight / set_weight: LoRAs on GGUF weights are applied "
-                 "per call, never merged")
+        log.warning("ComfyUI's patcher no longer finds ops' convert_weight / set_weight (get_key_weight): a LoRA "
+                    "merged into a GGUF model at a full load may be wrong; this package needs an update")
     if not hasattr(comfy.ops.CastWeightBiasOp, "comfy_cast_weights"):
         Features.fp32_redo = False
-        log.info("ComfyUI's ops have no comfy_cast_weights: the NaN guard reports a non-finite step without redoing "
+        log.warning("ComfyUI's ops have no comfy_cast_weights: the NaN guard reports a non-finite step without redoing "
                  "it in fp32")
 
 
@@ -121,27 +136,10 @@ def resident(layer: torch.nn.Module, raw: torch.Tensor) -> bool:
     return raw is layer.__dict__.get("_v_weight")
 
 
-class _CastBytes:
-    """``cast_bias_weight`` / ``uncast_bias_weight`` as a context (what CastBiasWeightContext is)."""
-
-    def __init__(self, layer, input, **kwargs):
-        self.layer = layer
-        self.state = comfy.ops.cast_bias_weight(layer, input, **kwargs)
-
-    def __enter__(self):
-        return self.state[:2]
-
-    def __exit__(self, *_args) -> None:
-        comfy.ops.uncast_bias_weight(self.layer, *self.state)
-
-
-_CONTEXT = comfy.ops.CastBiasWeightContext if Features.cast_context else _CastBytes
-
-
 def cast_bytes(layer: torch.nn.Module, input: torch.Tensor):
     """A context giving (bytes, bias): ComfyUI's cast of the layer's weight bytes (uint8, uncast) and
     bias (the input's dtype) to the input's device, through its offload streams and dynamic loader."""
-    return _CONTEXT(layer, input, dtype=torch.uint8, bias_dtype=input.dtype, offloadable=True)
+    return Features.cast(layer, input, dtype=torch.uint8, bias_dtype=input.dtype, offloadable=True)
 
 
 class hidden_patches:

@@ -171,7 +171,8 @@ class GGUFOps(comfy.ops.manual_cast):
             patches, lowvram_patch = self.weight_function, self.weight_lowvram_function
             patched = bool(patches) or lowvram_patch is not None
             copy = plan.copy
-            if copy is not None and not patched and input.dtype == copy.dtype and input.device == copy.device:
+            if (copy is not None and not patched and input.dtype == copy.dtype and input.device == copy.device
+                    and not self.bias_function and self.bias_lowvram_function is None):
                 return copy(input)  # the weight held converted on the device (cached and fp8 modes)
             bias = self.bias
             if (not patched and weight.device == input.device and self._bias_resident(bias, input)

@@ -72,10 +72,9 @@ _IQ4_HIGH = tl.constexpr(_pack(IQ4_VALUES[8:]))
 
 @triton.jit
 def _iq4_regs(code):
-    """IQ4_VALUES[code] as fp32, from the packed constants. Measured on an H200: the fused kernel
-    runs 5-8x faster this way than with a gather from the table in memory, the dequant kernel faster
-    with the gather (an L1-resident table: IQ4_NL at 74% of the copy bandwidth against 67%, on the
-    dequant kernel before its word tiles)."""
+    """IQ4_VALUES[code] as fp32, from the packed constants: the fused kernel's way (several times
+    faster there than a gather from the table in memory, which the dequant kernel uses instead:
+    docs/PERFORMANCE.md)."""
     word = tl.where(code < 8, tl.full(code.shape, _IQ4_LOW, tl.int64), tl.full(code.shape, _IQ4_HIGH, tl.int64))
     return _signed((word >> ((code & 7) * 8).to(tl.int64)).to(tl.int32)).to(tl.float32)
 
@@ -83,8 +82,7 @@ def _iq4_regs(code):
 @triton.jit
 def _minus(x, offset: tl.constexpr):
     """``x - offset`` in fp32, exactly, for ints 0 <= x < 2**23: x put in the mantissa of 2**23 by a
-    bitwise or, then one subtraction (an integer subtraction and a conversion cost more: Q3_K ran at
-    87% of the copy bandwidth on an H200 this way, 83% the other)."""
+    bitwise or, then one subtraction (cheaper than an integer subtraction and a conversion)."""
     return (x | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
 
 
@@ -172,8 +170,8 @@ def _q6_k_store(src, out, blk, n_blocks, TS: tl.constexpr):
     the top bits of four values (fields a, c) whose low nibbles are in two low-bits bytes (c = 0, 1;
     nibbles a = 0, 1), so each thread loads three words for each of its two words of a row, decodes
     both bytes of a word in one int32 and stores four value pairs. The last axis keeps two words of
-    a row in one thread, which then loads the row's four scales once for both: on an H200 (Triton
-    3.6) this ran at 94-95% of the copy bandwidth, with one word per thread 91-92.5%."""
+    a row in one thread, which then loads the row's four scales once for both (faster than one word
+    per thread)."""
     p = tl.arange(0, 4)[:, None, None, None, None] + 4 * tl.arange(0, 2)[None, None, None, None, :]
     h = tl.arange(0, 2)[None, :, None, None, None]
     hb = tl.arange(0, 2)[None, None, :, None, None]
