@@ -72,10 +72,13 @@ def test_no_copy_where_it_would_eat_into_the_reserve():
     plan = bind(FORMATS[T.Q4_K], SHAPE, "cpu")
     plan.copies = copies
     assert torch.equal(plan(x, raw, None, resident=True), x @ w.T)
-    assert plan.copy is None and copies.held == 0
+    assert plan.copy is None and copies.held == 0 and copies.free_memory.asked == 1
     copies.free_memory.free = need + 1000
+    plan(x, raw, None, resident=True)  # once refused, no layer asks again until the copies are dropped
+    assert plan.copy is None and copies.free_memory.asked == 1
+    copies.drop()
     plan(x, raw, None, resident=True)
-    assert plan.copy is not None
+    assert plan.copy is not None and copies.free_memory.asked == 2
 
 
 def test_fp8_copies_hold_fp8_rows_and_run_them():

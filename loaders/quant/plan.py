@@ -75,9 +75,14 @@ class DeviceCopies:
         self.fp8, self.dtype, self.reserve, self.free_memory = fp8, dtype, reserve, free_memory
         self.holders: list[LinearPlan] = []
         self.held = 0
+        # Set at the first copy refused, until the copies are dropped: the layers without one then
+        # ask no more (asking for the free memory costs host time on every call).
+        self.full = False
 
     def admit(self, nbytes: int, device: torch.device) -> bool:
-        return self.free_memory(device) - nbytes >= self.reserve
+        if not self.full:
+            self.full = self.free_memory(device) - nbytes < self.reserve
+        return not self.full
 
     def add(self, plan: "LinearPlan", nbytes: int) -> None:
         self.holders.append(plan)
@@ -88,7 +93,7 @@ class DeviceCopies:
         freed = self.held
         for plan in self.holders:
             plan.copy = None
-        self.holders, self.held = [], 0
+        self.holders, self.held, self.full = [], 0, False
         return freed
 
 

@@ -24,7 +24,7 @@ or, where there is none, the feature it disables. What we use and why:
   redoes a step in fp32. Without them the guard only reports. ``executor.class_obj``: the model an
   APPLY_MODEL wrapper wraps.
 - ``ModelPatcher.partially_unload``: where ComfyUI asks a loaded model for memory. Our patcher
-  class frees the converted copies its layers hold first (``patcher_class``).
+  class also frees the converted copies its layers hold where that is not enough (``patcher_class``).
 - ``folder_paths.folder_names_and_paths``: the core model folders our .gguf keys share.
 """
 
@@ -105,24 +105,25 @@ def check() -> None:
                  "it in fp32")
 
 
-class _FreesCopiesFirst:
-    """A patcher mix-in: memory asked of the model comes first from its layers' converted copies,
-    which ComfyUI does not see (they come back, at first use, while memory allows)."""
+class _FreesCopiesToo:
+    """A patcher mix-in: memory asked of the model that ComfyUI's own unloading (of the file's bytes,
+    which the layers holding copies no longer read) does not cover comes from the layers' converted
+    copies, which ComfyUI does not see (they come back, at first use, while memory allows)."""
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
         copies = getattr(self.model, COPIES, None)
-        freed = copies.drop() if copies is not None else 0
-        if freed and freed >= memory_to_free:
-            return freed
-        return freed + super().partially_unload(device_to, memory_to_free - freed, force_patch_weights)
+        if freed < memory_to_free and copies is not None:
+            freed += copies.drop()
+        return freed
 
 
 @functools.lru_cache(maxsize=None)
 def patcher_class(dynamic: bool) -> type:
     """ComfyUI's patcher class for a diffusion model (its dynamic VRAM one, or the classic one), with
-    the copies freed first when ComfyUI asks the model for memory."""
+    the copies freed when ComfyUI asks the model for more memory than its own unloading frees."""
     base = comfy.model_patcher.CoreModelPatcher if dynamic else comfy.model_patcher.ModelPatcher
-    return type(f"GGUF{base.__name__}", (_FreesCopiesFirst, base), {})
+    return type(f"GGUF{base.__name__}", (_FreesCopiesToo, base), {})
 
 
 def managed(layer: torch.nn.Module) -> bool:
