@@ -389,21 +389,22 @@ class Dequantizer:
     step on a host-bound path. ``Dequantizer(fmt, shape, device)(raw, dtype)`` is the weight."""
 
     def __init__(self, fmt: type[BlockFormat], shape, device: torch.device, tile=None):
-        self.shape, self.device = torch.Size(shape), device
-        tile = tile or fmt.tile_for(device_name(device.index if device.index is not None else torch.cuda.current_device())
-                                    if device.type == "cuda" else None)
+        self.shape = torch.Size(shape)
+        if tile is None and device.type == "cuda":
+            tile = fmt.tile_for(device_name(device.index if device.index is not None else torch.cuda.current_device()))
+        tile = tile or fmt.tile
         self.n_blocks = self.shape.numel() // fmt.block_size
         self.grid = ((self.n_blocks + tile.blocks - 1) // tile.blocks,)
-        self.align = fmt.align
-        self.table = lookup_table(device) if fmt.table else None
+        self.align, self.table = fmt.align, fmt.table
         self.launch = _launcher(fmt, tile)
 
     def __call__(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=dtype, device=raw.device)
         if self.align > 1:
             raw = aligned(raw, self.align)
-        # Only the IQ4 types read the table; the others get any pointer (the bytes) instead of a lookup.
-        self.launch(self.grid, raw, out, raw if self.table is None else self.table, self.n_blocks)
+        # Only the IQ4 types read the table (on the bytes' device: a model may be copied to another
+        # GPU); the others get any pointer (the bytes) instead of a lookup.
+        self.launch(self.grid, raw, out, lookup_table(raw.device) if self.table else raw, self.n_blocks)
         return out
 
 
