@@ -12,8 +12,8 @@ or, where there is none, the feature it disables. What we use and why:
   layer. They expect float weights, so they are hidden while the bytes are cast and applied after
   dequantizing (``hidden_patches``).
 - ``_v`` and ``_v_weight``: the dynamic VRAM loader's mark on the layers it manages and its resident
-  copy of the weight. Without them every layer goes through the cast, and fp8 operands are remade
-  per call (slower, same results).
+  copy of the weight. Without them every layer goes through the cast, and nothing is made of the
+  bytes it brings to keep (no converted copies, fp8 operands remade per call: slower, same results).
 - ``comfy.model_patcher.LowVramPatch`` (``patches``, ``key``) and ``LoRAAdapter.weights``: what a
   per-layer patch holds, read to apply plain LoRAs in low-rank form. Fallback: ComfyUI's own patch
   function (a full-size weight difference per call).
@@ -26,6 +26,10 @@ or, where there is none, the feature it disables. What we use and why:
 - ``ModelPatcher.partially_unload``: where ComfyUI asks a loaded model for memory. Our patcher
   class also frees the converted copies its layers hold where that is not enough (``patcher_class``).
 - ``folder_paths.folder_names_and_paths``: the core model folders our .gguf keys share.
+- ``comfy.text_encoders.llama.Llama2_`` and ``qwen_vl.Qwen2VLVisionTransformer``'s constructor
+  arguments (the text encoder is built from them at the file's sizes, ``text_encoder``), and
+  ``comfy.sd.VAE``'s ``vae_dtype`` / ``first_stage_model`` (the VAE's fp32 redo, ``vae``): no other
+  way exists; ``check()`` warns that this package needs an update if they change.
 """
 
 from __future__ import annotations
@@ -99,10 +103,30 @@ def check() -> None:
     if not hasattr(comfy.model_patcher, "get_key_weight"):
         log.warning("ComfyUI's patcher no longer finds ops' convert_weight / set_weight (get_key_weight): a LoRA "
                     "merged into a GGUF model at a full load may be wrong; this package needs an update")
+    _check_builders()
     if not hasattr(comfy.ops.CastWeightBiasOp, "comfy_cast_weights"):
         Features.fp32_redo = False
         log.warning("ComfyUI's ops have no comfy_cast_weights: the NaN guard reports a non-finite step without redoing "
                  "it in fp32")
+
+
+def _check_builders() -> None:
+    import comfy.sd
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.qwen_vl as qwen_vl
+    wanted = {llama.Llama2_.__init__: {"config", "device", "dtype", "ops"},
+              qwen_vl.Qwen2VLVisionTransformer.__init__: {
+                  "hidden_size", "output_hidden_size", "intermediate_size", "num_heads", "num_layers",
+                  "patch_size", "spatial_merge_size", "device", "dtype", "ops"}}
+    for init, names in wanted.items():
+        missing = names - set(inspect.signature(init).parameters)
+        if missing:
+            log.warning("ComfyUI's %s takes no %s any more: GGUF text encoders cannot be built; this package "
+                        "needs an update", init.__qualname__, ", ".join(sorted(missing)))
+    source = inspect.getsource(comfy.sd.VAE.__init__)
+    if "self.vae_dtype" not in source or "self.first_stage_model" not in source:
+        log.warning("ComfyUI's VAE no longer holds vae_dtype / first_stage_model: the VAE's fp32 redo of a "
+                    "non-finite decode will fail; this package needs an update")
 
 
 class _FreesCopiesToo:
@@ -175,7 +199,10 @@ def lora_factors(adapter) -> tuple | None:
     from comfy.weight_adapter.lora import LoRAAdapter
     if type(adapter) is not LoRAAdapter:
         return None
-    up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    try:
+        up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    except ValueError:  # ComfyUI changed what an adapter holds: its own patch function applies it
+        return None
     if mid is not None or dora_scale is not None or reshape is not None:
         return None
     return up, down, alpha
