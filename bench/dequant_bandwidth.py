@@ -3,9 +3,9 @@ with the torch path (the same math as 15-25 small torch ops) alongside. Needs a 
 
     python bench/dequant_bandwidth.py [--sweep] [--types Q3_K,Q6_K] [rows cols]
 
-``--sweep`` also times other tile shapes (blocks per program, warps) per type, to choose the tile
-tables of ``loaders/kernel_tiles.py``; the main table uses the one for this GPU. ``--types`` measures
-only the named types.
+``--sweep`` also times other tile shapes (blocks per program, warps) per type, to choose each type's
+``tile`` / ``gpu_tiles`` in loaders/quant/formats.py; the main table uses this GPU's. ``--types``
+measures only the named types.
 
 Bytes counted per kernel: the quantized bytes read plus the bf16 bytes written, as for the copy
 (bytes read + bytes written). Times are medians of triton.testing.do_bench.

@@ -221,7 +221,7 @@ def test_model_management_lifecycle(models, tmp_path):
     assert r["cached_copies_before"] == 0 and r["cached_copies"] == r["cached_quantized_params"] > 0, r
     assert r["cached"] < tol and r["cached_again"] < tol, r
     assert r["cached_model_size"] == r["model_size"], r
-    assert r["cached_freed"] > 0 and r["cached_copies_after_free"] == 0 == r["cached_copies_after_detach"], r
+    assert r["cached_copies_after_free"] == 0 == r["cached_copies_after_detach"], r
 
 
 def test_changed_comfyui_internals_take_their_fallbacks_with_one_line_each(models, tmp_path):

@@ -148,7 +148,7 @@ def test_activation_quantization_equals_torch_rounding(cols, per_row):
     x[9] = 0
     padded = torch.nn.functional.pad(x.bfloat16(), (1, 0))
     # Aligned rows, then the same launch key but for rows starting 2 bytes off 16 (which Triton
-    # compiles apart): the direct launches of triton_launch must keep the two kernels apart.
+    # compiles apart): the direct launches of kernels/launch.py must keep the two kernels apart.
     for x in (padded[:, 1:].contiguous(), padded[:, 1:].contiguous(), padded[:, 1:]):
         q, scale = quantize_activations(x, per_row=per_row)
         amax = x.float().abs().amax(dim=1, keepdim=True) if per_row else x.float().abs().amax()

@@ -52,7 +52,7 @@ def test_copy_is_made_at_the_first_resident_call_and_gives_the_same_result():
     x, bias = torch.randn(5, SHAPE[1]), torch.randn(SHAPE[0])
     expected = torch.nn.functional.linear(x, w, bias)
     memory = Memory(1 << 30)
-    copies = DeviceCopies(fp8=False, dtype=torch.float32, reserve=1 << 20, free_memory=memory)
+    copies = DeviceCopies(fp8=False, dtype=torch.float32, device="cpu", reserve=1 << 20, free_memory=memory)
     plan = bind(FORMATS[T.Q4_K], SHAPE, "cpu")
     plan.copies = copies
     assert torch.equal(plan(x, raw, bias), expected) and plan.copy is None  # bytes not resident: no copy
@@ -64,11 +64,24 @@ def test_copy_is_made_at_the_first_resident_call_and_gives_the_same_result():
     assert copies.drop() == SHAPE[0] * SHAPE[1] * 4 and plan.copy is None and copies.held == 0
 
 
+def test_a_call_in_another_dtype_makes_no_copy_and_the_copy_holds_its_bias_in_the_compute_dtype():
+    raw, w = q4_k_weight()
+    copies = DeviceCopies(fp8=False, dtype=torch.bfloat16, device="cpu", reserve=0, free_memory=Memory(1 << 30))
+    plan = bind(FORMATS[T.Q4_K], SHAPE, "cpu")
+    plan.copies = copies
+    x, bias = torch.randn(2, SHAPE[1]), torch.randn(SHAPE[0])
+    # The NaN guard's fp32 redo: computed from the bytes, no bf16 copy made from an fp32 call.
+    assert torch.equal(plan(x, raw, bias, resident=True), torch.nn.functional.linear(x, w, bias))
+    assert plan.copy is None and copies.free_memory.asked == 0
+    plan(x.bfloat16(), raw, bias, resident=True)
+    assert plan.copy.weight.dtype == plan.copy.bias.dtype == torch.bfloat16
+
+
 def test_no_copy_where_it_would_eat_into_the_reserve():
     raw, w = q4_k_weight()
     x = torch.randn(2, SHAPE[1])
     need = SHAPE[0] * SHAPE[1] * 4
-    copies = DeviceCopies(fp8=False, dtype=torch.float32, reserve=1000, free_memory=Memory(need + 999))
+    copies = DeviceCopies(fp8=False, dtype=torch.float32, device="cpu", reserve=1000, free_memory=Memory(need + 999))
     plan = bind(FORMATS[T.Q4_K], SHAPE, "cpu")
     plan.copies = copies
     assert torch.equal(plan(x, raw, None, resident=True), x @ w.T)
@@ -84,7 +97,7 @@ def test_no_copy_where_it_would_eat_into_the_reserve():
 def test_fp8_copies_hold_fp8_rows_and_run_them():
     raw, w = q4_k_weight()
     x = torch.randn(3, SHAPE[1]).bfloat16()
-    copies = DeviceCopies(fp8=True, dtype=torch.bfloat16, reserve=0, free_memory=Memory(1 << 30))
+    copies = DeviceCopies(fp8=True, dtype=torch.bfloat16, device="cpu", reserve=0, free_memory=Memory(1 << 30))
     plan = bind(FORMATS[T.Q4_K], SHAPE, "cpu")
     plan.copies = copies
     got = plan(x, raw, None, resident=True)
@@ -99,7 +112,7 @@ def test_shapes_fp8_cannot_hold_get_a_dequantized_copy():
     shape = (40, 256)  # 40 rows: not a multiple of 16
     w = np.random.default_rng(1).standard_normal(shape).astype(np.float32) * 0.05
     raw = torch.from_numpy(FORMATS[T.Q8_0].encode(w).copy())
-    copies = DeviceCopies(fp8=True, dtype=torch.bfloat16, reserve=0, free_memory=Memory(1 << 30))
+    copies = DeviceCopies(fp8=True, dtype=torch.bfloat16, device="cpu", reserve=0, free_memory=Memory(1 << 30))
     plan = bind(FORMATS[T.Q8_0], shape, "cpu")
     plan.copies = copies
     plan(torch.randn(2, 256).bfloat16(), raw, None, resident=True)

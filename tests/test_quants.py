@@ -140,7 +140,7 @@ def test_blocks_off_an_8_byte_boundary_are_copied_once_said(caplog):
         for _ in range(2):
             copy = dequant.aligned(buffer[3:])
             assert copy.data_ptr() % 8 == 0 and torch.equal(copy, buffer[3:])
-    assert sum("off an 8-byte boundary" in r.getMessage() for r in caplog.records) == 1
+    assert sum("off the alignment" in r.getMessage() for r in caplog.records) == 1
 
 
 INTERPRETED_FUSED_ROWS = (1, 19)  # the interpreter is slow
@@ -189,7 +189,7 @@ def test_triton_kernels_in_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                         "-k", "test_triton_kernel_equals_torch_path_bit_for_bit or test_fused_matmul"],
                        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
-    expected = 12 * len(TILE_TABLES) + 12 * len(INTERPRETED_FUSED_ROWS)
+    expected = len(F16_FIELDS) * (len(TILE_TABLES) + len(INTERPRETED_FUSED_ROWS))
     assert r.returncode == 0 and f"{expected} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 

@@ -99,10 +99,6 @@ class Format:
         return next((tile for word, tile in cls.gpu_tiles.items() if word in words), cls.tile)
 
     @classmethod
-    def stored_bytes(cls, shape) -> int:
-        raise NotImplementedError
-
-    @classmethod
     def dequantize(cls, raw: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
         """The torch path: the contiguous bytes ``raw`` as a ``dtype`` tensor of logical ``shape``."""
         raise NotImplementedError
@@ -119,13 +115,6 @@ class BlockFormat(Format):
         cls.qtype, cls.name = qtype, qtype.name
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[qtype]
         FORMATS[qtype] = cls
-
-    @classmethod
-    def stored_bytes(cls, shape) -> int:
-        n = 1
-        for dim in shape:
-            n *= dim
-        return n // cls.block_size * cls.type_size
 
     @classmethod
     def dequantize(cls, raw, shape, dtype):

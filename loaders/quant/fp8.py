@@ -145,13 +145,8 @@ def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: torch.Tensor | None = None,
 
 
 class FP8Rows(Format):
-    """The registry entry of FP8 rows (not a GGML type): the fp8 mode's format."""
+    """FP8 rows as a format (not a GGML type, so not in ``formats.FORMATS``): the fp8 mode's."""
     name = "FP8_E4M3_ROWS"
-
-    @classmethod
-    def stored_bytes(cls, shape) -> int:
-        n, k = shape
-        return n * k + 4 * n
 
     @classmethod
     def dequantize(cls, raw, shape, dtype):

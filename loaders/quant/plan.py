@@ -71,17 +71,20 @@ class DeviceCopies:
     stay free (``free_memory(device)`` tells), and dropped all at once (``drop``) when the model is
     unloaded or its memory is asked for."""
 
-    def __init__(self, fp8: bool, dtype: torch.dtype, reserve: int, free_memory: Callable[[torch.device], int]):
-        self.fp8, self.dtype, self.reserve, self.free_memory = fp8, dtype, reserve, free_memory
+    def __init__(self, fp8: bool, dtype: torch.dtype, device: torch.device, reserve: int,
+                 free_memory: Callable[[torch.device], int]):
+        self.fp8, self.dtype, self.device_type = fp8, dtype, torch.device(device).type
+        self.reserve, self.free_memory = reserve, free_memory
         self.holders: list[LinearPlan] = []
         self.held = 0
         # Set at the first copy refused, until the copies are dropped: the layers without one then
         # ask no more (asking for the free memory costs host time on every call).
         self.full = False
 
-    def admit(self, nbytes: int, device: torch.device) -> bool:
+    def admit(self, need: int, device: torch.device) -> bool:
+        """Whether ``need`` bytes may be taken now (refused once, nothing more is until a drop)."""
         if not self.full:
-            self.full = self.free_memory(device) - nbytes < self.reserve
+            self.full = self.free_memory(device) - need < self.reserve
         return not self.full
 
     def add(self, plan: "LinearPlan", nbytes: int) -> None:
@@ -148,9 +151,9 @@ class LinearPlan:
                  resident: bool = False) -> torch.Tensor:
         """``linear(x, W, bias)``, with W the contiguous bytes ``raw`` on ``x``'s device; ``resident``
         says the bytes stay where they are between calls (a copy may be made of them)."""
-        if resident and self.copies is not None and self.copy is None:
+        if resident and self.copies is not None and self.copy is None and x.dtype == self.copies.dtype:
             copy = self.make_copy(raw, bias)
-            if copy is not None and copy.dtype == x.dtype:
+            if copy is not None:
                 return copy(x)
         self.release()
         return self.run(x, raw, bias)
@@ -159,13 +162,17 @@ class LinearPlan:
         return torch.nn.functional.linear(x, self.weight(raw, x.dtype), bias)
 
     def make_copy(self, raw: torch.Tensor, bias: torch.Tensor | None) -> Copy | None:
-        """This layer's copy, if the model's DeviceCopies admits one (none in traced code: a compiled
-        graph keeps no state)."""
+        """This layer's copy of the bytes ``raw`` (and ``bias``), if the model's DeviceCopies admits
+        one (none in traced code: a compiled graph keeps no state)."""
         copies = self.copies
         as_fp8 = copies.fp8 and can_hold(self.shape)
-        nbytes = self.shape.numel() * (1 if as_fp8 else copies.dtype.itemsize)
-        if torch.compiler.is_compiling() or not copies.admit(nbytes, raw.device):
+        numel = self.shape.numel()
+        nbytes = numel * (1 if as_fp8 else copies.dtype.itemsize)
+        # Requantizing passes through fp32 temporaries of about 8 bytes per element.
+        if torch.compiler.is_compiling() or not copies.admit(nbytes + (8 * numel if as_fp8 else 0), raw.device):
             return None
+        if bias is not None:
+            bias = bias.to(copies.dtype)
         if as_fp8:
             copy = FP8Copy(FP8Rows.encode(self.weight(raw, torch.float32)), self.shape, bias, self)
         else:
@@ -235,6 +242,10 @@ class FP8Plan(LinearPlan):
 
     def drop_device_state(self) -> None:
         super().drop_device_state()
+        self.forget_kept()
+
+    def forget_kept(self) -> None:
+        """Let go of the kept operands (ComfyUI may have moved the bytes they view)."""
         self.kept = None
 
 

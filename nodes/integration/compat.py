@@ -49,8 +49,11 @@ import folder_paths
 log = logging.getLogger(__name__)
 
 _PATCH_ATTRS = ("weight_function", "weight_lowvram_function")
-# The attribute of a BaseModel holding its layers' converted copies (loaders.quant.plan.DeviceCopies).
+# The attributes of a BaseModel holding its layers' converted copies (loaders.quant.plan.DeviceCopies)
+# and the function letting go of what the layers hold when ComfyUI asks the model for memory
+# (ops.release_memory).
 COPIES = "qwen_image_gguf_copies"
+RELEASE = "qwen_image_gguf_release"
 
 
 class _CastBytes:
@@ -76,38 +79,60 @@ class Features:
 
 
 def check() -> None:
-    """Look at each internal once (at start-up) and log what changed."""
+    """Look at each internal once (at start-up) and log what changed. A check that cannot even look
+    (ComfyUI moved what it reads) says so and takes the slower path instead of failing the load."""
     Features.dynamic_marks = Features.low_rank_lora = Features.fp32_redo = True
+    for look in (_check_cast, _check_dynamic_marks, _check_lora, _check_merge_hooks, _check_fp32_redo,
+                 _check_builders):
+        try:
+            look()
+        except Exception as e:  # noqa: BLE001  (any change of ComfyUI's: said, never fatal)
+            log.warning("ComfyUI changed where %s looks (%s: %s); taking the slower path", look.__name__,
+                        type(e).__name__, e)
+            if look is _check_dynamic_marks:
+                Features.dynamic_marks = False
+            elif look is _check_lora:
+                Features.low_rank_lora = False
+            elif look is _check_fp32_redo:
+                Features.fp32_redo = False
+
+
+def _check_cast() -> None:
     Features.cast = getattr(comfy.ops, "CastBiasWeightContext", _CastBytes)
     if Features.cast is _CastBytes:
         log.warning("ComfyUI has no comfy.ops.CastBiasWeightContext: GGUF layers use cast_bias_weight directly")
-    try:
-        source = inspect.getsource(comfy.ops.cast_bias_weight)
-    except (OSError, TypeError, AttributeError):
-        source = ""
-    if '"_v"' not in source:
+
+
+def _check_dynamic_marks() -> None:
+    cast = inspect.getsource(comfy.ops.cast_bias_weight)
+    resolve = inspect.getsource(comfy.ops.resolve_cast_module_with_vbar)
+    if '"_v"' not in cast or "_v_weight" not in resolve:
         Features.dynamic_marks = False
-        log.warning("ComfyUI's cast_bias_weight no longer reads the dynamic loader's _v mark: GGUF layers take the "
-                 "cast path on every call (more host time)")
-    patch = getattr(comfy.model_patcher, "LowVramPatch", None)
-    try:
-        from comfy.weight_adapter.lora import LoRAAdapter
-        probe = patch("k", {"k": []}) if patch is not None else None
-        Features.low_rank_lora = (probe is not None and hasattr(probe, "patches") and hasattr(probe, "key")
-                                  and "weights" in inspect.signature(LoRAAdapter.__init__).parameters)
-    except (ImportError, TypeError, ValueError):
-        Features.low_rank_lora = False
+        log.warning("ComfyUI's cast no longer reads the dynamic loader's _v / _v_weight: GGUF layers take the cast "
+                    "path on every call and keep nothing made of the bytes it brings (more host time)")
+
+
+def _check_lora() -> None:
+    from comfy.weight_adapter.lora import LoRAAdapter
+    probe = comfy.model_patcher.LowVramPatch("k", {"k": []})
+    Features.low_rank_lora = (hasattr(probe, "patches") and hasattr(probe, "key")
+                              and "weights" in inspect.signature(LoRAAdapter.__init__).parameters)
     if not Features.low_rank_lora:
         log.warning("ComfyUI's LowVramPatch / LoRAAdapter changed: LoRAs on GGUF layers run through ComfyUI's own "
-                 "patch function (a full-size weight difference per call)")
+                    "patch function (a full-size weight difference per call)")
+
+
+def _check_merge_hooks() -> None:
     if not hasattr(comfy.model_patcher, "get_key_weight"):
         log.warning("ComfyUI's patcher no longer finds ops' convert_weight / set_weight (get_key_weight): a LoRA "
                     "merged into a GGUF model at a full load may be wrong; this package needs an update")
-    _check_builders()
+
+
+def _check_fp32_redo() -> None:
     if not hasattr(comfy.ops.CastWeightBiasOp, "comfy_cast_weights"):
         Features.fp32_redo = False
-        log.warning("ComfyUI's ops have no comfy_cast_weights: the NaN guard reports a non-finite step without redoing "
-                 "it in fp32")
+        log.warning("ComfyUI's ops have no comfy_cast_weights: the NaN guard reports a non-finite step without "
+                    "redoing it in fp32")
 
 
 def _check_builders() -> None:
@@ -136,9 +161,9 @@ class _FreesCopiesToo:
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
         freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
-        copies = getattr(self.model, COPIES, None)
-        if freed < memory_to_free and copies is not None:
-            freed += copies.drop()
+        release = getattr(self.model, RELEASE, None)
+        if release is not None:
+            freed += release(copies_too=freed < memory_to_free)
         return freed
 
 

@@ -22,7 +22,7 @@ from ...loaders.quant.plan import DeviceCopies
 from ...loaders.quant.weight import GGMLTensor, logical_shape
 from .guard import GGUF_PATH
 from . import compat
-from .ops import FileWeights, attach_copies, drop_device_state, file_ops, share_inputs
+from .ops import FileWeights, attach_copies, copy_resident_layers, drop_device_state, file_ops, share_inputs
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
     patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, on_detach)
     if copies is not None:
         attach_copies(model, copies)
+        patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, on_load)
     share_inputs(model)
     log.info("GGUF %s: %s (%s naming), %d layers, computing in %s; weights %s",
              dm.path, dm.variant, dm.naming, dm.unet_config.get("num_layers", dm.unet_config.get("n_layers")),
@@ -97,9 +98,16 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
     return patcher
 
 
-def on_detach(patcher: comfy.model_patcher.ModelPatcher, *args) -> None:
-    """ComfyUI ON_DETACH callback: what our layers hold on the GPU for the loaded model goes with it."""
-    drop_device_state(patcher.model)
+def on_detach(patcher: comfy.model_patcher.ModelPatcher, unpatch_all: bool = True, *args) -> None:
+    """ComfyUI ON_DETACH callback: what our layers hold on the GPU for the loaded model goes with it
+    (not where a clone only hands the loaded model over to another, unpatch_all False)."""
+    if unpatch_all:
+        drop_device_state(patcher.model)
+
+
+def on_load(patcher: comfy.model_patcher.ModelPatcher, *args) -> None:
+    """ComfyUI ON_LOAD callback: the layers its loader put on the device make their copies now."""
+    copy_resident_layers(patcher.model)
 
 
 def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype,
@@ -127,7 +135,7 @@ def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype,
         return state_dict, None
     free = comfy.model_management.get_free_memory(device)
     reserve = model.memory_required(RESERVE_LATENT) + comfy.model_management.minimum_inference_memory()
-    copies = DeviceCopies(fp8=mode == FP8_COMPUTE, dtype=dtype, reserve=int(reserve),
+    copies = DeviceCopies(fp8=mode == FP8_COMPUTE, dtype=dtype, device=device, reserve=int(reserve),
                           free_memory=comfy.model_management.get_free_memory)
     stored = sum(nbytes(t) for t in state_dict.values())
     converted = sum(logical_shape(t).numel() * (1 if copies.fp8 else dtype.itemsize)

@@ -22,7 +22,8 @@ import torch
 from . import compat
 
 Factors = tuple[torch.Tensor, torch.Tensor]
-# Per layer (held by its plan): (patch, device, dtype) -> (the patch's entries, their factors or None).
+# Per layer (held by its plan): (device, dtype) -> (the patch's entries, their factors or None). Not by
+# patch object: ComfyUI makes new ones at every load, with the same entries.
 FactorCache = dict
 
 
@@ -42,7 +43,7 @@ def low_rank_factors(patch: Callable, device: torch.device, dtype: torch.dtype, 
     entries = compat.lowvram_patch_entries(patch)
     if entries is None:
         return None
-    key = (id(patch), device, dtype)
+    key = (device, dtype)
     hit = cache.get(key)
     # A patch object outlives no change of its list in ComfyUI, but a stale cache would be silent.
     if hit is None or len(hit[0]) != len(entries) or any(a is not b for a, b in zip(hit[0], entries)):

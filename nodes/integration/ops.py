@@ -11,6 +11,8 @@ manual-cast path. ComfyUI's internals are reached through ``compat``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import comfy.ops
@@ -121,6 +123,34 @@ def attach_copies(model: torch.nn.Module, copies: DeviceCopies) -> None:
         if not isinstance(plan, FP8Plan):
             plan.copies = copies
     setattr(model, compat.COPIES, copies)
+    setattr(model, compat.RELEASE, functools.partial(release_memory, model))
+
+
+def copy_resident_layers(model: torch.nn.Module) -> int:
+    """Make the converted copies of the layers whose bytes ComfyUI has put on their device, now (after
+    its classic loader's load: a model compiled by torch.compile runs no eager call that would make
+    them); returns how many were made."""
+    made = 0
+    for m in model.modules():
+        plan = getattr(m, "plan", None) if isinstance(m, FileWeights) else None
+        if (plan is None or plan.copies is None or plan.copy is not None or not m.quantized()
+                or compat.managed(m) or m.weight.device.type != plan.copies.device_type
+                or (m.bias is not None and m.bias.device != m.weight.device)
+                or m.weight_function or m.weight_lowvram_function is not None):
+            continue
+        made += plan.make_copy(m.weight, m.bias) is not None
+    return made
+
+
+def release_memory(model: torch.nn.Module, copies_too: bool) -> int:
+    """What the layers hold that ComfyUI does not see, let go when it asks the model for memory: kept
+    fp8 operands always (they may view bytes it just moved), the converted copies if ``copies_too``;
+    returns the bytes of copies freed."""
+    for plan in _plans(model):
+        if isinstance(plan, FP8Plan):
+            plan.forget_kept()
+    copies = getattr(model, compat.COPIES, None)
+    return copies.drop() if copies_too and copies is not None else 0
 
 
 def drop_device_state(model: torch.nn.Module) -> None:

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.sd
 import comfy.sd1_clip
 import comfy.text_encoders.llama as llama
@@ -30,7 +31,7 @@ from ...loaders.quant.health import damage_report
 from ...loaders.quant.weight import logical_shape
 from ...loaders.models.text_encoder import TextEncoder
 from .guard import file_weights
-from .ops import file_ops
+from .ops import drop_device_state, file_ops
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,12 @@ def _check_bundled_vocabulary(clip: comfy.sd.CLIP, family: Family, te: TextEncod
                                      "file is not a complete Qwen text encoder")
 
 
+def _on_detach(patcher, unpatch_all: bool = True, *args) -> None:
+    """ComfyUI ON_DETACH callback: the LoRA factors our layers hold for the loaded encoder go with it."""
+    if unpatch_all:
+        drop_device_state(patcher.model)
+
+
 def build_clip(te: TextEncoder) -> comfy.sd.CLIP:
     family = ENCODER_FAMILIES[te.family]
     load_device = comfy.model_management.text_encoder_device()
@@ -197,6 +204,7 @@ def build_clip(te: TextEncoder) -> comfy.sd.CLIP:
     if missing:
         raise GGUFError(te.llm_path if not any(k.startswith("visual.") for k in missing) else te.mmproj_path,
                         f"tensors missing for this model: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    clip.patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, _on_detach)
     vision = "no vision tower" if te.vision is None else f"vision tower from {te.mmproj_path}"
     log.info("GGUF text encoder %s: %s, %d layers, hidden %d, %s; computing in %s; weights %s", te.llm_path,
              te.family, te.config["num_hidden_layers"], te.config["hidden_size"], vision, dtype, te.summary)

@@ -62,7 +62,7 @@ def run(cfg):
         again = cached.model.apply_model(x, sigma, c_crossattn=context).float().cpu()
     result["auto_cached"] = rel(first, base)
     result["auto_cached_copies"] = held(cached, plan_mod.Copy)
-    result["auto_copy_equals_first"] = torch.equal(first, again)
+    result["auto_cached_again"] = rel(again, base)
     mm.unload_all_models()
     result["auto_cached_copies_after_unload"] = len(getattr(cached.model, copies_of).holders)
     # The fp8 mode with room: FP8-rows copies made on the GPU at first use; output within fp8 rounding.
@@ -83,7 +83,6 @@ def run(cfg):
     for m in layers:
         m.plan.shared = None
     result["fp8_shared_equals_unshared"] = torch.equal(shared[0], forward(fp8_model))
-    result["fp8_copy_equals_first"] = torch.equal(shared[0], shared[1])
     # Where the copies would not fit next to the file's bytes, the fp8 mode requantizes at load: ComfyUI
     # then holds FP8 rows, and the dynamic loader's resident ones keep their operands while loaded.
     real_free = mm.get_free_memory

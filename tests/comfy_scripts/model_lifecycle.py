@@ -127,7 +127,7 @@ def run(cfg):
     result["cached_quantized_params"] = n_quantized(cached)
     result["cached_model_size"] = cached.model_size()
     # ComfyUI asking the model for more memory than its bytes frees the copies; unloading frees them too.
-    result["cached_freed"] = cached.partially_unload(mm.unet_offload_device(), memory_to_free=1 << 40)
+    cached.partially_unload(mm.unet_offload_device(), memory_to_free=1 << 40)
     result["cached_copies_after_free"] = len(copies.holders)
     forward(cached, full_load=True)
     cached.detach()

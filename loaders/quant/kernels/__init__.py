@@ -1,4 +1,4 @@
 """The Triton kernels (CUDA): dequantization, the fused quantized matmul, fp8 activation scaling.
 
-Importing this package imports no Triton; its modules do. ``available()`` says once whether they can
-run here."""
+Importing this package imports no Triton; its modules do. ``loaders.compat.triton_kernels()`` says
+once whether they can run here."""

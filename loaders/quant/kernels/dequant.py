@@ -347,9 +347,11 @@ def _sub_block_tile(src, blk, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, T
             q = (_u8(base, 48 + (s // 2) * 32 + i, mask) >> (4 * (s % 2))) & 0xF
             q = q | (((_u8(base, 16 + i, mask) >> s) & 1) << 4)
         v = dl * q.to(tl.float32) - ml
-    else:  # IQ4_NL (in the fused kernel only: the dequant kernel takes _iq4_nl_store)
+    elif QTYPE == IQ4_NL:  # in the fused kernel only: the dequant kernel takes _iq4_nl_store
         code = (_u8(base, 2 + i, mask) >> (4 * s)) & 0xF
         v = _f16(base, 0, mask) * _iq4_regs(code)
+    else:
+        tl.static_assert(False, "no decoding for this QTYPE: add it here (see formats.py)")
     return v, b * QK + s * SUB + i, mask
 
 
@@ -366,7 +368,8 @@ def lookup_table(device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def _warn_misaligned() -> None:
-    log.warning("GGUF blocks at an address off an 8-byte boundary: each dequant copies them first (slower)")
+    log.warning("GGUF blocks at an address off the alignment their type's kernels read at: each dequant copies "
+                "them first (slower)")
 
 
 def aligned(raw: torch.Tensor, align: int = 8) -> torch.Tensor:
