@@ -220,6 +220,7 @@ def test_model_management_lifecycle(models, tmp_path):
     # holds a dequantized copy from its first run on, the bytes stay what ComfyUI accounts and pages.
     assert r["cached_copies_before"] == 0 and r["cached_copies"] == r["cached_quantized_params"] > 0, r
     assert r["cached"] < tol and r["cached_again"] < tol, r
+    assert r["cached_bias_patch_effect"] > 1e-2 and r["cached_bias_patch"] < tol and r["cached_after_bias_patch"] < tol, r
     assert r["cached_model_size"] == r["model_size"], r
     assert r["cached_copies_after_free"] == 0 == r["cached_copies_after_detach"], r
 

@@ -59,8 +59,11 @@ def test_copy_is_made_at_the_first_resident_call_and_gives_the_same_result():
     assert torch.equal(plan(x, raw, bias, resident=True), expected)
     copy = plan.copy
     assert copy is not None and copies.holders == [plan] and copies.held == SHAPE[0] * SHAPE[1] * 4
+    assert copy.made_from(bias)
     bias.add_(1.0)  # the bias handed over may be memory ComfyUI reuses: the copy holds its own
     assert torch.equal(copy(x), expected)
+    # ... and says it no longer matches a bias changed in place (ComfyUI merging a bias patch).
+    assert not copy.made_from(bias) and not copy.made_from(bias.clone())
     assert copies.drop() == SHAPE[0] * SHAPE[1] * 4 and plan.copy is None and copies.held == 0
 
 
@@ -131,3 +134,14 @@ def test_the_groups_last_member_lets_go_of_the_shared_quantization_on_the_dequan
     assert shared.source is x  # not the last member: the quantization stays for the others
     plans[2](x, raw)
     assert shared.source is None and shared.quantized is None
+
+
+def test_a_copy_made_in_inference_mode_tells_its_bias_by_identity():
+    raw, _ = q4_k_weight()
+    copies = DeviceCopies(fp8=False, dtype=torch.float32, device="cpu", reserve=0, free_memory=Memory(1 << 30))
+    plan = bind(FORMATS[T.Q4_K], SHAPE, "cpu")
+    plan.copies = copies
+    with torch.inference_mode():  # as ComfyUI samples: tensors without a version counter
+        bias = torch.randn(SHAPE[0])
+        plan(torch.randn(2, SHAPE[1]), raw, bias, resident=True)
+    assert plan.copy.made_from(bias) and not plan.copy.made_from(bias.clone()) and not plan.copy.made_from(None)

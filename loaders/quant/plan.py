@@ -102,23 +102,40 @@ class DeviceCopies:
 
 class Copy:
     """A layer's weight held converted on the device (and its bias, copied: the bias ComfyUI hands a
-    layer may be a view into memory it reuses), run without the bytes."""
-    __slots__ = ("weight", "bias", "dtype", "device")
+    layer may be a view into memory it reuses), run without the bytes. ``source`` is the bias it was
+    made from and that tensor's version then, so that a caller can tell the bias changed since."""
+    __slots__ = ("weight", "bias", "dtype", "device", "source")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 source: torch.Tensor | None = None):
         self.weight, self.bias = weight, None if bias is None else bias.clone()
         self.dtype, self.device = dtype, weight.device
+        self.source = (source, _version(source))
+
+    def made_from(self, bias: torch.Tensor | None) -> bool:
+        """Whether ``bias`` is the tensor this copy's bias came from, unchanged since (as far as torch
+        tells: an inference tensor keeps no version, and then only its identity counts)."""
+        source, version = self.source
+        return bias is source and (version is None or bias._version == version)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _version(t: torch.Tensor | None) -> int | None:
+    """``t``'s version counter (bumped by every in-place change), None where it keeps none."""
+    if t is None or t.is_inference():
+        return None
+    return t._version
 
 
 class FP8Copy(Copy):
     """A weight requantized to FP8 rows on the device, run with fp8 matmuls (see fp8)."""
     __slots__ = ("operands", "plan")
 
-    def __init__(self, raw: torch.Tensor, shape, bias: torch.Tensor | None, plan: "LinearPlan"):
-        super().__init__(raw, bias, torch.bfloat16)
+    def __init__(self, raw: torch.Tensor, shape, bias: torch.Tensor | None, plan: "LinearPlan",
+                 source: torch.Tensor | None = None):
+        super().__init__(raw, bias, torch.bfloat16, source)
         self.operands, self.plan = operands(raw, shape), plan
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,12 +188,13 @@ class LinearPlan:
         # Requantizing passes through fp32 temporaries of about 8 bytes per element.
         if torch.compiler.is_compiling() or not copies.admit(nbytes + (8 * numel if as_fp8 else 0), raw.device):
             return None
+        source = bias
         if bias is not None:
             bias = bias.to(copies.dtype)
         if as_fp8:
-            copy = FP8Copy(FP8Rows.encode(self.weight(raw, torch.float32)), self.shape, bias, self)
+            copy = FP8Copy(FP8Rows.encode(self.weight(raw, torch.float32)), self.shape, bias, self, source)
         else:
-            copy = Copy(self.weight(raw, copies.dtype), bias, copies.dtype)
+            copy = Copy(self.weight(raw, copies.dtype), bias, copies.dtype, source)
         self.copy = copy
         copies.add(self, nbytes)
         return copy

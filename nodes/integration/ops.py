@@ -202,8 +202,12 @@ class GGUFOps(comfy.ops.manual_cast):
             patched = bool(patches) or lowvram_patch is not None
             copy = plan.copy
             if (copy is not None and not patched and input.dtype == copy.dtype and input.device == copy.device
-                    and not self.bias_function and self.bias_lowvram_function is None):
-                return copy(input)  # the weight held converted on the device (cached and fp8 modes)
+                    and not self.bias_function and self.bias_lowvram_function is None
+                    and (compat.managed(self) or copy.made_from(self.bias))):
+                # The weight held converted on the device (cached and fp8 modes). ComfyUI's classic
+                # loader merges a bias patch into the layer's own bias, in place or not: a copy made
+                # from another bias is not used (the dynamic loader patches per call instead).
+                return copy(input)
             bias = self.bias
             if (not patched and weight.device == input.device and self._bias_resident(bias, input)
                     and not compat.managed(self)):

@@ -124,6 +124,17 @@ def run(cfg):
     result["cached"] = diff(forward(cached, full_load=True), base_native)
     result["cached_copies"] = len(copies.holders)
     result["cached_again"] = diff(cached.model.apply_model(x, sigma, c_crossattn=context), base_native)
+    # A patch of a bias alone, which ComfyUI's classic loader merges into the layer's own bias: the
+    # layer's copy (made from the old bias) must not run, and runs again once unpatched.
+    bias_key = next(k for k in cached.get_key_patches() if k.endswith("img_mlp.net.0.proj.bias"))
+    delta_b = torch.randn(comfy.utils.get_attr(native.model, bias_key).shape, generator=g) * 0.5
+    bias_native, bias_ours = native.clone(), cached.clone()
+    for patcher in (bias_native, bias_ours):
+        patcher.add_patches({bias_key: (delta_b,)}, 1.0)
+    bias_ref = forward(bias_native, full_load=True)
+    result["cached_bias_patch_effect"] = diff(bias_ref, base_native)
+    result["cached_bias_patch"] = diff(forward(bias_ours, full_load=True), bias_ref)
+    result["cached_after_bias_patch"] = diff(forward(cached, full_load=True), base_native)
     result["cached_quantized_params"] = n_quantized(cached)
     result["cached_model_size"] = cached.model_size()
     # ComfyUI asking the model for more memory than its bytes frees the copies; unloading frees them too.
