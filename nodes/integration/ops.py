@@ -200,15 +200,14 @@ class GGUFOps(comfy.ops.manual_cast):
                 return super().forward_comfy_cast_weights(input, *args, **kwargs)
             patches, lowvram_patch = self.weight_function, self.weight_lowvram_function
             patched = bool(patches) or lowvram_patch is not None
-            copy = plan.copy
+            copy, bias = plan.copy, self.bias
             if (copy is not None and not patched and input.dtype == copy.dtype and input.device == copy.device
                     and not self.bias_function and self.bias_lowvram_function is None
-                    and (compat.managed(self) or copy.made_from(self.bias))):
+                    and (compat.managed(self) or copy.made_from(bias))):
                 # The weight held converted on the device (cached and fp8 modes). ComfyUI's classic
                 # loader merges a bias patch into the layer's own bias, in place or not: a copy made
                 # from another bias is not used (the dynamic loader patches per call instead).
                 return copy(input)
-            bias = self.bias
             if (not patched and weight.device == input.device and self._bias_resident(bias, input)
                     and not compat.managed(self)):
                 # Fully loaded, unpatched, not paged by the dynamic loader: nothing for ComfyUI's

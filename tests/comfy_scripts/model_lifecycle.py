@@ -50,6 +50,16 @@ def run(cfg):
     def diff(a, b):
         return (a - b).abs().max().item()
 
+    def with_difference(ours_patcher, suffix, scale):
+        """Clones of native and of ``ours_patcher`` with one random full-difference patch of the
+        tensor whose key ends in ``suffix``."""
+        key = next(k for k in ours_patcher.get_key_patches() if k.endswith(suffix))
+        delta = torch.randn(comfy.utils.get_attr(native.model, key).shape, generator=g) * scale
+        pair = native.clone(), ours_patcher.clone()
+        for patcher in pair:
+            patcher.add_patches({key: (delta,)}, 1.0)
+        return pair
+
     def n_quantized(patcher):
         return pkg.nodes.integration.ops.quantized_layers(patcher.model)
 
@@ -95,11 +105,7 @@ def run(cfg):
     bad_ours.detach()
 
     # A patch kind with no low-rank form (a full weight difference) goes through ComfyUI's own math.
-    key = next(k for k in lora_ours.get_key_patches() if k.endswith("img_mlp.net.0.proj.weight"))
-    delta = torch.randn(comfy.utils.get_attr(native.model, key).shape, generator=g) * 0.05
-    diff_native, diff_ours = native.clone(), ours.clone()
-    for patcher in (diff_native, diff_ours):
-        patcher.add_patches({key: (delta,)}, 1.0)
+    diff_native, diff_ours = with_difference(ours, "img_mlp.net.0.proj.weight", 0.05)
     diff_ref = forward(diff_native, full_load=True)
     calls = count_calls(comfy.lora, "calculate_weight")
     result["diff_patch_partial"] = diff(forward(diff_ours, lowvram_model_memory=1), diff_ref)
@@ -126,11 +132,7 @@ def run(cfg):
     result["cached_again"] = diff(cached.model.apply_model(x, sigma, c_crossattn=context), base_native)
     # A patch of a bias alone, which ComfyUI's classic loader merges into the layer's own bias: the
     # layer's copy (made from the old bias) must not run, and runs again once unpatched.
-    bias_key = next(k for k in cached.get_key_patches() if k.endswith("img_mlp.net.0.proj.bias"))
-    delta_b = torch.randn(comfy.utils.get_attr(native.model, bias_key).shape, generator=g) * 0.5
-    bias_native, bias_ours = native.clone(), cached.clone()
-    for patcher in (bias_native, bias_ours):
-        patcher.add_patches({bias_key: (delta_b,)}, 1.0)
+    bias_native, bias_ours = with_difference(cached, "img_mlp.net.0.proj.bias", 0.5)
     bias_ref = forward(bias_native, full_load=True)
     result["cached_bias_patch_effect"] = diff(bias_ref, base_native)
     result["cached_bias_patch"] = diff(forward(bias_ours, full_load=True), bias_ref)
