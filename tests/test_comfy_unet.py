@@ -8,31 +8,15 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
 from comfy_env import requires_comfyui, run_prompts
-from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights,
-                               write_model, z_image_shapes)
+from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_lora,
+                         write_model, z_image_shapes)
 from loaders.models.diffusion import open_diffusion_model
 from loaders.gguf.writer import uniform_recipe, write_gguf
 
 pytestmark = requires_comfyui
-
-LORA_TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_v",
-                "transformer_blocks.1.img_mlp.net.2", "img_in")
-
-
-def write_lora(path, weights: dict, rank: int = 4, seed: int = 5) -> None:
-    rng = np.random.default_rng(seed)
-    lora = {}
-    for target in LORA_TARGETS:
-        out_f, in_f = weights[target + ".weight"].shape
-        lora[f"diffusion_model.{target}.lora_up.weight"] = (0.5 * rng.standard_normal((out_f, rank))).astype(np.float32)
-        lora[f"diffusion_model.{target}.lora_down.weight"] = (rng.standard_normal((rank, in_f)) / np.sqrt(in_f)).astype(np.float32)
-        lora[f"diffusion_model.{target}.alpha"] = np.array(float(rank), dtype=np.float32)
-    save_numpy(lora, str(path))
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
@@ -62,7 +46,10 @@ def models(tmp_path_factory):
     return root
 
 
-def sampling_graph(loader: dict, out: str, width: int, lora: str | None = None, reference: int = 0) -> dict:
+def sampling_graph(loader: dict, out: str, width: int, lora: str | None = None, reference: int = 0,
+                   patches: tuple = (), steps: int = 3) -> dict:
+    """A KSampler run of the model ``loader`` gives (with ``lora``, then each ComfyUI model-patching
+    node of ``patches``, (class_type, inputs), applied in turn), its final latent saved to ``out``."""
     g = {"loader": loader,
          "pos": {"class_type": "TestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": width,
                                                               "reference": reference}},
@@ -76,11 +63,25 @@ def sampling_graph(loader: dict, out: str, width: int, lora: str | None = None, 
                      "inputs": {"model": model, "lora_name": lora, "strength_model": 1.0}}
         model = ["lora", 0]
     g["shift"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": model, "shift": 3.1}}
+    model = ["shift", 0]
+    for i, (class_type, inputs) in enumerate(patches):
+        g[f"patch{i}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
+        model = [f"patch{i}", 0]
     g["sampler"] = {"class_type": "KSampler", "inputs": {
-        "model": ["shift", 0], "seed": 7, "steps": 3, "cfg": 4.0, "sampler_name": "dpmpp_2m",
+        "model": model, "seed": 7, "steps": steps, "cfg": 4.0, "sampler_name": "dpmpp_2m",
         "scheduler": "karras", "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
         "denoise": 1.0}}
     return g
+
+
+CACHE = {"reuse_threshold": 3.0, "start_percent": 0.0, "end_percent": 1.0, "verbose": True}
+CORE_NODE_CASES = {
+    "plain_8": (),
+    "easycache": (("EasyCache", CACHE),),
+    "lazycache": (("LazyCache", CACHE),),
+    "cfgnorm": (("CFGNorm", {"strength": 0.5, "pre_cfg": False}),),
+    "compiled": (("TorchCompileModel", {"backend": "inductor"}),),
+}
 
 
 def gguf_loader(name: str, mode: str | None = None) -> dict:
@@ -117,6 +118,13 @@ def latents(models, tmp_path_factory):
     prompts = [sampling_graph(loader, str(work / f"{name}.safetensors"), width, lora,
                               reference=8 if name.startswith("edit") else 0)
                for name, (loader, width, lora) in cases.items()]
+    # ComfyUI's own model-patching nodes on our MODEL and on its native one, over more steps so that
+    # the step caches have steps to skip (a threshold that lets them).
+    native = native_loader(models, "qwen-tiny-Q4_K_M.gguf", "qwen-tiny.safetensors", "qwen_image")
+    for node, patches in CORE_NODE_CASES.items():
+        for name, loader in ((node, gguf_loader("qwen-tiny-Q4_K_M.gguf")), (node + "_native", native)):
+            cases[name] = None
+            prompts.append(sampling_graph(loader, str(work / f"{name}.safetensors"), 256, patches=patches, steps=8))
     prompts.append({"loader": gguf_loader("Qwen2.5-VL-tiny-Q4_K_M.gguf"),
                      "shift": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["loader", 0], "shift": 3.1}},
                      "save": {"class_type": "TestSaveLatent", "inputs": {
@@ -180,6 +188,19 @@ def test_edit_2511_matches_native(latents):
 
 def test_z_image_matches_native(latents):
     assert_close(latents["zimage"], latents["zimage_native"])
+
+
+@pytest.mark.parametrize("node", [n for n in CORE_NODE_CASES if n not in ("plain_8", "compiled")])
+def test_core_model_patch_nodes_match_native(latents, node):
+    assert_close(latents[node], latents[node + "_native"])
+    # The node did something (a cache that never reuses a step would pass the line above alone).
+    assert (latents[node] - latents["plain_8"]).abs().max() > 1e-3, f"{node} changed nothing"
+
+
+def test_torch_compile_model_node_matches(latents):
+    # Compiled (inductor) and eager runs of our model and of ComfyUI's agree.
+    assert_close(latents["compiled"], latents["plain_8"])
+    assert_close(latents["compiled_native"], latents["plain_8"])
 
 
 def test_wrong_kind_file_gets_clear_error(latents):

@@ -25,8 +25,8 @@ from gguf import GGMLQuantizationType as T
 
 from comfy_env import comfyui_path
 from loaders.gguf.writer import uniform_recipe
-from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model,
-                         z_image_shapes)
+from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_lora,
+                         write_model, z_image_shapes)
 from tiny_text_encoders import QWEN3, QWEN25VL, VISION, write_llm, write_mmproj
 
 sys.path.insert(0, str(REPO / "workflows"))
@@ -48,6 +48,9 @@ FIXTURES = {
     "Qwen3-4B-Instruct-2507-Q4_K_M.gguf": "qwen3-tiny.gguf",
     "qwen_image_vae.safetensors": "qwen-vae-tiny.safetensors",
     "ae.safetensors": "flux-vae-tiny.safetensors",
+    "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors": "tiny-lora.safetensors",
+    "Qwen-Image-2512-Lightning-8steps-V1.0-bf16.safetensors": "tiny-lora.safetensors",
+    "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors": "tiny-lora.safetensors",
 }
 
 
@@ -63,6 +66,7 @@ def models(tmp_path_factory):
     shutil.copy(root / "diffusion_models" / "qwen-tiny.gguf", root / "diffusion_models" / "qwen-image-2512-Q5_K_M.gguf")
     write_model(root / "diffusion_models" / "qwen-edit-tiny.gguf", qwen, qwen_image_recipe(),
                 extra_tensors={"__index_timestep_zero__": np.zeros(0, np.float32)})
+    write_lora(root / "loras" / "tiny-lora.safetensors", qwen)
     write_model(root / "diffusion_models" / "z-image-tiny.gguf", random_weights(z_image_shapes(**Z_IMAGE), 1),
                 uniform_recipe(T.Q4_K), arch="lumina2")
     tokenizer = comfyui_path() / "comfy" / "text_encoders" / "qwen25_tokenizer"
@@ -97,7 +101,7 @@ T2I_20 = WORKFLOWS / "Qwen-Image-2512 - 20 steps.json"
 
 def test_presets_exist_with_titles_order_and_thumbnails():
     assert ORDER[:3] == [f"Qwen-Image-2512 - {n} steps" for n in (20, 40, 60)]
-    assert sorted(ORDER) == sorted(p.stem for p in presets()) and len(ORDER) == 7
+    assert sorted(ORDER) == sorted(p.stem for p in presets()) and len(ORDER) == 12
     for title in ORDER:
         assert "_" not in title, "the template browser shows the file name as the title"
         assert (WORKFLOWS / "api" / f"{title}.json").exists()
@@ -192,6 +196,8 @@ def shrink(api: dict, keep: set[str] = frozenset()) -> dict:
                 inputs[key] = FIXTURES[value]
         if node["class_type"] == "EmptySD3LatentImage":
             inputs.update(width=64, height=64)
+        if node["class_type"] == "LatentUpscale":
+            inputs.update(width=96, height=96)
         if node["class_type"] == "KSampler":
             inputs["steps"] = {20: 2, 40: 3, 60: 4}.get(inputs["steps"], 2)
         if node["class_type"] == "FluxKontextImageScale":
@@ -213,6 +219,15 @@ def test_preset_runs_over_http(server, path):
         assert image.size[1] >= 64
     if "steps compared" in path.stem:
         assert image.size[0] >= 3 * 64, "three images side by side"
+    if "two stages" in path.stem:
+        assert image.size == (96, 96), "the second stage samples the enlarged latent"
+    if "inpainting" in path.stem:
+        source = np.asarray(Image.open(server.workdir / "input" / "qwen_inpaint_input.png").convert("RGBA"), np.int16)
+        out = np.asarray(image.convert("RGB"), np.int16)
+        keep, repaint = source[..., 3] == 255, source[..., 3] == 0
+        assert keep.any() and repaint.any()
+        assert np.abs(out[keep] - source[..., :3][keep]).max() <= 1, "pixels outside the mask are the original's"
+        assert np.abs(out[repaint] - source[..., :3][repaint]).mean() > 5, "the masked part was sampled"
 
 
 def test_edit_inputs_ship_with_the_package():
@@ -387,8 +402,16 @@ def test_template_browser_lists_the_presets_in_order(browser):
     deadline = time.time() + 30
     while time.time() < deadline:
         text = browser.execute_script("return document.querySelector('[role=dialog]').innerText")
+        # Cards below the fold load their thumbnail when scrolled to: scroll on, counting each loaded one.
         images = browser.execute_script(
-            "return [...document.querySelectorAll('[role=dialog] img')].filter(i => i.naturalWidth === 512).length")
+            "const seen = window.__qgThumbs = window.__qgThumbs || new Set();"
+            "const imgs = [...document.querySelectorAll('[role=dialog] img')];"
+            "imgs.filter(i => i.naturalWidth === 512).forEach(i => seen.add(i.src));"
+            "let pane = imgs[0];"  # the cards' own scrolling pane (not the side bar's)
+            "while (pane && !(pane.scrollHeight > pane.clientHeight + 8"
+            " && /auto|scroll/.test(getComputedStyle(pane).overflowY))) pane = pane.parentElement;"
+            "if (pane) pane.scrollTop = Math.min(pane.scrollTop + 300, pane.scrollHeight);"
+            "return seen.size")
         if f"Showing {len(ORDER)} of {len(ORDER)}" in text and images == len(ORDER):
             break
         time.sleep(0.5)

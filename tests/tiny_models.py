@@ -113,3 +113,19 @@ def write_model(path, weights: dict, recipe: Recipe, arch: str | None = "qwen_im
 
 def qwen_image_recipe(bulk: T = T.Q4_K) -> Recipe:
     return city96_recipe(bulk, QWEN_IMAGE["layers"]) if bulk == T.Q4_K else uniform_recipe(bulk)
+
+
+LORA_TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_v",
+                "transformer_blocks.1.img_mlp.net.2", "img_in")
+
+
+def write_lora(path, weights: dict, rank: int = 4, seed: int = 5) -> None:
+    """A LoRA in ComfyUI's key names for a few layers of the Qwen-Image ``weights``."""
+    rng = np.random.default_rng(seed)
+    lora = {}
+    for target in LORA_TARGETS:
+        out_f, in_f = weights[target + ".weight"].shape
+        lora[f"diffusion_model.{target}.lora_up.weight"] = (0.5 * rng.standard_normal((out_f, rank))).astype(np.float32)
+        lora[f"diffusion_model.{target}.lora_down.weight"] = (rng.standard_normal((rank, in_f)) / np.sqrt(in_f)).astype(np.float32)
+        lora[f"diffusion_model.{target}.alpha"] = np.array(float(rank), dtype=np.float32)
+    save_file(lora, str(path))

@@ -142,7 +142,7 @@ class Panel {
       if (f.installed) state = "installed";
       else if (running) state = progressText(job);
       else if (job?.state === "error") state = `failed: ${job.message}`;
-      else state = `missing, ${human(f.size)}${f.partial ? ` (${human(f.partial)} downloaded, resumes)` : ""}`;
+      else state = `missing${f.size != null ? `, ${human(f.size)}` : ""}${f.partial ? ` (${human(f.partial)} downloaded, resumes)` : ""}`;
       const pct = f.installed ? 100 : job?.total ? (100 * job.done) / job.total : 0;
       row.innerHTML = `<div style="display:flex;justify-content:space-between;gap:8px">
           <span><code></code> <small style="opacity:.7">models/${f.folder}</small></span>

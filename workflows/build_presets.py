@@ -42,6 +42,8 @@ PROMPT_T2I = ("A cozy bookshop café on a rainy evening, warm light spilling fro
               "stack of novels, steam rising from a cup of coffee. Photorealistic, 35mm, shallow depth of field.")
 PROMPT_EDIT_1 = "Make it a snowy winter evening: snow on the ground and roof, warm light in the windows."
 PROMPT_EDIT_2 = "Put the object from image 2 on the table in image 1, matching the light and perspective of image 1."
+PROMPT_INPAINT = ("A hot air balloon with red and yellow stripes drifting in the clear blue sky, soft sunlight, "
+                  "flat illustration style matching the picture.")
 PROMPT_Z = ("A lighthouse on a rocky cliff at sunrise, waves crashing below, seagulls in the pink sky, "
             "cinematic wide shot, highly detailed.")
 
@@ -180,8 +182,8 @@ def prompt_pair(g: Graph, clip: dict, group: str) -> tuple[dict, dict]:
 
 
 def ksampler(g: Graph, pos: tuple[int, int], model: dict, positive: dict, negative: dict, latent: dict,
-             size: tuple[int, int] = (340, 270), cfg: float = 4.0, **widgets) -> dict:
-    sampler = g.add("KSampler", pos, size, seed=42, cfg=cfg, denoise=1.0, **widgets)
+             size: tuple[int, int] = (340, 270), cfg: float = 4.0, denoise: float = 1.0, **widgets) -> dict:
+    sampler = g.add("KSampler", pos, size, seed=42, cfg=cfg, denoise=denoise, **widgets)
     for src, name in ((model, "model"), (positive, "positive"), (negative, "negative"), (latent, "latent_image")):
         g.connect(src, 0, sampler, name)
     return sampler
@@ -197,10 +199,15 @@ def decode_and_save(g: Graph, sampler: dict, vae: dict, model: dict, prefix: str
     return decode
 
 
-def qwen_t2i(info: dict, steps: int) -> dict:
+def qwen_2512(info: dict, mmproj: str = "mmproj-F16.gguf") -> tuple[Graph, dict, dict, dict]:
+    """A graph starting with the Qwen-Image-2512 presets' loaders: (graph, guarded model, clip, vae)."""
     g = Graph(info)
-    guard, clip, vae = loaders(g, "qwen-image-2512-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf",
-                               "mmproj-F16.gguf", "qwen_image_vae.safetensors")
+    return (g, *loaders(g, "qwen-image-2512-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf", mmproj,
+                        "qwen_image_vae.safetensors"))
+
+
+def qwen_t2i(info: dict, steps: int) -> dict:
+    g, guard, clip, vae = qwen_2512(info)
     pos, neg = prompt_pair(g, clip, "2. Prompt")
     g.group(f"3. Sampling: DPM++ 2M Karras, {steps} steps", 880, -60, 380, 640, "#b58b2a")
     shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.1)
@@ -218,7 +225,114 @@ def qwen_t2i(info: dict, steps: int) -> dict:
     return g.to_json()
 
 
-def qwen_edit(info: dict, images: int) -> dict:
+LIGHTNING = {  # (model set, steps) -> the LoRA of lightx2v's Qwen-Image Lightning releases
+    ("2512", 4): "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors",
+    ("2512", 8): "Qwen-Image-2512-Lightning-8steps-V1.0-bf16.safetensors",
+    ("2511", 4): "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors",
+}
+LIGHTNING_NOTE = ("The Lightning LoRA (lightx2v) distils the model to {steps} steps: its authors sample with "
+                  "flow-matching Euler at shift 3 and CFG 1, as here (so the negative prompt is zeroed out and "
+                  "each step runs one forward). The LoRA runs on the GGUF weights in low-rank form.")
+
+
+def lightning_lora(g: Graph, model: dict, name: str, pos: tuple[int, int]) -> dict:
+    lora = g.add("LoraLoaderModelOnly", pos, (340, 82), lora_name=name, strength_model=1.0)
+    g.connect(model, 0, lora, "model")
+    return lora
+
+
+def qwen_lightning(info: dict, steps: int) -> dict:
+    g, guard, clip, vae = qwen_2512(info)
+    g.group("2. Prompt", 400, -60, 460, 400, "#8A8")
+    pos = g.add("CLIPTextEncode", (420, 0), (420, 220), title="Positive prompt", text=PROMPT_T2I)
+    g.connect(clip, 0, pos, "clip")
+    zero = g.add("ConditioningZeroOut", (420, 260), (300, 30))
+    g.connect(pos, 0, zero, "conditioning")
+    g.group(f"3. Sampling: Lightning, {steps} steps, CFG 1", 880, -60, 380, 760, "#b58b2a")
+    lora = lightning_lora(g, guard, LIGHTNING["2512", steps], (900, 0))
+    shift = g.add("ModelSamplingAuraFlow", (900, 130), (340, 60), shift=3.0)
+    g.connect(lora, 0, shift, "model")
+    latent = g.add("EmptySD3LatentImage", (900, 230), (340, 110), width=1328, height=1328, batch_size=1)
+    sampler = ksampler(g, (900, 380), shift, pos, zero, latent, cfg=1.0, control_after_generate="randomize",
+                       steps=steps, sampler_name="euler", scheduler="simple")
+    g.group("4. Decode and save", 1280, -60, 640, 900, "#a1309b")
+    decode_and_save(g, sampler, vae, guard, f"qwen-image-2512-lightning-{steps}steps", 1300, 0)
+    g.add("MarkdownNote", (-20, 580), (380, 300), text=RESOLUTIONS_NOTE)
+    g.add("MarkdownNote", (400, 400), (460, 360), text=(
+        f"## Qwen-Image-2512, Lightning {steps} steps, GGUF\n" + LIGHTNING_NOTE.format(steps=steps)
+        + f" More steps than {steps} do not help a distilled model; for the finest detail use the 40- or 60-step "
+        "presets without the LoRA.\n\n" + SMALL_GPU_NOTE))
+    return g.to_json()
+
+
+def qwen_two_stage(info: dict) -> dict:
+    g, guard, clip, vae = qwen_2512(info)
+    pos, neg = prompt_pair(g, clip, "2. Prompt")
+    g.group("3. Coarse: 25 steps at 1024 x 1024", 880, -60, 380, 640, "#b58b2a")
+    shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.1)
+    g.connect(guard, 0, shift, "model")
+    latent = g.add("EmptySD3LatentImage", (900, 100), (340, 110), width=1024, height=1024, batch_size=1)
+    coarse = ksampler(g, (900, 250), shift, pos, neg, latent, title="KSampler (coarse)",
+                      control_after_generate="randomize", steps=25, sampler_name="dpmpp_2m", scheduler="karras")
+    g.group("4. Fine: 15 steps at 1328 x 1328", 1280, -60, 380, 640, "#b58b2a")
+    upscale = g.add("LatentUpscale", (1300, 0), (340, 130), upscale_method="bislerp", width=1328, height=1328,
+                    crop="disabled")
+    g.connect(coarse, 0, upscale, "samples")
+    # Denoise 0.45: the composition stays, the detail is redrawn.
+    fine = ksampler(g, (1300, 250), shift, pos, neg, upscale, title="KSampler (refine)", denoise=0.45,
+                    control_after_generate="fixed", steps=15, sampler_name="dpmpp_2m", scheduler="karras")
+    g.group("5. Decode and save", 1680, -60, 640, 900, "#a1309b")
+    decode_and_save(g, fine, vae, guard, "qwen-image-2512-two-stage", 1700, 0)
+    g.add("MarkdownNote", (-20, 580), (380, 300), text=RESOLUTIONS_NOTE)
+    g.add("MarkdownNote", (400, 620), (840, 260), text=(
+        "## Qwen-Image-2512 in two stages, GGUF\n"
+        "**Coarse** (group 3): 25 DPM++ 2M Karras steps at 1024 x 1024 settle the composition, at about 60% "
+        "of the cost of a step at full size. **Fine** (group 4): the latent is enlarged to 1328 x 1328 and "
+        "15 more steps at denoise 0.45 redraw the detail at full size while keeping the composition (raise "
+        "the denoise for more change, lower it to stay closer). Both stages share the prompt, the model and "
+        "the shift; the refine seed is fixed so only the coarse seed varies between runs."))
+    return g.to_json()
+
+
+def qwen_inpaint(info: dict) -> dict:
+    g, guard, clip, vae = qwen_2512(info)
+    g.group("2. Image, mask and prompt", 400, -60, 900, 860, "#8A8")
+    image = g.add("LoadImage", (420, 0), (420, 420), image="qwen_inpaint_input.png", upload="image")
+    pos = g.add("CLIPTextEncode", (860, 0), (420, 200), title="What to paint in the mask", text=PROMPT_INPAINT)
+    neg = g.add("CLIPTextEncode", (860, 240), (420, 160), title="Negative prompt", text=NEGATIVE_ZH)
+    for enc in (pos, neg):
+        g.connect(clip, 0, enc, "clip")
+    g.group("3. Sampling inside the mask: 30 steps", 1320, -60, 380, 860, "#b58b2a")
+    encode = g.add("VAEEncode", (1340, 0), (340, 50))
+    g.connect(image, 0, encode, "pixels")
+    g.connect(vae, 0, encode, "vae")
+    masked = g.add("SetLatentNoiseMask", (1340, 100), (340, 50))
+    g.connect(encode, 0, masked, "samples")
+    g.connect(image, 1, masked, "mask")
+    shift = g.add("ModelSamplingAuraFlow", (1340, 200), (340, 60), shift=3.1)
+    g.connect(guard, 0, shift, "model")
+    sampler = ksampler(g, (1340, 300), shift, pos, neg, masked, control_after_generate="randomize", steps=30,
+                       sampler_name="dpmpp_2m", scheduler="karras")
+    g.group("4. Paste into the original and save", 1720, -60, 640, 900, "#a1309b")
+    decode = g.add("QwenImageGGUFVAEDecode", (1740, 0), (260, 80))
+    g.connect(sampler, 0, decode, "samples")
+    g.connect(vae, 0, decode, "vae")
+    g.connect(guard, 0, decode, "model")
+    paste = g.add("ImageCompositeMasked", (2020, 0), (320, 150), x=0, y=0, resize_source=False)
+    g.connect(image, 0, paste, "destination")
+    g.connect(decode, 0, paste, "source")
+    g.connect(image, 1, paste, "mask")
+    save = g.add("SaveImage", (1740, 200), (600, 640), filename_prefix="qwen-image-2512-inpaint")
+    g.connect(paste, 0, save, "images")
+    g.add("MarkdownNote", (-20, 580), (380, 320), text=(
+        "## Qwen-Image-2512 inpainting, GGUF\nThe mask is the image's transparency: right-click the image > "
+        "Open in MaskEditor to paint your own, then describe what belongs there. Only the masked part is "
+        "sampled (a latent noise mask); the original pixels outside it are pasted back after decoding. Images "
+        "near 1 megapixel work best (sides a multiple of 16)."))
+    return g.to_json()
+
+
+def qwen_edit(info: dict, images: int, lightning: bool = False) -> dict:
     g = Graph(info)
     guard, clip, vae = loaders(g, "qwen-image-edit-2511-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf",
                                "mmproj-F16.gguf", "qwen_image_vae.safetensors")
@@ -235,28 +349,35 @@ def qwen_edit(info: dict, images: int) -> dict:
         g.connect(vae, 0, enc, "vae")
         for i, load in enumerate(loads):
             g.connect(load, 0, enc, f"image{i + 1}")
-    g.group("3. Sampling: 40 steps, CFG 4", 1320, -60, 380, 900, "#b58b2a")
+    steps, cfg = (4, 1.0) if lightning else (40, 4.0)
+    g.group(f"3. Sampling: {'Lightning, ' if lightning else ''}{steps} steps, CFG {cfg:g}", 1320, -60, 380,
+            1030 if lightning else 900, "#b58b2a")
     refs = []
     for i, enc in enumerate((pos, neg)):
         ref = g.add("FluxKontextMultiReferenceLatentMethod", (1340, 0 + 100 * i), (340, 60),
                     reference_latents_method="index_timestep_zero")
         g.connect(enc, 0, ref, "conditioning")
         refs.append(ref)
-    shift = g.add("ModelSamplingAuraFlow", (1340, 220), (340, 60), shift=3.1)
-    g.connect(guard, 0, shift, "model")
-    norm = g.add("CFGNorm", (1340, 320), (340, 82), strength=1.0)
+    model = lightning_lora(g, guard, LIGHTNING["2511", steps], (1340, 220)) if lightning else guard
+    shift = g.add("ModelSamplingAuraFlow", (1340, 350 if lightning else 220), (340, 60),
+                  shift=3.0 if lightning else 3.1)
+    g.connect(model, 0, shift, "model")
+    y = 450 if lightning else 320
+    norm = g.add("CFGNorm", (1340, y), (340, 82), strength=1.0)
     g.connect(shift, 0, norm, "model")
-    encode = g.add("VAEEncode", (1340, 450), (340, 50))
+    encode = g.add("VAEEncode", (1340, y + 130), (340, 50))
     g.connect(scaled, 0, encode, "pixels")
     g.connect(vae, 0, encode, "vae")
-    sampler = ksampler(g, (1340, 550), norm, refs[0], refs[1], encode, control_after_generate="randomize", steps=40,
-                       sampler_name="euler", scheduler="simple")
-    g.group("4. Decode and save", 1720, -60, 640, 900, "#a1309b")
-    decode_and_save(g, sampler, vae, guard, f"qwen-image-edit-2511-{images}img", 1740, 0)
+    sampler = ksampler(g, (1340, y + 230), norm, refs[0], refs[1], encode, cfg=cfg,
+                       control_after_generate="randomize", steps=steps, sampler_name="euler", scheduler="simple")
+    g.group("4. Decode and save", 1720, -60, 640, 900 if not lightning else 1030, "#a1309b")
+    decode_and_save(g, sampler, vae, guard, f"qwen-image-edit-2511-{'lightning-' if lightning else ''}{images}img",
+                    1740, 0)
     g.add("MarkdownNote", (-20, 580), (380, 320), text=(
-        "## Qwen-Image-Edit-2511, GGUF\nThe mmproj file gives the text encoder its vision tower: without it the "
-        "edit nodes cannot see the images (the loader says so). Replace the input images with your own "
-        f"({'one image' if images == 1 else 'image 1 is edited, image 2 is the reference'}).\n\n" + SMALL_GPU_NOTE))
+        f"## Qwen-Image-Edit-2511{', Lightning 4 steps' if lightning else ''}, GGUF\nThe mmproj file gives the text "
+        "encoder its vision tower: without it the edit nodes cannot see the images (the loader says so). Replace the "
+        f"input images with your own ({'one image' if images == 1 else 'image 1 is edited, image 2 is the reference'})."
+        + ("\n\n" + LIGHTNING_NOTE.format(steps=steps) if lightning else "") + "\n\n" + SMALL_GPU_NOTE))
     return g.to_json()
 
 
@@ -284,9 +405,7 @@ def z_image(info: dict) -> dict:
 
 
 def step_comparison(info: dict) -> dict:
-    g = Graph(info)
-    guard, clip, vae = loaders(g, "qwen-image-2512-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf", "none",
-                               "qwen_image_vae.safetensors")
+    g, guard, clip, vae = qwen_2512(info, mmproj="none")
     pos, neg = prompt_pair(g, clip, "2. One prompt, one seed")
     g.group("3. The same seed at 20, 40 and 60 steps", 880, -60, 1000, 1320, "#b58b2a")
     shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.1)
@@ -334,17 +453,26 @@ class Preset:
 
 QWEN_T2I_CARD = ("Text to image, 1328 x 1328", "Qwen-Image-2512 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj",
                  "DPM++ 2M Karras, CFG 4")
+LIGHTNING_CARD = ("Text to image, 1328 x 1328", "Qwen-Image-2512 Q4_K_M (GGUF)", "Lightning LoRA, Euler, CFG 1")
 EDIT_CARD = ("Qwen-Image-Edit-2511 Q4_K_M (GGUF)", "Qwen2.5-VL-7B Q4_K_M + mmproj", "Euler, 40 steps, CFG 4")
 # Titles short enough for the template browser's card (about 32 characters), the model first.
 PRESETS = [
     Preset("Qwen-Image-2512 - 20 steps", lambda info: qwen_t2i(info, 20), QWEN_T2I_CARD),
     Preset("Qwen-Image-2512 - 40 steps", lambda info: qwen_t2i(info, 40), QWEN_T2I_CARD),
     Preset("Qwen-Image-2512 - 60 steps", lambda info: qwen_t2i(info, 60), QWEN_T2I_CARD),
+    Preset("Qwen-Image-2512 - Lightning 4 steps", lambda info: qwen_lightning(info, 4), LIGHTNING_CARD),
+    Preset("Qwen-Image-2512 - Lightning 8 steps", lambda info: qwen_lightning(info, 8), LIGHTNING_CARD),
     Preset("Qwen-Image-2512 - steps compared", step_comparison,
            ("20, 40 and 60 steps side by side",) + QWEN_T2I_CARD[1:]),
+    Preset("Qwen-Image-2512 - two stages", qwen_two_stage,
+           ("25 steps at 1024, 15 at 1328",) + QWEN_T2I_CARD[1:]),
+    Preset("Qwen-Image-2512 - inpainting", qwen_inpaint,
+           ("Repaint the masked part",) + QWEN_T2I_CARD[1:]),
     Preset("Qwen-Image-Edit-2511 - 1 image", lambda info: qwen_edit(info, 1), ("Edit one image",) + EDIT_CARD),
     Preset("Qwen-Image-Edit-2511 - 2 images", lambda info: qwen_edit(info, 2),
            ("Put image 2 into image 1",) + EDIT_CARD),
+    Preset("Qwen-Image-Edit-2511 - Lightning", lambda info: qwen_edit(info, 1, lightning=True),
+           ("Edit one image, 4 steps",) + EDIT_CARD[:2] + ("Lightning LoRA, Euler, CFG 1",)),
     Preset("Z-Image-Turbo - 8 steps", z_image,
            ("Text to image, 1024 x 1024", "Z-Image-Turbo Q4_K (GGUF)", "Qwen3-4B Q4_K_M", "res_multistep, CFG 1")),
 ]

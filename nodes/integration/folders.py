@@ -22,3 +22,10 @@ GGUF_FOLDERS = {
 def register() -> None:
     for key, (core, extensions) in GGUF_FOLDERS.items():
         folder_paths.folder_names_and_paths[key] = (core_folders(core), extensions)
+
+
+def listing_key(folder: str) -> str:
+    """The folder key listing the files a preset may name in core folder ``folder``: ours where we
+    have one (it lists .gguf files too), else the core key (LoRAs)."""
+    key = f"{folder}_gguf"
+    return key if key in GGUF_FOLDERS else folder

@@ -20,6 +20,7 @@ import folder_paths
 
 from ...loaders.downloads import DEFAULT_ENDPOINT, MANIFEST as MANIFEST_PATH, DownloadError, ModelFile, Progress, \
     fetch, load_manifest, partial_bytes
+from .folders import listing_key
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,7 @@ DOWNLOADS = Downloads()
 def status() -> dict:
     files = []
     for f in MANIFEST.files.values():
-        # Our folder keys list .gguf and .safetensors files in every folder of that kind.
-        chosen = resolve(f"{f.folder}_gguf", f.name)
+        chosen = resolve(listing_key(f.folder), f.name)
         job = DOWNLOADS.jobs.get(f.name)
         files.append({"name": f.name, "folder": f.folder, "size": f.size, "url": f.url(DEFAULT_ENDPOINT),
                       "installed": chosen == f.name, "partial": partial_bytes(f, _directory(f)),
