@@ -90,10 +90,16 @@ def dequantize_weight(w: FP8Weight, dtype: torch.dtype) -> torch.Tensor:
     return (w.values_t.t().float() * w.scales.t()).to(dtype)
 
 
+@functools.cache
+def _activation_quantizer():
+    # Imported at the first fp8 matmul: the kernels need Triton, which a CPU install may lack.
+    from .kernels.fp8_act import quantize_activations
+    return quantize_activations
+
+
 def quantize_input(x: torch.Tensor, w: FP8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` quantized for an fp8 matmul with ``w``: fp8 rows and their scales (see kernels.fp8_act)."""
-    from .kernels.fp8_act import quantize_activations
-    return quantize_activations(x.reshape(-1, w.shape[1]), per_row=w.path == "rowwise")
+    return _activation_quantizer()(x.reshape(-1, w.shape[1]), per_row=w.path == "rowwise")
 
 
 class SharedInput:

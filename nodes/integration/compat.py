@@ -177,7 +177,8 @@ def patcher_class(dynamic: bool) -> type:
 
 def managed(layer: torch.nn.Module) -> bool:
     """Whether ComfyUI's dynamic VRAM loader manages ``layer`` (its cast must bring the bytes in)."""
-    return not Features.dynamic_marks or hasattr(layer, "_v")
+    # The instance dict directly: a missing attribute costs nn.Module.__getattr__ an exception.
+    return not Features.dynamic_marks or "_v" in layer.__dict__
 
 
 def resident(layer: torch.nn.Module, raw: torch.Tensor) -> bool:

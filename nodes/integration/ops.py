@@ -58,6 +58,11 @@ class FileWeights:
                                  if isinstance(tensor, GGMLTensor) else None)
                 with torch._C.DisableTorchFunctionSubclass():
                     tensor = tensor.as_subclass(torch.Tensor)
+                if (name == "bias" and self.plan is not None and tensor.is_floating_point()
+                        and tensor.dtype != self.compute_dtype):
+                    # The bias of a quantized layer (F32 in GGUF files) is held in the dtype the layer
+                    # computes in, as ComfyUI's own model holds it: cast once here, not per call.
+                    tensor = tensor.to(self.compute_dtype)
                 setattr(self, name, torch.nn.Parameter(tensor, requires_grad=False))
                 # ComfyUI's loaders stage each weight in this dtype: the file's own (uint8 bytes for a
                 # quantized weight) so nothing is cast on the way to the device.
