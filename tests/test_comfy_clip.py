@@ -32,6 +32,7 @@ def models(tmp_path_factory):
     save_numpy(twin, str(te / "qwen25vl-tiny.safetensors"))
     write_llm(te / "Qwen2.5-VL-tiny-notok.gguf", "qwen2", QWEN25VL, None, None)
     write_llm(te / "Qwen3-tiny-Q4_K_M.gguf", "qwen3", QWEN3, tokenizer, te / "qwen3-tiny.safetensors")
+    write_llm(te / "Qwen2.5-VL-tiny-head.gguf", "qwen2vl", QWEN25VL, tokenizer, te / "head.st", head=True)
     for name in ("llm.st", "vision.st"):
         (te / name).unlink()
     return root
@@ -131,3 +132,38 @@ def test_gguf_tokenizer_ids_equal_comfyuis_for_every_family(models, tmp_path):
                    corpora=[str(REPO / "tests" / "data" / "tokenizer_corpus.txt"),
                             str(REPO / "tests" / "data" / "prompts.txt")])
     assert r["texts"] > 30 and r["tokens"] > 10000 and r["mismatches"] == [], r
+
+
+CHAT = ("<|im_start|>system\nRewrite the user's idea as a detailed image prompt.<|im_end|>\n"
+        "<|im_start|>user\na fox in the snow<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("gguf", ["Qwen2.5-VL-tiny-head.gguf", "Qwen3-tiny-Q4_K_M.gguf"])
+def test_greedy_generation_matches_transformers(models, tmp_path, gguf):
+    # ComfyUI's generation path (what its TextGenerate node runs) on our CLIP against Hugging Face's
+    # model of the same dequantized weights: the same tokens, greedy. Qwen2.5-VL's file has its own
+    # output head; Qwen3-4B's ties it to the token table.
+    import transformers
+    r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "te_generate.py", package=PACKAGE_NAME,
+                   gguf=str(models / "text_encoders" / gguf), prompt=CHAT, max_length=12)
+    assert r["prompt_ids"][0] == 151644, "the chat text is taken as it is (no template around it)"
+    assert r["stop_tokens"] == [151643, 151645]
+    te = open_text_encoder(str(models / "text_encoders" / gguf))
+    c = te.config
+    qwen3 = te.family == "qwen3"
+    config_class = transformers.Qwen3Config if qwen3 else transformers.Qwen2Config
+    config = config_class(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                          intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_hidden_layers"],
+                          num_attention_heads=c["num_attention_heads"], num_key_value_heads=c["num_key_value_heads"],
+                          head_dim=c["head_dim"], rope_theta=c["rope_theta"], rms_norm_eps=c["rms_norm_eps"],
+                          tie_word_embeddings=not c["lm_head"], attn_implementation="eager")
+    causal = (transformers.Qwen3ForCausalLM if qwen3 else transformers.Qwen2ForCausalLM)(config).eval()
+    twin = load_file(str(models / "text_encoders" / ("qwen3-tiny.safetensors" if qwen3 else "head.st")))
+    missing, unexpected = causal.load_state_dict(twin, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"} and (qwen3 or not missing), (missing, unexpected)
+    with torch.no_grad():
+        out = causal.generate(torch.tensor([r["prompt_ids"]]), max_new_tokens=12, do_sample=False,
+                              eos_token_id=r["stop_tokens"], pad_token_id=151643)
+    expected = out[0, len(r["prompt_ids"]):].tolist()
+    assert len(expected) > 1 and r["generated"] == expected, (r["generated"], expected)
+    assert isinstance(r["text"], str)

@@ -30,7 +30,7 @@ from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shap
 from tiny_text_encoders import QWEN3, QWEN25VL, VISION, write_llm, write_mmproj
 
 sys.path.insert(0, str(REPO / "workflows"))
-from to_api import FRONTEND_ONLY, convert, presets, widget_inputs  # noqa: E402
+from to_api import DYNAMIC_COMBO, FRONTEND_ONLY, convert, presets, widget_inputs  # noqa: E402
 
 pytestmark = requires_comfyui
 
@@ -70,7 +70,7 @@ def models(tmp_path_factory):
     write_model(root / "diffusion_models" / "z-image-tiny.gguf", random_weights(z_image_shapes(**Z_IMAGE), 1),
                 uniform_recipe(T.Q4_K), arch="lumina2")
     tokenizer = comfyui_path() / "comfy" / "text_encoders" / "qwen25_tokenizer"
-    write_llm(root / "text_encoders" / "qwen25vl-tiny.gguf", "qwen2vl", QWEN25VL, tokenizer, None)
+    write_llm(root / "text_encoders" / "qwen25vl-tiny.gguf", "qwen2vl", QWEN25VL, tokenizer, None, head=True)
     write_mmproj(root / "text_encoders" / "mmproj-tiny.gguf", VISION, QWEN25VL["hidden"], None)
     write_llm(root / "text_encoders" / "qwen3-tiny.gguf", "qwen3", QWEN3, tokenizer, None)
     scripts = REPO / "tests" / "comfy_scripts"
@@ -101,7 +101,7 @@ T2I_20 = WORKFLOWS / "Qwen-Image-2512 - 20 steps.json"
 
 def test_presets_exist_with_titles_order_and_thumbnails():
     assert ORDER[:3] == [f"Qwen-Image-2512 - {n} steps" for n in (20, 40, 60)]
-    assert sorted(ORDER) == sorted(p.stem for p in presets()) and len(ORDER) == 12
+    assert sorted(ORDER) == sorted(p.stem for p in presets()) and len(ORDER) == 13
     for title in ORDER:
         assert "_" not in title, "the template browser shows the file name as the title"
         assert (WORKFLOWS / "api" / f"{title}.json").exists()
@@ -114,6 +114,8 @@ def check_value(node: dict, name: str, spec: list, value) -> str | None:
     opts = rest[0] if rest else {}
     offered = {m["name"] for m in node.get("properties", {}).get("models", [])} | set(INPUT_IMAGES)
     options = kind if isinstance(kind, list) else opts.get("options") if kind == "COMBO" else None
+    if kind == DYNAMIC_COMBO:
+        options = [o["key"] for o in opts["options"]]
     if options is not None:
         return None if value in options or value in offered else f"{value!r} is not an option"
     if kind == "INT" and not (isinstance(value, int) and opts.get("min", -2**63) <= value <= opts.get("max", 2**64)):
@@ -142,9 +144,8 @@ def test_preset_is_valid_for_comfyui(server, path):
             continue
         spec = info[node["type"]]
         values = list(node["widgets_values"])
-        for name, count in widget_inputs(spec):
-            section = "required" if name in spec["input"]["required"] else "optional"
-            error = check_value(node, name, spec["input"][section][name], values[0])
+        for name, count, entry in widget_inputs(spec, values):
+            error = check_value(node, name, entry, values[0])
             if error:
                 problems.append(f"{node['type']}.{name}: {error}")
             values = values[count:]
@@ -198,6 +199,8 @@ def shrink(api: dict, keep: set[str] = frozenset()) -> dict:
             inputs.update(width=64, height=64)
         if node["class_type"] == "LatentUpscale":
             inputs.update(width=96, height=96)
+        if node["class_type"] == "TextGenerate":
+            inputs["max_length"] = 8
         if node["class_type"] == "KSampler":
             inputs["steps"] = {20: 2, 40: 3, 60: 4}.get(inputs["steps"], 2)
         if node["class_type"] == "FluxKontextImageScale":
@@ -219,6 +222,9 @@ def test_preset_runs_over_http(server, path):
         assert image.size[1] >= 64
     if "steps compared" in path.stem:
         assert image.size[0] >= 3 * 64, "three images side by side"
+    if "written out" in path.stem:
+        texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+        assert texts and all(isinstance(t, str) and t.strip() for t in texts), entry["outputs"]
     if "two stages" in path.stem:
         assert image.size == (96, 96), "the second stage samples the enlarged latent"
     if "inpainting" in path.stem:

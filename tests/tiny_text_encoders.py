@@ -34,8 +34,11 @@ HF_TO_GGUF_VISION = {"attn.proj": "attn_out", "norm1": "ln1", "norm2": "ln2", "m
                      "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def llm_shapes(hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, qk_norm=False, bias=True) -> dict:
+def llm_shapes(hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, qk_norm=False, bias=True,
+               head=False) -> dict:
     s = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if head:  # an untied output head, as Qwen2.5-VL-7B has
+        s["lm_head.weight"] = (vocab, hidden)
     for i in range(layers):
         b = f"model.layers.{i}."
         s[b + "input_layernorm.weight"] = s[b + "post_attention_layernorm.weight"] = (hidden,)
@@ -73,6 +76,8 @@ def to_gguf_llm(weights: dict) -> dict:
             out["token_embd.weight"] = value
         elif key == "model.norm.weight":
             out["output_norm.weight"] = value
+        elif key == "lm_head.weight":
+            out["output.weight"] = value
         else:
             _, _, layer, rest = key.split(".", 3)
             name, part = rest.rsplit(".", 1)
@@ -108,7 +113,8 @@ def llama_cpp_q4_k_m(n_layers: int):
     def pick(name: str, shape: tuple) -> T:
         if len(shape) == 1:
             return T.F32
-        if name.endswith(("attn_v.weight", "ffn_down.weight")) and protected(int(name.split(".")[1])):
+        if name == "output.weight" or (name.endswith(("attn_v.weight", "ffn_down.weight"))
+                                       and protected(int(name.split(".")[1]))):
             return T.Q6_K
         return T.Q4_K if shape[-1] % 256 == 0 else T.Q8_0
     return pick
@@ -156,8 +162,8 @@ def tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
 
 
 def write_llm(path: Path, arch: str, spec: dict, tokenizer: Path | None, twin: Path | None, seed: int = 2,
-              metadata: dict | None = None, drop: tuple[str, ...] = ()) -> dict:
-    weights = random_weights(llm_shapes(**spec, qk_norm=arch == "qwen3", bias=arch != "qwen3"), seed)
+              metadata: dict | None = None, drop: tuple[str, ...] = (), head: bool = False) -> dict:
+    weights = random_weights(llm_shapes(**spec, qk_norm=arch == "qwen3", bias=arch != "qwen3", head=head), seed)
     gguf_weights = to_gguf_llm(weights)
     meta = {f"{arch}.block_count": spec["layers"], f"{arch}.embedding_length": spec["hidden"],
             f"{arch}.feed_forward_length": spec["intermediate"], f"{arch}.attention.head_count": spec["heads"],

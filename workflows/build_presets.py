@@ -27,7 +27,7 @@ PACKAGE_VERSION = "0.1.0"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "loaders"))
 from downloads import DEFAULT_ENDPOINT, load_manifest  # noqa: E402
-from to_api import FRONTEND_ONLY, WIDGET_TYPES  # noqa: E402
+from to_api import DYNAMIC_COMBO, FRONTEND_ONLY, WIDGET_TYPES, widget_inputs  # noqa: E402
 
 MODELS = load_manifest().files  # the download entries of the loader nodes
 
@@ -110,13 +110,20 @@ class Graph:
         for section in ("required", "optional"):
             for name in spec.get("input_order", {}).get(section, []):
                 kind, opts = spec["input"][section][name][0], spec["input"][section][name][1] if len(spec["input"][section][name]) > 1 else {}
-                is_widget = isinstance(kind, list) or kind in WIDGET_TYPES
+                is_widget = isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO
                 entry = {"name": name, "type": "COMBO" if isinstance(kind, list) else kind, "link": None}
                 if is_widget:
                     entry["widget"] = {"name": name}
-                    value = widgets.pop(name, opts.get("default", (kind[0] if isinstance(kind, list) and kind else None)))
+                    first = kind[0] if isinstance(kind, list) and kind else (
+                        opts["options"][0]["key"] if kind == DYNAMIC_COMBO else None)
+                    value = widgets.pop(name, opts.get("default", first))
                     node["widgets_values"].append(value)
                     node["widgets_values"].extend(extra_widget_values(opts, widgets))
+                    if kind == DYNAMIC_COMBO:  # the chosen option's own widgets follow, given as "combo.input"
+                        option = next(o for o in opts["options"] if o["key"] == value)
+                        for sub, count, sub_entry in widget_inputs({"input": option["inputs"]}, []):
+                            sub_opts = sub_entry[1] if len(sub_entry) > 1 else {}
+                            node["widgets_values"].append(widgets.pop(f"{name}.{sub}", sub_opts.get("default")))
                     if section == "optional" and value is None:
                         node["widgets_values"].pop()
                         continue
@@ -199,6 +206,17 @@ def decode_and_save(g: Graph, sampler: dict, vae: dict, model: dict, prefix: str
     return decode
 
 
+def sampling_group(g: Graph, x: int, title: str, model: dict, positive: dict, negative: dict, shift: float,
+                   size: tuple[int, int], **sampler) -> dict:
+    """The sampling column of a text-to-image preset at ``x``: the shift, an empty latent of ``size``
+    and a KSampler (``sampler``: its widgets), in a group titled ``title``; returns the KSampler."""
+    g.group(title, x - 20, -60, 380, 640, "#b58b2a")
+    shifted = g.add("ModelSamplingAuraFlow", (x, 0), (340, 60), shift=shift)
+    g.connect(model, 0, shifted, "model")
+    latent = g.add("EmptySD3LatentImage", (x, 100), (340, 110), width=size[0], height=size[1], batch_size=1)
+    return ksampler(g, (x, 250), shifted, positive, negative, latent, control_after_generate="randomize", **sampler)
+
+
 def qwen_2512(info: dict, mmproj: str = "mmproj-F16.gguf") -> tuple[Graph, dict, dict, dict]:
     """A graph starting with the Qwen-Image-2512 presets' loaders: (graph, guarded model, clip, vae)."""
     g = Graph(info)
@@ -209,12 +227,8 @@ def qwen_2512(info: dict, mmproj: str = "mmproj-F16.gguf") -> tuple[Graph, dict,
 def qwen_t2i(info: dict, steps: int) -> dict:
     g, guard, clip, vae = qwen_2512(info)
     pos, neg = prompt_pair(g, clip, "2. Prompt")
-    g.group(f"3. Sampling: DPM++ 2M Karras, {steps} steps", 880, -60, 380, 640, "#b58b2a")
-    shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.1)
-    g.connect(guard, 0, shift, "model")
-    latent = g.add("EmptySD3LatentImage", (900, 100), (340, 110), width=1328, height=1328, batch_size=1)
-    sampler = ksampler(g, (900, 250), shift, pos, neg, latent, control_after_generate="randomize", steps=steps,
-                       sampler_name="dpmpp_2m", scheduler="karras")
+    sampler = sampling_group(g, 900, f"3. Sampling: DPM++ 2M Karras, {steps} steps", guard, pos, neg, 3.1,
+                             (1328, 1328), steps=steps, sampler_name="dpmpp_2m", scheduler="karras")
     g.group("4. Decode and save", 1280, -60, 640, 900, "#a1309b")
     decode_and_save(g, sampler, vae, guard, f"qwen-image-2512-{steps}steps", 1300, 0)
     g.add("MarkdownNote", (-20, 580), (380, 300), text=RESOLUTIONS_NOTE)
@@ -332,6 +346,49 @@ def qwen_inpaint(info: dict) -> dict:
     return g.to_json()
 
 
+ENHANCE_TEMPLATE = (
+    "<|im_start|>system\nYou are a prompt writer for a text-to-image model. Rewrite the user's idea as one "
+    "detailed image description of 60 to 120 words. Keep every subject, number and quoted text of the idea "
+    "exactly; add what it leaves open: the setting and time of day, the composition and camera angle, the "
+    "lighting, the colours, the materials and textures, and the style. Write in the language of the idea "
+    "(Chinese or English). Answer with the description only.<|im_end|>\n"
+    "<|im_start|>user\n{idea}<|im_end|>\n<|im_start|>assistant\n")
+IDEA = "a ginger cat asleep on a stack of old books in a rainy-day bookshop window"
+
+
+def qwen_enhanced(info: dict) -> dict:
+    g, guard, clip, vae = qwen_2512(info)
+    g.group("2. Your idea, written out by Qwen2.5-VL", 400, -60, 900, 1040, "#8A8")
+    idea = g.add("PrimitiveStringMultiline", (420, 0), (420, 140), title="Your idea (short)", value=IDEA)
+    template = g.add("PrimitiveStringMultiline", (420, 180), (420, 300), title="Instructions to the language model",
+                     value=ENHANCE_TEMPLATE)
+    filled = g.add("StringReplace", (420, 520), (420, 190), find="{idea}", replace="", string="")
+    g.connect(template, 0, filled, "string")
+    g.connect(idea, 0, filled, "replace")
+    generate = g.add("TextGenerate", (860, 0), (420, 430), prompt="", max_length=320, sampling_mode="on")
+    g.connect(clip, 0, generate, "clip")
+    g.connect(filled, 0, generate, "prompt")
+    shown = g.add("PreviewAny", (860, 480), (420, 250), title="The written-out prompt")
+    g.connect(generate, 0, shown, "source")
+    pos = g.add("CLIPTextEncode", (860, 790), (420, 90), title="Positive prompt", text="")
+    g.connect(clip, 0, pos, "clip")
+    g.connect(generate, 0, pos, "text")
+    neg = g.add("CLIPTextEncode", (420, 770), (420, 160), title="Negative prompt", text=NEGATIVE_ZH)
+    g.connect(clip, 0, neg, "clip")
+    sampler = sampling_group(g, 1340, "3. Sampling: DPM++ 2M Karras, 40 steps", guard, pos, neg, 3.1, (1328, 1328),
+                             steps=40, sampler_name="dpmpp_2m", scheduler="karras")
+    g.group("4. Decode and save", 1720, -60, 640, 900, "#a1309b")
+    decode_and_save(g, sampler, vae, guard, "qwen-image-2512-enhanced", 1740, 0)
+    g.add("MarkdownNote", (-20, 580), (380, 380), text=(
+        "## Qwen-Image-2512 with a written-out prompt, GGUF\nQwen-Image follows long, concrete prompts best. "
+        "ComfyUI's Generate Text node has the Qwen2.5-VL-7B text encoder (the same GGUF file, its output head "
+        "included) write your short idea out: setting, composition, light, colour, texture and style, in the "
+        "idea's language. The result is shown in \"The written-out prompt\" and encoded as the positive "
+        "prompt. Change the seed of Generate Text for another wording; set its sampling mode to off for the "
+        "same wording every time."))
+    return g.to_json()
+
+
 def qwen_edit(info: dict, images: int, lightning: bool = False) -> dict:
     g = Graph(info)
     guard, clip, vae = loaders(g, "qwen-image-edit-2511-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf",
@@ -390,12 +447,8 @@ def z_image(info: dict) -> dict:
     g.connect(clip, 0, pos, "clip")
     zero = g.add("ConditioningZeroOut", (420, 260), (300, 30))
     g.connect(pos, 0, zero, "conditioning")
-    g.group("3. Sampling: 8 steps, CFG 1", 880, -60, 380, 640, "#b58b2a")
-    shift = g.add("ModelSamplingAuraFlow", (900, 0), (340, 60), shift=3.0)
-    g.connect(guard, 0, shift, "model")
-    latent = g.add("EmptySD3LatentImage", (900, 100), (340, 110), width=1024, height=1024, batch_size=1)
-    sampler = ksampler(g, (900, 250), shift, pos, zero, latent, control_after_generate="randomize", steps=8,
-                       cfg=1.0, sampler_name="res_multistep", scheduler="simple")
+    sampler = sampling_group(g, 900, "3. Sampling: 8 steps, CFG 1", guard, pos, zero, 3.0, (1024, 1024), steps=8,
+                             cfg=1.0, sampler_name="res_multistep", scheduler="simple")
     g.group("4. Decode and save", 1280, -60, 640, 900, "#a1309b")
     decode_and_save(g, sampler, vae, guard, "z-image-turbo", 1300, 0)
     g.add("MarkdownNote", (-20, 580), (380, 260), text=(
@@ -466,6 +519,8 @@ PRESETS = [
            ("20, 40 and 60 steps side by side",) + QWEN_T2I_CARD[1:]),
     Preset("Qwen-Image-2512 - two stages", qwen_two_stage,
            ("25 steps at 1024, 15 at 1328",) + QWEN_T2I_CARD[1:]),
+    Preset("Qwen-Image-2512 - prompt written out", qwen_enhanced,
+           ("Your idea written out by the LLM",) + QWEN_T2I_CARD[1:]),
     Preset("Qwen-Image-2512 - inpainting", qwen_inpaint,
            ("Repaint the masked part",) + QWEN_T2I_CARD[1:]),
     Preset("Qwen-Image-Edit-2511 - 1 image", lambda info: qwen_edit(info, 1), ("Edit one image",) + EDIT_CARD),

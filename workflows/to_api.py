@@ -19,16 +19,35 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COLOR"}
 FRONTEND_ONLY = {"MarkdownNote", "Note"}
 
 
-def widget_inputs(spec: dict) -> list[tuple[str, int]]:
-    """(input name, number of values it takes in widgets_values) in the front end's widget order."""
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+
+
+def widget_inputs(spec: dict, values: list) -> list[tuple[str, int, list]]:
+    """(input name, number of values it takes in ``values``, its /object_info entry) for a node's
+    ``widgets_values``, in the front end's widget order. A dynamic combo's chosen option brings its
+    own widgets right after it, named "combo.input" as ComfyUI's API takes them."""
     out = []
-    for section in ("required", "optional"):
-        for name in spec.get("input_order", {}).get(section, []):
-            kind, *rest = spec["input"][section][name]
-            opts = rest[0] if rest else {}
-            if isinstance(kind, list) or kind in WIDGET_TYPES:
-                out.append((name, 1 + bool(opts.get("control_after_generate") or opts.get("image_upload"))))
+    _widgets(spec, list(values), None, out)
     return out
+
+
+def _widgets(spec: dict, values: list, prefix: str | None, out: list) -> None:
+    for section in ("required", "optional"):
+        names = spec.get("input_order", {}).get(section) or list(spec.get("input", {}).get(section, {}))
+        for name in names:
+            entry = spec["input"][section][name]
+            kind, opts = entry[0], entry[1] if len(entry) > 1 else {}
+            if not (isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO):
+                continue
+            full = name if prefix is None else f"{prefix}.{name}"
+            count = 1 + bool(opts.get("control_after_generate") or opts.get("image_upload"))
+            out.append((full, count, entry))
+            value = values[0] if values else None
+            del values[:count]
+            if kind == DYNAMIC_COMBO:
+                option = next((o for o in opts["options"] if o["key"] == value), None)
+                if option is not None:
+                    _widgets({"input": option["inputs"]}, values, full, out)
 
 
 def convert(ui: dict, info: dict) -> dict:
@@ -39,7 +58,7 @@ def convert(ui: dict, info: dict) -> dict:
             continue
         inputs = {}
         values = list(node.get("widgets_values") or [])
-        for name, count in widget_inputs(info[node["type"]]):
+        for name, count, _ in widget_inputs(info[node["type"]], values):
             if values:
                 inputs[name] = values[0]
                 values = values[count:]

@@ -39,7 +39,8 @@ LLM_BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "ffn_norm": "post_attention_layernorm",
 }
-LLM_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
+# output: the language model's own output head (untied in Qwen2.5-VL-7B), read for text generation only.
+LLM_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "model.lm_head"}
 
 VISION_BLOCK_NAMES = {
     "attn_out": "attn.proj",
@@ -90,7 +91,7 @@ def _llm_name(name: str) -> str | None:
     m = _TOP.match(name)
     if m and m.group(1) in LLM_TOP_NAMES:
         return f"{LLM_TOP_NAMES[m.group(1)]}.{m.group(2)}"
-    return None  # output.weight (the LM head) and rope tables: not used by a text encoder
+    return None  # rope tables: computed by ComfyUI's model
 
 
 def _count(names, pattern: str) -> int:
@@ -138,6 +139,8 @@ def expected_llm_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     q, kv, inter = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim, \
         config["intermediate_size"]
     out = {"model.embed_tokens.weight": (config["vocab_size"], hidden), "model.norm.weight": (hidden,)}
+    if config["lm_head"]:
+        out["model.lm_head.weight"] = (config["vocab_size"], hidden)
     for i in range(config["num_hidden_layers"]):
         b = f"model.layers.{i}."
         out.update({b + "input_layernorm.weight": (hidden,), b + "post_attention_layernorm.weight": (hidden,),
@@ -178,6 +181,8 @@ def llm_config(gguf: GGUFFile, sd: dict) -> dict:
         "rope_theta": _number(gguf, f"{arch}.rope.freq_base", float, 1e6),
         "qkv_bias": "model.layers.0.self_attn.q_proj.bias" in sd,
         "qk_norm": "model.layers.0.self_attn.q_norm.weight" in sd,
+        # Without its own output head a model generates text through its token table (tied weights).
+        "lm_head": "model.lm_head.weight" in sd,
     }
     if FAMILY_OF_ARCH[arch] == "qwen25vl":
         config["rope_dims"] = _rope_sections(gguf, arch, head_dim)
@@ -223,7 +228,23 @@ def open_text_encoder(llm_path: str, mmproj_path: str | None = None) -> TextEnco
     if top >= rows:
         raise GGUFError(llm_path, f"its tokenizer has ids up to {top:,} but its token table only {rows:,} rows "
                                   "(corrupt header)")
+    config["stop_tokens"] = stop_tokens(gguf, tokenizer, rows)
     return TextEncoder(llm_path, mmproj_path, FAMILY_OF_ARCH[arch], config, vision, sd, tokenizer, summary)
+
+
+# The tokens ending a Qwen chat turn, by name (the same ids in every Qwen tokenizer since Qwen2).
+QWEN_STOP_TOKENS = {"<|im_end|>": 151645, "<|endoftext|>": 151643}
+
+
+def stop_tokens(gguf: GGUFFile, tokenizer: Tokenizer | None, rows: int) -> list[int]:
+    """The ids that end a generated answer: the chat turn's end and end of text (by the file's own
+    tokenizer where it has one, else Qwen's ids), and the file's end-of-sequence id; all in its table."""
+    ids = {tokenizer.token_to_id(name) if tokenizer is not None else qwen_id
+           for name, qwen_id in QWEN_STOP_TOKENS.items()}
+    eos = gguf.get("tokenizer.ggml.eos_token_id")
+    if isinstance(eos, (int, np.integer)) and not isinstance(eos, bool):
+        ids.add(int(eos))
+    return sorted(i for i in ids if i is not None and 0 <= i < rows)
 
 
 def open_mmproj(path: str, llm_path: str, llm_hidden: int) -> tuple[VisionConfig, dict[str, torch.Tensor]]:

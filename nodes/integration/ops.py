@@ -173,6 +173,15 @@ def cached_factor_count(model: torch.nn.Module) -> int:
     return sum(bool(plan.factors) for plan in _plans(model))
 
 
+def tied_logits(embedding: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` times the token table of ``embedding`` (one of ours) transposed: a language model's output
+    where its head is tied to its token embeddings."""
+    weight = embedding.weight.to(x.device)
+    if isinstance(embedding, FileWeights) and embedding.quantized():
+        weight = embedding.plan.weight(weight, x.dtype)
+    return torch.nn.functional.linear(x, weight.to(x.dtype))
+
+
 def file_ops(load_device: torch.device, compute_dtype: torch.dtype) -> type:
     """The operations class for one model: GGUFOps with its layers' plans bound for ``load_device``."""
     class Ops(GGUFOps):

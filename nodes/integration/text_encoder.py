@@ -31,7 +31,7 @@ from ...loaders.quant.health import damage_report
 from ...loaders.quant.weight import logical_shape
 from ...loaders.models.text_encoder import TextEncoder
 from .guard import file_weights
-from .ops import drop_device_state, file_ops
+from .ops import drop_device_state, file_ops, tied_logits
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ ENCODER_FAMILIES = {
 }
 
 # Config values ComfyUI's config classes hold as plain class attributes (not constructor fields).
-_CLASS_LEVEL = ("head_dim", "qkv_bias", "rope_dims", "q_norm", "k_norm")
+_CLASS_LEVEL = ("head_dim", "qkv_bias", "rope_dims", "q_norm", "k_norm", "stop_tokens")
 
 
 def _llm_config(family: Family, te: TextEncoder):
@@ -80,6 +80,7 @@ def _transformer_class(family: Family, te: TextEncoder) -> type:
             torch.nn.Module.__init__(self)
             config = _llm_config(family, te)
             self.num_layers = config.num_hidden_layers
+            # config.lm_head (the file has its own output head): the model holds it as lm_head.
             self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
             self.dtype = dtype
             if vision is not None:
@@ -89,6 +90,15 @@ def _transformer_class(family: Family, te: TextEncoder) -> type:
                     num_layers=vision.num_layers, patch_size=vision.patch_size,
                     spatial_merge_size=vision.spatial_merge_size, device=device, dtype=dtype, ops=operations)
                 self.visual.fullatt_block_indexes = list(vision.fullatt_block_indexes)
+
+        def logits(self, x):
+            # ComfyUI's generation reads the head's weight as floats; ours are quantized bytes, so the
+            # head runs as the layer it is: the file's output head, else the token table (tied weights).
+            x = x[:, -1:]
+            head = getattr(self.model, "lm_head", None)
+            if head is not None:
+                return head(x)
+            return tied_logits(self.model.embed_tokens, x)
 
         def preprocess_embed(self, embed, device):
             if embed["type"] == "image" and vision is None:
