@@ -5,7 +5,8 @@ random-weight files installed under the installer's names (bench/full_size.py).
     COMFYUI_PATH=../ComfyUI python bench/presets.py --runs "Qwen-Image-2512 - 20 steps:Q4_K_M:0" \\
         [--runs ...] [--images 2] [--store /tmp/full-size] [--out presets.json]
 
-A run is PRESET:QUANT:VRAM. Only QUANT of the preset's diffusion model is installed, as after
+A run is PRESET:QUANT:VRAM, or PRESET:QUANT:VRAM:easycache for the preset with ComfyUI's EasyCache
+node (its defaults) in front of each KSampler. Only QUANT of the preset's diffusion model is installed, as after
 `install.sh --quant QUANT` (a preset naming another quant loads it through the loader's fallback).
 VRAM is the GB ComfyUI is left (started with --reserve-vram = GPU total - VRAM; 0 = the whole GPU):
 the run shows whether the preset completes within it. Per run: the first image (cold: ComfyUI
@@ -93,8 +94,24 @@ def with_seed(prompt: dict, seed: int) -> dict:
     return out
 
 
-def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path, work: Path) -> dict:
+def with_easycache(prompt: dict) -> dict:
+    """The prompt with ComfyUI's EasyCache node (its default settings) on each KSampler's model."""
+    out = json.loads(json.dumps(prompt))
+    for node_id, node in list(out.items()):
+        if node["class_type"] == "KSampler":
+            cache_id = f"easycache{node_id}"
+            out[cache_id] = {"class_type": "EasyCache", "inputs": {
+                "model": node["inputs"]["model"], "reuse_threshold": 0.2, "start_percent": 0.15,
+                "end_percent": 0.95, "verbose": False}}
+            node["inputs"]["model"] = [cache_id, 0]
+    return out
+
+
+def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path, work: Path,
+               easycache: bool = False) -> dict:
     prompt = json.loads((REPO / "workflows" / "api" / f"{preset}.json").read_text())
+    if easycache:
+        prompt = with_easycache(prompt)
     files, model = installed_files(prompt, quant)
     start = time.perf_counter()
     # In a process of its own, so that this one holds no CUDA context while it measures the GPU.
@@ -108,7 +125,8 @@ def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path
     for name in files:
         (models / where[name]).mkdir(parents=True, exist_ok=True)
         (models / where[name] / name).symlink_to(store / where[name] / name)
-    row = {"preset": preset, "quant": quant, "file": model, "vram_limit_gb": vram_gb or None,
+    row = {"preset": preset + (" + EasyCache" if easycache else ""), "quant": quant, "file": model,
+           "vram_limit_gb": vram_gb or None,
            "files_written_s": round(made, 1), "images": []}
     total_mib = int(gpu_query("memory.total"))
     args = ["--reserve-vram", f"{total_mib / 1024 - vram_gb:.2f}"] if vram_gb else []
@@ -150,10 +168,11 @@ def main() -> None:
     gpu = gpu_query("name")
     rows = []
     for spec in a.runs:
-        preset, quant, vram = spec.rsplit(":", 2)
+        easycache = spec.endswith(":easycache")
+        preset, quant, vram = spec.removesuffix(":easycache").rsplit(":", 2)
         work = Path(a.work) / f"run{len(rows)}"
         shutil.rmtree(work, ignore_errors=True)
-        row = run_preset(preset, quant, float(vram), a.images, Path(a.store), work)
+        row = run_preset(preset, quant, float(vram), a.images, Path(a.store), work, easycache)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
         if not row["ok"]:

@@ -12,7 +12,8 @@ encoder in fp32 on the CPU with its classic loader, fed the file's values exactl
 
 Load = building the CLIP from the file (ours) or the bf16 state dict in RAM (native); first encode
 includes bringing the weights to the GPU; encode = median of the following runs; peak VRAM = the
-GPU's memory in use.
+GPU's memory in use. Text generation (``--generate N``): greedy tokens per second through ComfyUI's
+own generation path (its TextGenerate node's), N tokens after the prompt, ours against native bf16.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ QWEN25_VL_7B = dict(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--generate", type=int, default=128, help="greedy tokens generated per timing (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="the random model's seed")
     parser.add_argument("--out", default=None)
     parser.add_argument("--cpu", action="store_true", help="a smoke run of this script on the CPU with a 2-layer model")
@@ -49,6 +51,7 @@ def main() -> None:
     result = run_script(work, work / "models", REPO / "bench" / "text_encoder_inside.py", timeout=3000,
                         args=(["--cpu"] if a.cpu else []) + shlex.split(a.comfy_args), device="cpu" if a.cpu else "cuda",
                         package=PACKAGE_NAME, repo=str(REPO), spec=spec, runs=a.runs, smoke=a.cpu, seed=a.seed,
+                        generate=a.generate,
                         gguf=str(work / "random-Qwen2.5-VL-7B-Q4_K_M.gguf"), comfyui=str(comfyui_path()))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))
@@ -60,6 +63,14 @@ def main() -> None:
         ratio = f"{r['encode_s'] / native['encode_s']:.2f}x" if native else "-"
         print(f"| {name} | {r['load_s']:.1f} | {r['first_encode_s']:.2f} | {r['encode_s']:.3f} | "
               f"{ratio} | {r['tokens']} | {r['peak_vram_gb']:.1f} GB |")
+    generating = {name: r for name, r in result["rows"].items() if "generate_tok_s" in r}
+    if generating:
+        print(f"\n| text generation, greedy, {a.generate} tokens | tokens/s | vs native | peak VRAM |")
+        print("|---|---|---|---|")
+        base = generating.get("native bf16", {}).get("generate_tok_s")
+        for name, r in generating.items():
+            ratio = f"{r['generate_tok_s'] / base:.2f}x" if base else "-"
+            print(f"| {name} | {r['generate_tok_s']:.1f} | {ratio} | {r['generate_peak_vram_gb']:.1f} GB |")
     ours = result["rows"]["ours, GGUF Q4_K_M"]
     print(f"conditioning, ours against ours with the torch dequantizers: relative difference "
           f"{ours['rel_diff_to_torch_dequant']:.2e}")

@@ -30,7 +30,7 @@ def random_weights(cfg, pkg):
     from gguf import GGMLQuantizationType as T
     from tiny_text_encoders import llama_cpp_q4_k_m, llm_shapes, to_gguf_llm
     spec = cfg["spec"]
-    shapes = llm_shapes(**spec)
+    shapes = llm_shapes(**spec, head=True)  # with its untied output head, as the real file has
     pick = llama_cpp_q4_k_m(spec["layers"])
     device = cfg["device"]
     # Seeded: the global generator's state depends on what ComfyUI drew at start-up, so each loader's
@@ -147,7 +147,24 @@ def byte_checks(pkg):
     return check if kernels is not None else None
 
 
-def measure(build, runs, inspect=None):
+def generation_speed(clip, count: int) -> float:
+    """Tokens per second of greedy generation through ComfyUI's own path (what its TextGenerate node
+    runs), ``count`` tokens after the presets' prompt. No stop tokens, so every model makes them all
+    (ComfyUI's own Qwen2.5-VL config has none at all, which otherwise stops its generation with an
+    error; its output head is its token table, the same size as the file's own)."""
+    clip.cond_stage_model.qwen25_7b.transformer.model.config.stop_tokens = []
+    tokens = clip.tokenize(PROMPT)
+    clip.generate(tokens, do_sample=False, max_length=4)  # compiles and brings the weights in
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    ids = clip.generate(tokens, do_sample=False, max_length=count)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return len(ids) / (time.perf_counter() - start)
+
+
+def measure(build, runs, inspect=None, generate=0):
     """Load seconds, first encode (weights brought to the GPU), median encode seconds, peak VRAM (GiB),
     how far the runs' conditionings stray from the first (a race would make them differ), what
     ``inspect(clip)`` finds after them, the last run's conditioning and each layer's output of one
@@ -175,6 +192,10 @@ def measure(build, runs, inspect=None):
            "runs_vs_first": max(rel(c, conds[0]) for c in conds)}
     if inspect is not None:
         row["checks"] = inspect(clip)
+    if generate:
+        with PeakVRAM() as peak:
+            row["generate_tok_s"] = generation_speed(clip, generate)
+        row["generate_peak_vram_gb"] = peak.peak / 2**30
     return row, conds[-1], layer_outputs(clip)
 
 
@@ -198,7 +219,7 @@ def run(cfg):
             model_options={"load_device": torch.device("cpu"), "offload_device": torch.device("cpu"),
                            "initial_device": torch.device("cpu"), "dtype": torch.float32}), 1))
         keep("native bf16", measure(lambda: comfy.sd.load_text_encoder_state_dicts(
-            [dict(native)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE), cfg["runs"]))
+            [dict(native)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE), cfg["runs"], generate=cfg["generate"]))
         keep("native bf16, classic loader", measure(lambda: comfy.sd.load_text_encoder_state_dicts(
             [dict(native)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE, disable_dynamic=True), cfg["runs"]))
     native.clear()
@@ -207,7 +228,7 @@ def run(cfg):
     def ours():
         return pkg.nodes.integration.text_encoder.build_clip(pkg.loaders.models.text_encoder.open_text_encoder(cfg["gguf"]))
 
-    keep("ours, GGUF Q4_K_M", measure(ours, cfg["runs"], byte_checks(pkg)))
+    keep("ours, GGUF Q4_K_M", measure(ours, cfg["runs"], byte_checks(pkg), generate=cfg["generate"]))
     # The same model with the torch dequantizers instead of the Triton kernels (same values bit for
     # bit): tells a kernel or launch fault from one of the loading path. (The switch is read once and
     # cached: cleared on the way in and out.)

@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from safetensors.torch import load_file
 
-from comfy_env import requires_comfyui, run_prompts
+from comfy_env import REPO, requires_comfyui, run_prompts, run_script
 from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_lora,
                          write_model, z_image_shapes)
 from loaders.models.diffusion import open_diffusion_model
@@ -34,6 +34,14 @@ def models(tmp_path_factory):
     write_model(dm / "z-image-tiny-Q4_K.gguf", zimg, uniform_recipe(T.Q4_K), arch="lumina2",
                 twin=str(dm / "z-image-tiny.safetensors"))
     write_lora(root / "loras" / "tiny-lora.safetensors", qwen)
+    scripts = REPO / "tests" / "comfy_scripts"
+    for folder in ("controlnet", "vae"):
+        (root / folder).mkdir()
+    run_script(tmp_path_factory.mktemp("mk_cn"), root, scripts / "make_fun_controlnet.py", seed=3,
+               heads=QWEN_IMAGE["heads"], head_dim=QWEN_IMAGE["head_dim"],
+               out=str(root / "controlnet" / "tiny-fun-controlnet.safetensors"))
+    run_script(tmp_path_factory.mktemp("mk_vae"), root, scripts / "make_wan_vae.py", dim=16, seed=0,
+               out=str(root / "vae" / "qwen-vae-tiny.safetensors"))
     # Broken files that used to load: a weight removed, a weight one row short.
     write_model(dm / "qwen-missing.gguf", {k: v for k, v in qwen.items() if k != "transformer_blocks.1.attn.to_k.weight"},
                 qwen_image_recipe(T.Q8_0))
@@ -47,9 +55,10 @@ def models(tmp_path_factory):
 
 
 def sampling_graph(loader: dict, out: str, width: int, lora: str | None = None, reference: int = 0,
-                   patches: tuple = (), steps: int = 3) -> dict:
+                   patches: tuple = (), steps: int = 3, control: str | None = None) -> dict:
     """A KSampler run of the model ``loader`` gives (with ``lora``, then each ComfyUI model-patching
-    node of ``patches``, (class_type, inputs), applied in turn), its final latent saved to ``out``."""
+    node of ``patches``, (class_type, inputs), applied in turn, and the ControlNet ``control`` on
+    the conditioning), its final latent saved to ``out``."""
     g = {"loader": loader,
          "pos": {"class_type": "TestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": width,
                                                               "reference": reference}},
@@ -67,9 +76,18 @@ def sampling_graph(loader: dict, out: str, width: int, lora: str | None = None, 
     for i, (class_type, inputs) in enumerate(patches):
         g[f"patch{i}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
         model = [f"patch{i}", 0]
+    positive, negative = ["pos", 0], ["neg", 0]
+    if control:
+        g["cn"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": control}}
+        g["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": "qwen-vae-tiny.safetensors"}}
+        g["hint"] = {"class_type": "TestImage", "inputs": {"seed": 4, "width": 64, "height": 64}}
+        g["apply"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": positive, "negative": negative, "control_net": ["cn", 0], "image": ["hint", 0],
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "vae": ["vae", 0]}}
+        positive, negative = ["apply", 0], ["apply", 1]
     g["sampler"] = {"class_type": "KSampler", "inputs": {
         "model": model, "seed": 7, "steps": steps, "cfg": 4.0, "sampler_name": "dpmpp_2m",
-        "scheduler": "karras", "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+        "scheduler": "karras", "positive": positive, "negative": negative, "latent_image": ["latent", 0],
         "denoise": 1.0}}
     return g
 
@@ -81,6 +99,8 @@ CORE_NODE_CASES = {
     "lazycache": (("LazyCache", CACHE),),
     "cfgnorm": (("CFGNorm", {"strength": 0.5, "pre_cfg": False}),),
     "compiled": (("TorchCompileModel", {"backend": "inductor"}),),
+    # Qwen-Image-2512's "Fun" ControlNet: it runs blocks of its own on the base model's own layers.
+    "controlnet": (),
 }
 
 
@@ -122,9 +142,11 @@ def latents(models, tmp_path_factory):
     # the step caches have steps to skip (a threshold that lets them).
     native = native_loader(models, "qwen-tiny-Q4_K_M.gguf", "qwen-tiny.safetensors", "qwen_image")
     for node, patches in CORE_NODE_CASES.items():
+        control = "tiny-fun-controlnet.safetensors" if node == "controlnet" else None
         for name, loader in ((node, gguf_loader("qwen-tiny-Q4_K_M.gguf")), (node + "_native", native)):
             cases[name] = None
-            prompts.append(sampling_graph(loader, str(work / f"{name}.safetensors"), 256, patches=patches, steps=8))
+            prompts.append(sampling_graph(loader, str(work / f"{name}.safetensors"), 256, patches=patches, steps=8,
+                                          control=control))
     prompts.append({"loader": gguf_loader("Qwen2.5-VL-tiny-Q4_K_M.gguf"),
                      "shift": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["loader", 0], "shift": 3.1}},
                      "save": {"class_type": "TestSaveLatent", "inputs": {
