@@ -30,6 +30,10 @@ or, where there is none, the feature it disables. What we use and why:
   arguments (the text encoder is built from them at the file's sizes, ``text_encoder``), and
   ``comfy.sd.VAE``'s ``vae_dtype`` / ``first_stage_model`` (the VAE's fp32 redo, ``vae``): no other
   way exists; ``check()`` warns that this package needs an update if they change.
+- ``comfy.text_encoders.llama.BaseGenerate``: ComfyUI's text generation (its TextGenerate node) calls
+  the transformer's ``logits(x)`` with the last hidden states and stops at ``config.stop_tokens``. Our
+  text encoder overrides ``logits`` (the output head is quantized bytes, which ComfyUI's would read
+  as floats) and sets the stop tokens; ``check()`` warns where generation would then fail.
 """
 
 from __future__ import annotations
@@ -148,6 +152,11 @@ def _check_builders() -> None:
         if missing:
             log.warning("ComfyUI's %s takes no %s any more: GGUF text encoders cannot be built; this package "
                         "needs an update", init.__qualname__, ", ".join(sorted(missing)))
+    generate = getattr(llama, "BaseGenerate", None)
+    if generate is None or "self.logits(" not in inspect.getsource(generate.generate) \
+            or not issubclass(llama.Qwen25_7BVLI, generate):
+        log.warning("ComfyUI's text generation (BaseGenerate) changed: text generation with GGUF text encoders "
+                    "(the TextGenerate node) may fail; this package needs an update")
     source = inspect.getsource(comfy.sd.VAE.__init__)
     if "self.vae_dtype" not in source or "self.first_stage_model" not in source:
         log.warning("ComfyUI's VAE no longer holds vae_dtype / first_stage_model: the VAE's fp32 redo of a "
