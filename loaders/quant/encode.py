@@ -1,10 +1,14 @@
-"""Round-to-nearest encoders of the K-quants, for writing GGUF files: fixtures, benchmarks and small
-conversions (the registry, ``formats``, names each type's encoder).
+"""Encoders of the K-quants, for writing GGUF files (the registry, ``formats``, names each type's).
 
 The ``gguf`` package quantizes F16/BF16 and the 32-element types but no K-quant, and real Qwen-Image
-files are mostly K-quants, so Q4_K, Q5_K and Q6_K are encoded here (plain min/max rounding, not
-llama.cpp's error-minimising search: the bytes are valid blocks, the quality is not the point).
+files are mostly K-quants. Q4_K and Q5_K follow llama.cpp's reference quantizer
+(``quantize_row_q4_K_ref`` / ``quantize_row_q5_K_ref``) operation for operation in float32, so their
+bytes are llama.cpp's; Q6_K is plain min/max rounding (valid blocks, not llama.cpp's search).
 Each encoder takes float32 rows of one 256-element block and returns the blocks' bytes.
+
+Matching llama.cpp bit for bit takes its arithmetic as written: every sum accumulated element after
+element (numpy's own sums are pairwise), every product and sum rounded to float32 on its own (no
+fused multiply-add; numpy fuses none), and its rounding (``nearest_int``: to nearest, ties to even).
 """
 
 from __future__ import annotations
@@ -18,13 +22,6 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a), where=b != 0)
 
 
-def _split_scale(values: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """One f16 super-scale per block and integer sub-scales in [0, limit] whose product tracks ``values``."""
-    d = (values.max(axis=-1, keepdims=True) / limit).astype(np.float16)
-    codes = np.clip(np.rint(_safe_div(values, d.astype(np.float32))), 0, limit).astype(np.uint8)
-    return d, codes
-
-
 def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     """Pack 8 six-bit scales and 8 six-bit mins into the 12 bytes Q4_K/Q5_K use."""
     out = np.empty((sc.shape[0], 12), dtype=np.uint8)
@@ -34,18 +31,86 @@ def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return out
 
 
-def _affine_k(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Shared part of Q4_K and Q5_K: 8 sub-blocks of 32 with a scale and a min each."""
-    sub = x.reshape(-1, 8, 32)
-    lo = np.minimum(sub.min(axis=-1), 0)
-    step = (sub.max(axis=-1) - lo) / levels
-    d, sc = _split_scale(step, 63)
-    dmin, mn = _split_scale(-lo, 63)
-    scale = d.astype(np.float32) * sc
-    offset = dmin.astype(np.float32) * mn
-    q = np.clip(np.rint(_safe_div(sub + offset[..., None], np.broadcast_to(scale[..., None], sub.shape))), 0, levels)
-    head = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), _pack_k_scales(sc, mn)], axis=-1)
-    return head, q.astype(np.uint8), sc, mn
+F32 = np.float32
+
+
+def _seq_sum(terms: np.ndarray) -> np.ndarray:
+    """The sum over the last axis accumulated in order, in float32 (as a C loop does)."""
+    total = terms[..., 0].copy()
+    for i in range(1, terms.shape[-1]):
+        total += terms[..., i]
+    return total
+
+
+def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """llama.cpp's ``make_qkx2_quants`` on each row of ``x`` (weights ``w``): the codes (0..nmax),
+    the scale and the (negated) minimum that fit the row best in weighted squared error, searched
+    over ``nstep`` + 1 candidate scales around min/max rounding."""
+    nmax_f = F32(nmax)
+    lo = np.minimum(x.min(axis=-1), F32(0))
+    hi = x.max(axis=-1)
+    flat = hi == lo
+    hi = np.where(flat, lo + F32(1), hi)  # flat rows end as zeros; this only keeps their arithmetic finite
+    span = hi - lo
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
+    iscale = nmax_f / span
+    scale = F32(1) / iscale
+    codes = np.clip(np.rint(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(F32)
+    diff = scale[:, None] * codes + lo[:, None] - x
+    best = _seq_sum(w * (diff * diff))
+    for step in range(nstep + 1):
+        # llama.cpp measures the span from the best minimum so far.
+        iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (hi - lo)
+        aux = np.clip(np.rint(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(F32)
+        wl = w * aux
+        sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * aux), _seq_sum(wl * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        det = np.where(ok, det, F32(1))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = this_min > 0
+        this_min = np.where(positive, F32(0), this_min)
+        this_scale = np.where(positive, sum_xl / np.where(sum_l2 == 0, F32(1), sum_l2), this_scale)
+        diff = this_scale[:, None] * aux + this_min[:, None] - x
+        error = _seq_sum(w * (diff * diff))
+        better = ok & (error < best)
+        codes = np.where(better[:, None], aux, codes)
+        best = np.where(better, error, best)
+        scale = np.where(better, this_scale, scale)
+        lo = np.where(better, this_min, lo)
+    codes = np.where(flat[:, None], F32(0), codes)
+    scale = np.where(flat, F32(0), scale)
+    return codes, scale, -lo
+
+
+def _affine_k(x: np.ndarray, levels: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shared part of Q4_K and Q5_K (llama.cpp's reference): 8 sub-blocks of 32 with a 6-bit scale
+    and min each under two f16 super-scales; returns the blocks' 16-byte heads and the codes."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    sub = x.reshape(-1, 32)
+    # Weights of the search: the sub-block's RMS plus each value's magnitude.
+    av = np.sqrt(_seq_sum(sub * sub) / F32(32))
+    codes, scales, mins = _qkx2(sub, av[:, None] + np.abs(sub), levels, rmin, 0.1, nstep)
+    codes, scales, mins = codes.reshape(-1, 8, 32), scales.reshape(-1, 8), mins.reshape(-1, 8)
+    max_scale = np.maximum(scales.max(axis=-1), F32(0))
+    max_min = np.maximum(mins.max(axis=-1), F32(0))
+    inv_scale = np.where(max_scale > 0, F32(63) / np.where(max_scale > 0, max_scale, F32(1)), F32(0))
+    inv_min = np.where(max_min > 0, F32(63) / np.where(max_min > 0, max_min, F32(1)), F32(0))
+    # Rounded to an int, kept as a byte (a negative scale wraps, as in C), then capped at 63.
+    sc = np.minimum(np.rint(inv_scale[:, None] * scales).astype(np.int64) & 0xFF, 63).astype(np.uint8)
+    mn = np.minimum(np.rint(inv_min[:, None] * mins).astype(np.int64) & 0xFF, 63).astype(np.uint8)
+    d = (max_scale / F32(63)).astype(np.float16)
+    dmin = (max_min / F32(63)).astype(np.float16)
+    step = d.astype(F32)[:, None] * sc.astype(F32)
+    offset = dmin.astype(F32)[:, None] * mn.astype(F32)
+    # Sub-blocks whose scale rounds to zero keep the search's codes.
+    live = step != 0
+    q = np.rint((x.reshape(-1, 8, 32) + offset[..., None]) / np.where(live, step, F32(1))[..., None])
+    codes = np.where(live[..., None], np.clip(q, 0, levels), codes)
+    head = np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), _pack_k_scales(sc, mn)], axis=-1)
+    return head, codes.astype(np.uint8)
 
 
 def _nibble_pack(q: np.ndarray) -> np.ndarray:
@@ -55,12 +120,12 @@ def _nibble_pack(q: np.ndarray) -> np.ndarray:
 
 
 def q4_k(x: np.ndarray) -> np.ndarray:
-    head, q, _, _ = _affine_k(x, 15)
+    head, q = _affine_k(x, 15, -1.0, 20)
     return np.concatenate([head, _nibble_pack(q)], axis=-1)
 
 
 def q5_k(x: np.ndarray) -> np.ndarray:
-    head, q, _, _ = _affine_k(x, 31)
+    head, q = _affine_k(x, 31, -0.5, 15)
     bits = (q >> 4) & 1                                   # (n, 8, 32): bit j of qh byte i is sub-block j
     qh = (bits << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1).astype(np.uint8)
     return np.concatenate([head, qh, _nibble_pack(q)], axis=-1)
