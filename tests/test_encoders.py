@@ -40,7 +40,7 @@ def lib():
     return built
 
 
-@pytest.mark.parametrize("name, encoder", [("q4_K", encode.q4_k), ("q5_K", encode.q5_k)])
+@pytest.mark.parametrize("name, encoder", [("q4_K", encode.q4_k), ("q5_K", encode.q5_k), ("q6_K", encode.q6_k)])
 @pytest.mark.parametrize("case", list(rows()))
 def test_k_quant_bytes_equal_llama_cpp_reference(lib, name, encoder, case):
     x = rows()[case].astype(np.float32)

@@ -1,9 +1,8 @@
 """Encoders of the K-quants, for writing GGUF files (the registry, ``formats``, names each type's).
 
 The ``gguf`` package quantizes F16/BF16 and the 32-element types but no K-quant, and real Qwen-Image
-files are mostly K-quants. Q4_K and Q5_K follow llama.cpp's reference quantizer
-(``quantize_row_q4_K_ref`` / ``quantize_row_q5_K_ref``) operation for operation in float32, so their
-bytes are llama.cpp's; Q6_K is plain min/max rounding (valid blocks, not llama.cpp's search).
+files are mostly K-quants. Q4_K, Q5_K and Q6_K follow llama.cpp's reference quantizers
+(``quantize_row_q{4,5,6}_K_ref``) operation for operation in float32, so their bytes are llama.cpp's.
 Each encoder takes float32 rows of one 256-element block and returns the blocks' bytes.
 
 Matching llama.cpp bit for bit takes its arithmetic as written: every sum accumulated element after
@@ -16,10 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 QK_K = 256
-
-
-def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.divide(a, b, out=np.zeros_like(a), where=b != 0)
 
 
 def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
@@ -131,15 +126,54 @@ def q5_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([head, qh, _nibble_pack(q)], axis=-1)
 
 
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def _qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's ``make_qx_quants`` (weights x², no importance) on each row of ``x``: codes in
+    0..2*nmax-1 and the signed scale, searched over 18 scales around the one fitting the row's
+    largest magnitude."""
+    rows = np.arange(len(x))
+    peak = x[rows, np.abs(x).argmax(axis=-1)]  # the first value of the largest magnitude, with its sign
+    zero = np.abs(peak) < GROUP_MAX_EPS
+    peak = np.where(zero, F32(1), peak)
+    w = x * x
+
+    def fit(iscale):
+        levels = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1)
+        return levels, _seq_sum(w * x * levels), _seq_sum(w * levels * levels)
+
+    levels, sumlx, suml2 = fit(F32(-nmax) / peak)
+    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0))
+    best = scale * sumlx
+    for step in (*range(-9, 0), *range(1, 10)):
+        cand, lx, l2 = fit(-(F32(nmax) + F32(0.1) * F32(step)) / peak)
+        better = (l2 > 0) & (lx * lx > best * l2)
+        levels = np.where(better[:, None], cand, levels)
+        scale = np.where(better, lx / np.where(l2 > 0, l2, F32(1)), scale)
+        best = np.where(better, scale * lx, best)
+    codes = np.where(zero[:, None], F32(0), levels + F32(nmax))
+    return codes, np.where(zero, F32(0), scale)
+
+
 def q6_k(x: np.ndarray) -> np.ndarray:
-    sub = x.reshape(-1, 16, 16)
-    amax = np.abs(sub).max(axis=-1)
-    d = (amax.max(axis=-1, keepdims=True) / 31 / 127).astype(np.float16)
-    sc = np.clip(np.rint(_safe_div(amax / 31, d.astype(np.float32))), 0, 127).astype(np.int8)
-    step = d.astype(np.float32) * sc
-    q = np.clip(np.rint(_safe_div(sub, np.broadcast_to(step[..., None], sub.shape))), -32, 31).astype(np.int16) + 32
-    q = q.astype(np.uint8).reshape(-1, 2, 128)           # two halves of 128 elements
+    """llama.cpp's ``quantize_row_q6_K_ref``: 16 sub-blocks of 16, 8-bit signed scales under one f16."""
+    x = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
+    codes, scales = _qx(x.reshape(-1, 16), 32)
+    codes, scales = codes.reshape(-1, 16, 16), scales.reshape(-1, 16)
+    peak = scales[np.arange(len(x)), np.abs(scales).argmax(axis=-1)]
+    empty = np.abs(peak) < GROUP_MAX_EPS
+    iscale = F32(-128) / np.where(empty, F32(1), peak)
+    d = np.where(empty, F32(0), F32(1) / iscale).astype(np.float16)
+    sc = np.where(empty[:, None], 0, np.minimum(np.rint(iscale[:, None] * scales), 127)).astype(np.int8)
+    step = d.astype(F32)[:, None] * sc.astype(F32)
+    live = step != 0  # sub-blocks whose scale rounds to zero keep the search's codes
+    q = np.clip(np.rint(x.reshape(-1, 16, 16) / np.where(live, step, F32(1))[..., None]), -32, 31) + F32(32)
+    q = np.where(live[..., None], q, codes)
+    q = np.where(empty[:, None, None], F32(0), q).astype(np.uint8).reshape(-1, 2, 128)  # two halves of 128
     ql = (q[:, :, :64] & 0x0F) | ((q[:, :, 64:] & 0x0F) << 4)
     hi = (q >> 4).reshape(-1, 2, 4, 32)
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d.view(np.uint8)], axis=-1)
+    qh = np.where(empty[:, None, None], 0, qh).astype(np.uint8)
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d[:, None].view(np.uint8)],
+                          axis=-1)
