@@ -1,9 +1,10 @@
 """Encoders of the K-quants, for writing GGUF files (the registry, ``formats``, names each type's).
 
 The ``gguf`` package quantizes F16/BF16 and the 32-element types but no K-quant, and real Qwen-Image
-files are mostly K-quants. Q4_K, Q5_K and Q6_K follow llama.cpp's reference quantizers
-(``quantize_row_q{4,5,6}_K_ref``) operation for operation in float32, so their bytes are llama.cpp's.
-Each encoder takes float32 rows of one 256-element block and returns the blocks' bytes.
+files are mostly K-quants. The encoders here follow llama.cpp's reference quantizers
+(``quantize_row_*_ref``) operation for operation in float32, so their bytes are llama.cpp's: Q4_K,
+Q5_K, Q6_K, and Q4_0, Q4_1, Q5_0, Q5_1, where the ``gguf`` package's differ on all-zero blocks.
+Each encoder takes float32 rows of whole blocks and returns the blocks' bytes.
 
 Matching llama.cpp bit for bit takes its arithmetic as written: every sum accumulated element after
 element (numpy's own sums are pairwise), every product and sum rounded to float32 on its own (no
@@ -15,6 +16,73 @@ from __future__ import annotations
 import numpy as np
 
 QK_K = 256
+
+
+def _at(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The value at ``index`` of each row (argmin / argmax give the first of equal values, as C's
+    running comparisons keep it: a -0.0 stays -0.0)."""
+    return x[np.arange(len(x)), index]
+
+
+def _c_int(v: np.ndarray) -> np.ndarray:
+    """C's conversion of a float to an integer type: toward zero."""
+    return np.trunc(v).astype(np.int64)
+
+
+def _halves(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """32-element blocks' codes as the nibble bytes (element j low, j + 16 high) and the 5th bits."""
+    qs = ((q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)).astype(np.uint8)
+    bits = (q >> 4) & 1
+    qh = (bits.astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+    return qs, qh.astype("<u4")[:, None].view(np.uint8)
+
+
+def _symmetric(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 / Q5_0 (``half`` 8 / 16), llama.cpp's reference: d = (signed peak) / -half, codes
+    truncated from x / d + half + 0.5 and capped at 2 * half - 1."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    # The running maximum starts from +0.0 and moves only to a larger magnitude: all zeros give +0.0.
+    peak = _at(x, np.abs(x).argmax(axis=-1))
+    d = np.where(peak == 0, F32(0), peak) / F32(-half)
+    inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+    q = np.minimum(2 * half - 1, _c_int(x * inv[:, None] + F32(half + 0.5)))
+    return d.astype(np.float16)[:, None].view(np.uint8), q
+
+
+def _affine(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_1 / Q5_1 (``levels`` 15 / 31), llama.cpp's reference: d = (max - min) / levels, codes
+    truncated from (x - min) / d + 0.5."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    lo = _at(x, x.argmin(axis=-1))
+    d = (_at(x, x.argmax(axis=-1)) - lo) / F32(levels)
+    inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+    q = _c_int((x - lo[:, None]) * inv[:, None] + F32(0.5))
+    q = np.minimum(levels, q) if levels == 15 else q & 0xFF
+    head = np.concatenate([d.astype(np.float16)[:, None].view(np.uint8), lo.astype(np.float16)[:, None].view(np.uint8)],
+                          axis=-1)
+    return head, q
+
+
+def q4_0(x: np.ndarray) -> np.ndarray:
+    head, q = _symmetric(x, 8)
+    return np.concatenate([head, _halves(q)[0]], axis=-1)
+
+
+def q5_0(x: np.ndarray) -> np.ndarray:
+    head, q = _symmetric(x, 16)
+    qs, qh = _halves(q)
+    return np.concatenate([head, qh, qs], axis=-1)
+
+
+def q4_1(x: np.ndarray) -> np.ndarray:
+    head, q = _affine(x, 15)
+    return np.concatenate([head, _halves(q)[0]], axis=-1)
+
+
+def q5_1(x: np.ndarray) -> np.ndarray:
+    head, q = _affine(x, 31)
+    qs, qh = _halves(q)
+    return np.concatenate([head, qh, qs], axis=-1)
 
 
 def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:

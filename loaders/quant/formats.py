@@ -142,7 +142,7 @@ FORMATS: dict[T, type[BlockFormat]] = {}
 # IQ4_XS (word kernels) and the H200 entries from sweeps on an H200 (docs/PERFORMANCE.md).
 
 class Q4_0(BlockFormat, qtype=T.Q4_0):
-    tile, fused, encoder = Tile(2, 64), True, _gguf_encoder(T.Q4_0)
+    tile, fused, encoder = Tile(2, 64), True, encode.q4_0
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -152,7 +152,7 @@ class Q4_0(BlockFormat, qtype=T.Q4_0):
 
 
 class Q4_1(BlockFormat, qtype=T.Q4_1):
-    tile, fused, encoder = Tile(2, 64), True, _gguf_encoder(T.Q4_1)
+    tile, fused, encoder = Tile(2, 64), True, encode.q4_1
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -168,7 +168,7 @@ def _q5_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
 
 
 class Q5_0(BlockFormat, qtype=T.Q5_0):
-    tile, gpu_tiles, fused, encoder = Tile(2, 64), {"H200": Tile(2, 256, 2)}, True, _gguf_encoder(T.Q5_0)
+    tile, gpu_tiles, fused, encoder = Tile(2, 64), {"H200": Tile(2, 256, 2)}, True, encode.q5_0
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -178,7 +178,7 @@ class Q5_0(BlockFormat, qtype=T.Q5_0):
 
 
 class Q5_1(BlockFormat, qtype=T.Q5_1):
-    tile, gpu_tiles, fused, encoder = Tile(2, 64), {"H200": Tile(2, 64, 2)}, True, _gguf_encoder(T.Q5_1)
+    tile, gpu_tiles, fused, encoder = Tile(2, 64), {"H200": Tile(2, 64, 2)}, True, encode.q5_1
 
     @classmethod
     def dequantize_blocks(cls, blocks):
