@@ -63,26 +63,25 @@ def _affine(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     return head, q
 
 
+def _blocks32(head: np.ndarray, q: np.ndarray, fifth_bit: bool) -> np.ndarray:
+    qs, qh = _halves(q)
+    return np.concatenate([head, qh, qs] if fifth_bit else [head, qs], axis=-1)
+
+
 def q4_0(x: np.ndarray) -> np.ndarray:
-    head, q = _symmetric(x, 8)
-    return np.concatenate([head, _halves(q)[0]], axis=-1)
+    return _blocks32(*_symmetric(x, 8), fifth_bit=False)
 
 
 def q5_0(x: np.ndarray) -> np.ndarray:
-    head, q = _symmetric(x, 16)
-    qs, qh = _halves(q)
-    return np.concatenate([head, qh, qs], axis=-1)
+    return _blocks32(*_symmetric(x, 16), fifth_bit=True)
 
 
 def q4_1(x: np.ndarray) -> np.ndarray:
-    head, q = _affine(x, 15)
-    return np.concatenate([head, _halves(q)[0]], axis=-1)
+    return _blocks32(*_affine(x, 15), fifth_bit=False)
 
 
 def q5_1(x: np.ndarray) -> np.ndarray:
-    head, q = _affine(x, 31)
-    qs, qh = _halves(q)
-    return np.concatenate([head, qh, qs], axis=-1)
+    return _blocks32(*_affine(x, 31), fifth_bit=True)
 
 
 def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
