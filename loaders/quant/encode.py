@@ -2,8 +2,8 @@
 
 The ``gguf`` package quantizes F16/BF16 and the 32-element types but no K-quant, and real Qwen-Image
 files are mostly K-quants. The encoders here follow llama.cpp's reference quantizers
-(``quantize_row_*_ref``) operation for operation in float32, so their bytes are llama.cpp's: Q4_K,
-Q5_K, Q6_K, and Q4_0, Q4_1, Q5_0, Q5_1, where the ``gguf`` package's differ on all-zero blocks.
+(``quantize_row_*_ref``) operation for operation in float32, so their bytes are llama.cpp's: Q2_K to
+Q6_K, and Q4_0, Q4_1, Q5_0, Q5_1, where the ``gguf`` package's differ on all-zero blocks.
 Each encoder takes float32 rows of whole blocks and returns the blocks' bytes.
 
 Matching llama.cpp bit for bit takes its arithmetic as written: every sum accumulated element after
@@ -104,10 +104,13 @@ def _seq_sum(terms: np.ndarray) -> np.ndarray:
     return total
 
 
-def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool = False):
     """llama.cpp's ``make_qkx2_quants`` on each row of ``x`` (weights ``w``): the codes (0..nmax),
-    the scale and the (negated) minimum that fit the row best in weighted squared error, searched
-    over ``nstep`` + 1 candidate scales around min/max rounding."""
+    the scale and the (negated) minimum that fit the row best in weighted squared error (absolute
+    error where ``mad``), searched over ``nstep`` + 1 candidate scales around min/max rounding."""
+    def loss(diff):
+        return np.abs(diff) if mad else diff * diff
+
     nmax_f = F32(nmax)
     lo = np.minimum(x.min(axis=-1), F32(0))
     hi = x.max(axis=-1)
@@ -120,7 +123,7 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
     scale = F32(1) / iscale
     codes = np.clip(np.rint(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(F32)
     diff = scale[:, None] * codes + lo[:, None] - x
-    best = _seq_sum(w * (diff * diff))
+    best = _seq_sum(w * loss(diff))
     for step in range(nstep + 1):
         # llama.cpp measures the span from the best minimum so far.
         iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (hi - lo)
@@ -136,7 +139,7 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
         this_min = np.where(positive, F32(0), this_min)
         this_scale = np.where(positive, sum_xl / np.where(sum_l2 == 0, F32(1), sum_l2), this_scale)
         diff = this_scale[:, None] * aux + this_min[:, None] - x
-        error = _seq_sum(w * (diff * diff))
+        error = _seq_sum(w * loss(diff))
         better = ok & (error < best)
         codes = np.where(better[:, None], aux, codes)
         best = np.where(better, error, best)
@@ -179,6 +182,102 @@ def _nibble_pack(q: np.ndarray) -> np.ndarray:
     """(n, 8, 32) codes -> (n, 128) bytes: sub-block 2c in the low nibbles of chunk c, 2c+1 in the high."""
     q = q.reshape(-1, 4, 2, 32)
     return ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
+
+
+def _pack_2bit(codes: np.ndarray) -> np.ndarray:
+    """256 two-bit codes per block as 64 bytes: byte l of each half of 128 holds elements l, l+32,
+    l+64 and l+96 of that half, lowest bits first."""
+    c = codes.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def q2_k(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``quantize_row_q2_K_ref``: 16 sub-blocks of 16, 4-bit scale and min each."""
+    x = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
+    sub = x.reshape(-1, 16)
+    codes, scales, mins = _qkx2(sub, np.abs(sub), 3, -0.5, 0.1, 15, mad=True)
+    codes, scales, mins = codes.reshape(-1, 16, 16), scales.reshape(-1, 16), mins.reshape(-1, 16)
+    max_scale = np.maximum(scales.max(axis=-1), F32(0))
+    max_min = np.maximum(mins.max(axis=-1), F32(0))
+    live_s, live_m = max_scale > 0, max_min > 0
+    # Rounded to an int and stored into a byte as C does (no clamp: a negative value wraps).
+    sc = np.where(live_s[:, None], np.rint((F32(15) / np.where(live_s, max_scale, F32(1)))[:, None] * scales), 0)
+    mn = np.where(live_m[:, None], np.rint((F32(15) / np.where(live_m, max_min, F32(1)))[:, None] * mins), 0)
+    byte = ((sc.astype(np.int64) & 0xFF) | ((mn.astype(np.int64) << 4) & 0xFF)).astype(np.uint8)
+    d = np.where(live_s, max_scale / F32(15), F32(0)).astype(np.float16)
+    dmin = np.where(live_m, max_min / F32(15), F32(0)).astype(np.float16)
+    step = d.astype(F32)[:, None] * (byte & 0xF).astype(F32)
+    offset = dmin.astype(F32)[:, None] * (byte >> 4).astype(F32)
+    live = step != 0  # sub-blocks whose scale rounds to zero keep the search's codes
+    q = np.rint((x.reshape(-1, 16, 16) + offset[..., None]) / np.where(live, step, F32(1))[..., None])
+    codes = np.where(live[..., None], np.clip(q, 0, 3), codes)
+    return np.concatenate([byte, _pack_2bit(codes), d[:, None].view(np.uint8), dmin[:, None].view(np.uint8)],
+                          axis=-1)
+
+
+def _q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's ``make_q3_quants`` (with its refinement) on each row of ``x``: codes in
+    0..2*nmax-1 and the signed scale; each element's code is revisited in turn, up to five passes,
+    while a change lowers the weighted error."""
+    n = x.shape[-1]
+    rows = np.arange(len(x))
+    peak = x[rows, np.abs(x).argmax(axis=-1)]
+    zero = np.abs(peak) < GROUP_MAX_EPS
+    iscale = F32(-nmax) / np.where(zero, F32(1), peak)
+    levels = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
+    w = x * x
+    wx = w * x
+    sumlx, suml2 = _seq_sum(wx * levels), _seq_sum(w * levels * levels)
+    active = ~zero
+    for _ in range(5):
+        changed = np.zeros(len(x), dtype=bool)
+        for i in range(n):
+            li = levels[:, i]
+            slx = sumlx - wx[:, i] * li
+            sl2 = suml2 - w[:, i] * li * li
+            fits = active & (slx > 0)
+            new = np.clip(np.rint(x[:, i] * sl2 / np.where(fits, slx, F32(1))), -nmax, nmax - 1).astype(F32)
+            slx = slx + wx[:, i] * new
+            sl2 = sl2 + w[:, i] * new * new
+            take = fits & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            levels[:, i] = np.where(take, new, li)
+            sumlx, suml2 = np.where(take, slx, sumlx), np.where(take, sl2, suml2)
+            changed |= take
+        active &= changed
+        if not active.any():
+            break
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
+    codes = np.where(zero[:, None], F32(0), levels + F32(nmax))
+    return codes, np.where(zero, F32(0), scale)
+
+
+def q3_k(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``quantize_row_q3_K_ref``: 16 sub-blocks of 16, 6-bit signed scales under one f16."""
+    x = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
+    codes, scales = _q3(x.reshape(-1, 16), 4)
+    codes, scales = codes.reshape(-1, 16, 16), scales.reshape(-1, 16)
+    peak = scales[np.arange(len(x)), np.abs(scales).argmax(axis=-1)]
+    live_block = peak != 0
+    iscale = F32(-32) / np.where(live_block, peak, F32(1))
+    # Rounded to an int, kept as an int8 (wrapping, as C's cast does), clamped to -32..31, then +32.
+    sc = np.rint(iscale[:, None] * scales).astype(np.int64)
+    sc = np.clip(((sc + 128) & 0xFF) - 128, -32, 31) + 32
+    sc = np.where(live_block[:, None], sc, 32)
+    d = np.where(live_block, F32(1) / iscale, F32(0)).astype(np.float16)
+    packed = np.zeros((len(x), 12), dtype=np.uint8)
+    packed[:, :8] = (sc[:, :8] & 0xF) | ((sc[:, 8:] & 0xF) << 4)
+    for j in range(16):
+        packed[:, 8 + j % 4] |= ((sc[:, j] >> 4) << (2 * (j // 4))).astype(np.uint8)
+    packed = np.where(live_block[:, None], packed, 0).astype(np.uint8)
+    step = d.astype(F32)[:, None] * (sc - 32).astype(F32)
+    live = step != 0  # sub-blocks whose scale rounds to zero keep the search's codes
+    q = np.clip(np.rint(x.reshape(-1, 16, 16) / np.where(live, step, F32(1))[..., None]), -4, 3) + F32(4)
+    codes = np.where(live[..., None], q, codes).astype(np.uint8).reshape(-1, QK_K)
+    high = codes > 3  # element j's third bit: bit j // 32 of mask byte j % 32
+    hmask = (high.reshape(-1, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(
+        axis=1, dtype=np.uint8)
+    return np.concatenate([hmask, _pack_2bit(np.where(high, codes - 4, codes)), packed, d[:, None].view(np.uint8)],
+                          axis=-1)
 
 
 def q4_k(x: np.ndarray) -> np.ndarray:

@@ -197,7 +197,7 @@ class Q8_0(BlockFormat, qtype=T.Q8_0):
 
 
 class Q2_K(BlockFormat, qtype=T.Q2_K):
-    tile, gpu_tiles, fused = Tile(16, 8), {"H200": Tile(16, 8, 2)}, True
+    tile, gpu_tiles, fused, encoder = Tile(16, 8), {"H200": Tile(16, 8, 2)}, True, encode.q2_k
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -211,7 +211,7 @@ class Q2_K(BlockFormat, qtype=T.Q2_K):
 
 
 class Q3_K(BlockFormat, qtype=T.Q3_K):
-    tile, gpu_tiles, fused = Tile(16, 16), {"H200": Tile(16, 8, 2)}, True
+    tile, gpu_tiles, fused, encoder = Tile(16, 16), {"H200": Tile(16, 8, 2)}, True, encode.q3_k
 
     @classmethod
     def dequantize_blocks(cls, blocks):
