@@ -251,12 +251,18 @@ def _q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return codes, np.where(zero, F32(0), scale)
 
 
+def _sub_blocks_of_16(x: np.ndarray, search, nmax: int):
+    """Blocks of 256 searched as 16 sub-blocks of 16 (``search``: _q3 or _qx): the blocks, the codes
+    (n, 16, 16), the scales (n, 16) and each block's first scale of the largest magnitude."""
+    x = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
+    codes, scales = search(x.reshape(-1, 16), nmax)
+    codes, scales = codes.reshape(-1, 16, 16), scales.reshape(-1, 16)
+    return x, codes, scales, scales[np.arange(len(x)), np.abs(scales).argmax(axis=-1)]
+
+
 def q3_k(x: np.ndarray) -> np.ndarray:
     """llama.cpp's ``quantize_row_q3_K_ref``: 16 sub-blocks of 16, 6-bit signed scales under one f16."""
-    x = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
-    codes, scales = _q3(x.reshape(-1, 16), 4)
-    codes, scales = codes.reshape(-1, 16, 16), scales.reshape(-1, 16)
-    peak = scales[np.arange(len(x)), np.abs(scales).argmax(axis=-1)]
+    x, codes, scales, peak = _sub_blocks_of_16(x, _q3, 4)
     live_block = peak != 0
     iscale = F32(-32) / np.where(live_block, peak, F32(1))
     # Rounded to an int, kept as an int8 (wrapping, as C's cast does), clamped to -32..31, then +32.
@@ -324,10 +330,7 @@ def _qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 def q6_k(x: np.ndarray) -> np.ndarray:
     """llama.cpp's ``quantize_row_q6_K_ref``: 16 sub-blocks of 16, 8-bit signed scales under one f16."""
-    x = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
-    codes, scales = _qx(x.reshape(-1, 16), 32)
-    codes, scales = codes.reshape(-1, 16, 16), scales.reshape(-1, 16)
-    peak = scales[np.arange(len(x)), np.abs(scales).argmax(axis=-1)]
+    x, codes, scales, peak = _sub_blocks_of_16(x, _qx, 32)
     empty = np.abs(peak) < GROUP_MAX_EPS
     iscale = F32(-128) / np.where(empty, F32(1), peak)
     d = np.where(empty, F32(0), F32(1) / iscale).astype(np.float16)
