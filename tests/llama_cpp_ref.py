@@ -77,12 +77,20 @@ size_t ggml_row_size(enum ggml_type type, int64_t ne) { (void) type; (void) ne; 
 
 
 def quantize_ref(lib: ctypes.CDLL, name: str, rows: np.ndarray) -> np.ndarray:
-    """llama.cpp's ``quantize_row_<name>_ref`` of float32 ``rows`` (whole blocks): their block bytes."""
+    """llama.cpp's quantization of float32 ``rows`` (whole blocks) as ``ggml_quantize_chunk`` does it
+    without an importance matrix: ``quantize_row_<name>_ref``, or for the IQ4 types
+    ``quantize_<name>``; their block bytes."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     block, size = GGML_QUANT_SIZES[T[name.upper()]]
     out = np.empty(rows.size // block * size, dtype=np.uint8)
-    fn = getattr(lib, f"quantize_row_{name}_ref")
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    fn.restype = None
-    fn(rows.ctypes.data, out.ctypes.data, rows.size)
+    if name.startswith("iq4"):
+        fn = getattr(lib, f"quantize_{name}")
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        fn.restype = ctypes.c_size_t
+        fn(rows.ctypes.data, out.ctypes.data, rows.shape[0], rows.shape[-1], None)
+    else:
+        fn = getattr(lib, f"quantize_row_{name}_ref")
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+        fn(rows.ctypes.data, out.ctypes.data, rows.size)
     return out.reshape(-1, size)

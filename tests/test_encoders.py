@@ -42,7 +42,7 @@ def lib():
     return built
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs"])
 @pytest.mark.parametrize("case", list(rows()))
 def test_encoder_bytes_equal_llama_cpp_reference(lib, name, case):
     # Each type's encoder as the registry gives it to the GGUF writer.

@@ -1,9 +1,12 @@
-"""Encoders of the K-quants, for writing GGUF files (the registry, ``formats``, names each type's).
+"""Encoders of the GGUF block types, for writing GGUF files (the registry, ``formats``, names each
+type's).
 
-The ``gguf`` package quantizes F16/BF16 and the 32-element types but no K-quant, and real Qwen-Image
-files are mostly K-quants. The encoders here follow llama.cpp's reference quantizers
-(``quantize_row_*_ref``) operation for operation in float32, so their bytes are llama.cpp's: Q2_K to
-Q6_K, and Q4_0, Q4_1, Q5_0, Q5_1, where the ``gguf`` package's differ on all-zero blocks.
+The ``gguf`` package quantizes F16/BF16 and the 32-element types but no K-quant or IQ4 type, and
+real Qwen-Image files are mostly K-quants. The encoders here follow llama.cpp's reference quantizers
+operation for operation in float32, as ``ggml_quantize_chunk`` calls them without an importance
+matrix (``quantize_row_*_ref``; ``quantize_iq4_nl`` / ``quantize_iq4_xs``), so their bytes are
+llama.cpp's: Q2_K to Q6_K, IQ4_NL, IQ4_XS, and Q4_0, Q4_1, Q5_0, Q5_1, where the ``gguf`` package's
+differ on all-zero blocks.
 Each encoder takes float32 rows of whole blocks and returns the blocks' bytes.
 
 Matching llama.cpp bit for bit takes its arithmetic as written: every sum accumulated element after
@@ -16,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 QK_K = 256
+# The IQ4 types' 16 code values (llama.cpp's kvalues_iq4nl), in increasing order.
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 def _at(x: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -346,3 +351,74 @@ def q6_k(x: np.ndarray) -> np.ndarray:
     qh = np.where(empty[:, None, None], 0, qh).astype(np.uint8)
     return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d[:, None].view(np.uint8)],
                           axis=-1)
+
+
+_IQ4 = np.array(IQ4_VALUES, dtype=F32)
+# How many candidate scales either side of the first the IQ4 search tries (ggml_quantize_chunk's 7).
+IQ4_TRIES = 7
+
+
+def _iq4_index(v: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``best_index_int8``: the nearest code value's index (a tie to the upper one)."""
+    upper = np.clip(np.searchsorted(_IQ4, v, side="right"), 1, 15)
+    nearer_lower = (v - _IQ4[upper - 1]) < (_IQ4[upper] - v)
+    return np.where(v <= _IQ4[0], 0, np.where(v >= _IQ4[15], 15, np.where(nearer_lower, upper - 1, upper)))
+
+
+def _iq4_scales(x: np.ndarray) -> np.ndarray:
+    """The scale of each row of 32 that llama.cpp's ``quantize_row_iq4_nl_impl`` searches for (weights
+    x², no importance; 0 for an all-zero row)."""
+    rows = np.arange(len(x))
+    peak = x[rows, np.abs(x).argmax(axis=-1)]
+    zero = np.abs(peak) < GROUP_MAX_EPS
+    peak = np.where(zero, F32(1), peak)
+    w = x * x
+
+    def fit(inverse):
+        q = _IQ4[_iq4_index(inverse[:, None] * x)]
+        wq = w * q
+        return _seq_sum(wq * x), _seq_sum(wq * q)
+
+    sumqx, sumq2 = fit(F32(1) / (-peak / _IQ4[0]))
+    d = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), F32(0))
+    best = d * sumqx
+    for step in range(-IQ4_TRIES, IQ4_TRIES + 1):
+        sumqx, sumq2 = fit(F32(step + IQ4_VALUES[0]) / peak)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = np.where(better, sumqx / np.where(better, sumq2, F32(1)), d)
+        best = np.where(better, d * sumqx, best)
+    return np.where(zero, F32(0), d)
+
+
+def _iq4_pack(codes: np.ndarray) -> np.ndarray:
+    """Codes of 32-element runs as 16 bytes each: element j low nibble, j + 16 high."""
+    c = codes.reshape(-1, 2, 16).astype(np.uint8)
+    return (c[:, 0] | (c[:, 1] << 4)).reshape(len(codes), -1)
+
+
+def iq4_nl(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``quantize_iq4_nl`` (no importance matrix): one f16 scale per 32."""
+    x = np.ascontiguousarray(x, dtype=F32).reshape(-1, 32)
+    d = _iq4_scales(x)
+    inverse = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+    codes = _iq4_index(inverse[:, None] * x)
+    return np.concatenate([d.astype(np.float16)[:, None].view(np.uint8), _iq4_pack(codes)], axis=-1)
+
+
+def iq4_xs(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``quantize_iq4_xs`` (no importance matrix): 6-bit scales of 32 under one f16."""
+    x = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
+    scales = _iq4_scales(x.reshape(-1, 32)).reshape(-1, 8)
+    peak = scales[np.arange(len(x)), np.abs(scales).argmax(axis=-1)]
+    peak = np.where(peak == 0, F32(0), peak)  # the running maximum starts from +0.0
+    d = -peak / F32(32)
+    inverse = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+    levels = np.clip(np.rint(inverse[:, None] * scales), -32, 31)
+    step = d[:, None] * levels  # from the unrounded d, as llama.cpp does
+    inv_step = np.where(step != 0, F32(1) / np.where(step != 0, step, F32(1)), F32(0))
+    codes = _iq4_index(inv_step[..., None] * x.reshape(-1, 8, 32)).reshape(-1, 32)
+    ls = (levels + 32).astype(np.uint8)
+    scales_l = (ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4)
+    scales_h = ((ls >> 4).astype(np.uint16) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=1, dtype=np.uint16)
+    return np.concatenate([d.astype(np.float16)[:, None].view(np.uint8), scales_h.astype("<u2")[:, None].view(np.uint8),
+                           scales_l, _iq4_pack(codes).reshape(len(x), -1)], axis=-1)

@@ -27,7 +27,7 @@ from .kernels.tiles import Tile
 
 QK_K = encode.QK_K
 
-IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+IQ4_VALUES = encode.IQ4_VALUES
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,7 +273,7 @@ class Q6_K(BlockFormat, qtype=T.Q6_K):
 class IQ4_NL(BlockFormat, qtype=T.IQ4_NL):
     # Its dequant kernel reads 2-byte words at 95% of the copy bandwidth, and its fused kernel ran
     # 0.88-0.96x of dequant + cuBLAS on every shape the fused rule picks: it takes the dequant path.
-    tile, fused, table, align = Tile(2, 64, 2), False, True, 2
+    tile, fused, table, align, encoder = Tile(2, 64, 2), False, True, 2, encode.iq4_nl
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -283,7 +283,7 @@ class IQ4_NL(BlockFormat, qtype=T.IQ4_NL):
 
 class IQ4_XS(BlockFormat, qtype=T.IQ4_XS):
     # The kernels read d and the scales as one 8-byte load.
-    tile, fused, table, align = Tile(16, 8, 2), True, True, 8
+    tile, fused, table, align, encoder = Tile(16, 8, 2), True, True, 8, encode.iq4_xs
 
     @classmethod
     def dequantize_blocks(cls, blocks):
