@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 QK_K = 256
+F32 = np.float32
 # The IQ4 types' 16 code values (llama.cpp's kvalues_iq4nl), in increasing order.
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
@@ -97,8 +98,6 @@ def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     out[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
     return out
 
-
-F32 = np.float32
 
 
 def _seq_sum(terms: np.ndarray) -> np.ndarray:
