@@ -52,3 +52,14 @@ def test_encoder_bytes_equal_llama_cpp_reference(lib, name, case):
         got = FORMATS[T[name.upper()]].encode(x).reshape(expected.shape)
     differ = np.flatnonzero((got != expected).any(axis=1))
     assert differ.size == 0, f"{differ.size} of {len(expected)} blocks differ, first {differ[:5]}"
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q6_K, T.IQ4_XS])
+def test_encoders_refuse_partial_blocks_and_non_finite_values(qtype):
+    fmt = FORMATS[qtype]
+    with pytest.raises(ValueError, match="whole"):
+        fmt.encode(np.ones((2, fmt.block_size + 16), np.float32))
+    bad = np.ones((2, fmt.block_size), np.float32)
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fmt.encode(bad)

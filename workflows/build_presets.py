@@ -120,7 +120,9 @@ class Graph:
                     node["widgets_values"].append(value)
                     node["widgets_values"].extend(extra_widget_values(opts, widgets))
                     if kind == DYNAMIC_COMBO:  # the chosen option's own widgets follow, given as "combo.input"
-                        option = next(o for o in opts["options"] if o["key"] == value)
+                        option = next((o for o in opts["options"] if o["key"] == value), None)
+                        if option is None:
+                            raise KeyError(f"{type_}.{name}: no option {value!r}")
                         for sub, count, sub_entry in widget_inputs({"input": option["inputs"]}, []):
                             sub_opts = sub_entry[1] if len(sub_entry) > 1 else {}
                             node["widgets_values"].append(widgets.pop(f"{name}.{sub}", sub_opts.get("default")))
@@ -244,9 +246,9 @@ LIGHTNING = {  # (model set, steps) -> the LoRA of lightx2v's Qwen-Image Lightni
     ("2512", 8): "Qwen-Image-2512-Lightning-8steps-V1.0-bf16.safetensors",
     ("2511", 4): "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors",
 }
-LIGHTNING_NOTE = ("The Lightning LoRA (lightx2v) distils the model to {steps} steps: its authors sample with "
-                  "flow-matching Euler at shift 3 and CFG 1, as here (so the negative prompt is zeroed out and "
-                  "each step runs one forward). The LoRA runs on the GGUF weights in low-rank form.")
+LIGHTNING_NOTE = ("The Lightning LoRA (lightx2v) is distilled for {steps} steps: its authors sample with "
+                  "flow-matching Euler at shift 3 and CFG 1, as here. At CFG 1 ComfyUI runs one forward per step "
+                  "and the negative prompt has no effect. The LoRA runs on the GGUF weights in low-rank form.")
 
 
 def lightning_lora(g: Graph, model: dict, name: str, pos: tuple[int, int]) -> dict:
@@ -274,8 +276,7 @@ def qwen_lightning(info: dict, steps: int) -> dict:
     g.add("MarkdownNote", (-20, 580), (380, 300), text=RESOLUTIONS_NOTE)
     g.add("MarkdownNote", (400, 400), (460, 360), text=(
         f"## Qwen-Image-2512, Lightning {steps} steps, GGUF\n" + LIGHTNING_NOTE.format(steps=steps)
-        + f" More steps than {steps} do not help a distilled model; for the finest detail use the 40- or 60-step "
-        "presets without the LoRA.\n\n" + SMALL_GPU_NOTE))
+        + " For the finest detail use the 40- or 60-step presets without the LoRA."))
     return g.to_json()
 
 
@@ -300,8 +301,8 @@ def qwen_two_stage(info: dict) -> dict:
     g.add("MarkdownNote", (-20, 580), (380, 300), text=RESOLUTIONS_NOTE)
     g.add("MarkdownNote", (400, 620), (840, 260), text=(
         "## Qwen-Image-2512 in two stages, GGUF\n"
-        "**Coarse** (group 3): 25 DPM++ 2M Karras steps at 1024 x 1024 settle the composition, at about 60% "
-        "of the cost of a step at full size. **Fine** (group 4): the latent is enlarged to 1328 x 1328 and "
+        "**Coarse** (group 3): 25 DPM++ 2M Karras steps at 1024 x 1024 (59% of the pixels of 1328 x 1328) "
+        "settle the composition. **Fine** (group 4): the latent is enlarged to 1328 x 1328 and "
         "15 more steps at denoise 0.45 redraw the detail at full size while keeping the composition (raise "
         "the denoise for more change, lower it to stay closer). Both stages share the prompt, the model and "
         "the shift; the refine seed is fixed so only the coarse seed varies between runs."))
@@ -384,8 +385,8 @@ def qwen_enhanced(info: dict) -> dict:
         "ComfyUI's Generate Text node has the Qwen2.5-VL-7B text encoder (the same GGUF file, its output head "
         "included) write your short idea out: setting, composition, light, colour, texture and style, in the "
         "idea's language. The result is shown in \"The written-out prompt\" and encoded as the positive "
-        "prompt. Change the seed of Generate Text for another wording; set its sampling mode to off for the "
-        "same wording every time."))
+        "prompt. The wording stays the same from run to run until you change Generate Text's seed. Keep the "
+        "instructions starting with <|im_start|>: otherwise the text encoder wraps them in its own template."))
     return g.to_json()
 
 
@@ -434,7 +435,7 @@ def qwen_edit(info: dict, images: int, lightning: bool = False) -> dict:
         f"## Qwen-Image-Edit-2511{', Lightning 4 steps' if lightning else ''}, GGUF\nThe mmproj file gives the text "
         "encoder its vision tower: without it the edit nodes cannot see the images (the loader says so). Replace the "
         f"input images with your own ({'one image' if images == 1 else 'image 1 is edited, image 2 is the reference'})."
-        + ("\n\n" + LIGHTNING_NOTE.format(steps=steps) if lightning else "") + "\n\n" + SMALL_GPU_NOTE))
+        + ("\n\n" + LIGHTNING_NOTE.format(steps=steps) if lightning else "\n\n" + SMALL_GPU_NOTE)))
     return g.to_json()
 
 

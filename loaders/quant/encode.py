@@ -20,6 +20,8 @@ import numpy as np
 
 QK_K = 256
 F32 = np.float32
+# Below this largest magnitude llama.cpp takes a group as all zeros.
+GROUP_MAX_EPS = F32(1e-15)
 # The IQ4 types' 16 code values (llama.cpp's kvalues_iq4nl), in increasing order.
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
@@ -45,8 +47,8 @@ def _halves(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _symmetric(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
     """Q4_0 / Q5_0 (``half`` 8 / 16), llama.cpp's reference: d = (signed peak) / -half, codes
-    truncated from x / d + half + 0.5 and capped at 2 * half - 1."""
-    x = np.ascontiguousarray(x, dtype=F32)
+    truncated from x * (1 / d) + half + 0.5 and capped at 2 * half - 1."""
+    x = np.ascontiguousarray(x, dtype=F32).reshape(-1, 32)
     # The running maximum starts from +0.0 and moves only to a larger magnitude: all zeros give +0.0.
     peak = _at(x, np.abs(x).argmax(axis=-1))
     d = np.where(peak == 0, F32(0), peak) / F32(-half)
@@ -57,8 +59,8 @@ def _symmetric(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _affine(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     """Q4_1 / Q5_1 (``levels`` 15 / 31), llama.cpp's reference: d = (max - min) / levels, codes
-    truncated from (x - min) / d + 0.5."""
-    x = np.ascontiguousarray(x, dtype=F32)
+    truncated from (x - min) * (1 / d) + 0.5."""
+    x = np.ascontiguousarray(x, dtype=F32).reshape(-1, 32)
     lo = _at(x, x.argmin(axis=-1))
     d = (_at(x, x.argmax(axis=-1)) - lo) / F32(levels)
     inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
@@ -301,8 +303,6 @@ def q5_k(x: np.ndarray) -> np.ndarray:
     qh = (bits << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1).astype(np.uint8)
     return np.concatenate([head, qh, _nibble_pack(q)], axis=-1)
 
-
-GROUP_MAX_EPS = F32(1e-15)
 
 
 def _qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:

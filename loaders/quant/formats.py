@@ -69,7 +69,7 @@ def _iq4_lookup(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _gguf_encoder(qtype: T) -> Callable[[np.ndarray], np.ndarray]:
-    """The ``gguf`` package's encoder of ``qtype`` (the 32-element types), on rows of whole blocks."""
+    """The ``gguf`` package's encoder of ``qtype`` (Q8_0's: llama.cpp's bytes), on rows of whole blocks."""
     return lambda rows: quants.quantize(rows, qtype)
 
 
@@ -131,7 +131,11 @@ class BlockFormat(Format):
         """A float array as this type's blocks, shaped (rows, bytes per row) as GGUFWriter expects."""
         if cls.encoder is None:
             raise NotImplementedError(f"this package cannot encode {cls.name}")
+        if x.shape[-1] % cls.block_size:
+            raise ValueError(f"{cls.name} takes rows of whole {cls.block_size}-element blocks, not rows of {x.shape[-1]}")
         rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        if not np.isfinite(rows).all():
+            raise ValueError(f"{cls.name} cannot encode NaN or infinite values")
         return cls.encoder(rows.reshape(-1, cls.block_size)).reshape(rows.shape[0], -1)
 
 
