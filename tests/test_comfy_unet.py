@@ -143,7 +143,11 @@ def latents(models, tmp_path_factory):
     native = native_loader(models, "qwen-tiny-Q4_K_M.gguf", "qwen-tiny.safetensors", "qwen_image")
     for node, patches in CORE_NODE_CASES.items():
         control = "tiny-fun-controlnet.safetensors" if node == "controlnet" else None
-        for name, loader in ((node, gguf_loader("qwen-tiny-Q4_K_M.gguf")), (node + "_native", native)):
+        # TorchCompileModel: ours compiled against ours eager (compiling ComfyUI's own model as well
+        # would double the longest compile of the suite and test nothing of ours).
+        variants = ((node, gguf_loader("qwen-tiny-Q4_K_M.gguf")),) + (() if node == "compiled" else
+                                                                     ((node + "_native", native),))
+        for name, loader in variants:
             cases[name] = None
             prompts.append(sampling_graph(loader, str(work / f"{name}.safetensors"), 256, patches=patches, steps=8,
                                           control=control))
@@ -220,9 +224,8 @@ def test_core_model_patch_nodes_match_native(latents, node):
 
 
 def test_torch_compile_model_node_matches(latents):
-    # Compiled (inductor) and eager runs of our model and of ComfyUI's agree.
+    # Compiled (inductor) and eager runs of our model agree.
     assert_close(latents["compiled"], latents["plain_8"])
-    assert_close(latents["compiled_native"], latents["plain_8"])
 
 
 def test_wrong_kind_file_gets_clear_error(latents):
