@@ -7,9 +7,11 @@ logs one line saying so, instead of failing. (ComfyUI's internals have their own
 - ``torch._C._nn._parse_to``: how ``tensor.to(...)`` reads its arguments, so that a quantized tensor
   asked for a float dtype hands back values. Fallback: the arguments read by hand (devices, dtypes
   and tensors, positional or by keyword).
-- A compiled Triton kernel's direct launch (``compiled[grid](*args)``, which needs its
-  ``packed_metadata``): Launcher's cheap path. Fallback: Triton's own launch on every call (20-40 us
-  more host time per layer).
+- A compiled Triton kernel's launcher entry (``compiled.run.launch``, with its ``function``,
+  ``packed_metadata`` and launch options), called straight with the current CUDA stream
+  (``torch._C._cuda_getCurrentRawStream``): Launcher's cheapest path. Fallbacks: the compiled
+  kernel's own ``compiled[grid](*args)`` (a few us more per launch, it builds launch metadata for
+  Triton's hooks every time), then Triton's own launch on every call (20-40 us more per layer).
 - ``QWEN_GGUF_TORCH_DEQUANT=1`` switches the Triton kernels off (the torch dequantizers run on the
   GPU instead: for comparisons).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Callable
 
 import torch
 
@@ -62,13 +65,56 @@ def triton_kernels() -> bool:
     return True
 
 
-def direct_launch(compiled) -> bool:
-    """Whether Triton's compiled kernel ``compiled`` can be launched directly; logs once if it cannot."""
-    if hasattr(compiled, "packed_metadata"):
-        return True
-    if compiled is not None:  # None: Triton's interpreter, which hands back no kernel
-        _no_direct_launch()
-    return False
+def direct_launchers(compiled) -> tuple[Callable, Callable] | None:
+    """Two ways of launching Triton's compiled kernel ``compiled`` as ``compiled[grid](*args)`` does,
+    ``go(grid, *args)`` with ``grid`` three numbers: the launcher entry called straight (what does
+    not change between calls looked up once), and the compiled kernel's own launch, for when the
+    first fails at its first call (a Triton whose entry takes other arguments). None where Triton
+    hands back no compiled kernel that can be launched directly (logged once): its own launch then."""
+    if not hasattr(compiled, "packed_metadata"):
+        if compiled is not None:  # None: Triton's interpreter, which hands back no kernel
+            _no_direct_launch()
+        return None
+
+    def own(grid, *args):
+        compiled[grid](*args)
+    entry = _launcher_entry(compiled)
+    return (entry or own), own
+
+
+def _launcher_entry(compiled) -> Callable | None:
+    """``compiled``'s launcher entry bound to what does not change between calls, or None where it
+    needs more than a launch (scratch memory, tensor descriptors, launch hooks: Triton's own path)."""
+    run = getattr(compiled, "run", None)
+    launch = getattr(run, "launch", None)
+    try:
+        import triton.knobs as knobs
+        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+        options = (run.launch_cooperative_grid, run.launch_pdl)
+        plain = run.global_scratch_size == 0 and run.profile_scratch_size == 0
+    except (ImportError, AttributeError):
+        return None
+    if launch is None or not plain or any(getattr(h, "calls", h) for h in hooks):
+        return None
+    compiled._init_handles()
+    function, metadata = compiled.function, compiled.packed_metadata
+    current_device, current_stream = torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream
+
+    def go(grid, *args):
+        launch(grid[0], grid[1], grid[2], current_stream(current_device()), function, *options, None, None,
+               metadata, None, None, None, *args)
+    return go
+
+
+def entry_failed(error: Exception) -> None:
+    """Say once that the launcher entry refused its arguments (the slower launch is taken instead)."""
+    _entry_failed(f"{type(error).__name__}: {error}")
+
+
+@functools.cache
+def _entry_failed(error: str) -> None:
+    log.info("this Triton's launcher entry takes other arguments (%s): kernels go through the compiled kernel's "
+             "own launch (a few us more host time per launch)", error)
 
 
 @functools.cache

@@ -25,7 +25,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from ..formats import IQ4_VALUES, BlockFormat
-from .launch import Launcher
+from .launch import Launcher, int_key
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +388,9 @@ def device_name(index: int) -> str:
 
 class Dequantizer:
     """The dequant kernel bound to one weight: its format's tile for the GPU, the grid, the launch
-    constants, all worked out once (when the layer is loaded), since the call runs per layer per
-    step on a host-bound path. ``Dequantizer(fmt, shape, device)(raw, dtype)`` is the weight."""
+    constants and what Triton specializes on that stays (the block count), all worked out once (when
+    the layer is loaded), since the call runs per layer per step on a host-bound path.
+    ``Dequantizer(fmt, shape, device)(raw, dtype)`` is the weight."""
 
     def __init__(self, fmt: type[BlockFormat], shape, device: torch.device, tile=None):
         self.shape = torch.Size(shape)
@@ -397,17 +398,25 @@ class Dequantizer:
             tile = fmt.tile_for(device_name(device.index if device.index is not None else torch.cuda.current_device()))
         tile = tile or fmt.tile
         self.n_blocks = self.shape.numel() // fmt.block_size
-        self.grid = ((self.n_blocks + tile.blocks - 1) // tile.blocks,)
+        self.grid = ((self.n_blocks + tile.blocks - 1) // tile.blocks, 1, 1)
         self.align, self.table = fmt.align, fmt.table
         self.launch = _launcher(fmt, tile)
+        self.blocks_key = int_key(self.n_blocks)
 
     def __call__(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=dtype, device=raw.device)
-        if self.align > 1:
+        if torch.compiler.is_compiling():
+            self.launch(self.grid, raw, out, lookup_table(raw.device) if self.table else raw, self.n_blocks)
+            return out
+        address = raw.data_ptr()
+        if address % self.align:
             raw = aligned(raw, self.align)
-        # Only the IQ4 types read the table (on the bytes' device: a model may be copied to another
-        # GPU); the others get any pointer (the bytes) instead of a lookup.
-        self.launch(self.grid, raw, out, lookup_table(raw.device) if self.table else raw, self.n_blocks)
+            address = raw.data_ptr()
+        # The output is a fresh allocation (aligned), the table too: what varies is the bytes'
+        # alignment, the dtype and the device. Only the IQ4 types read the table (on the bytes'
+        # device: a model may be copied to another GPU); the others get any pointer (the bytes).
+        self.launch.keyed((self.blocks_key, dtype, address % 16 == 0, raw.get_device()), self.grid, raw, out,
+                          lookup_table(raw.device) if self.table else raw, self.n_blocks)
         return out
 
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..fp8 import FP8, FP8_MAX, MIN_AMAX
-from .launch import Launcher
+from .launch import Launcher, int_key
 
 # Qwen-Image's widest activations (its MLP's 12288) take one pass; Qwen2.5-VL's MLP (18944) takes two.
 ONE_PASS_MAX = 16384
@@ -68,7 +68,13 @@ def quantize_activations(x: torch.Tensor, per_row: bool = True) -> tuple[torch.T
     else:
         scale = (x.abs().amax().float().clamp(min=MIN_AMAX) / FP8_MAX).reshape(())
     if m:
-        _launcher(k, per_row)((m,), x, q, scale, k, x.stride(0))
+        launch, stride = _launcher(k, per_row), x.stride(0)
+        if torch.compiler.is_compiling():
+            launch((m, 1, 1), x, q, scale, k, stride)
+        else:
+            # q and scale are fresh allocations (aligned), k is the launcher's own: what varies is x.
+            launch.keyed((x.dtype, x.data_ptr() % 16 == 0, int_key(stride), x.get_device()), (m, 1, 1),
+                         x, q, scale, k, stride)
     return q, scale
 
 
