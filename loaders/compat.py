@@ -83,8 +83,8 @@ def direct_launchers(compiled) -> tuple[Callable, Callable] | None:
 
 
 def _launcher_entry(compiled) -> Callable | None:
-    """``compiled``'s launcher entry bound to what does not change between calls, or None where it
-    needs more than a launch (scratch memory, tensor descriptors, launch hooks: Triton's own path)."""
+    """``compiled``'s launcher entry bound to what does not change between calls, or None where a
+    launch needs more (scratch memory, registered launch hooks: the compiled kernel's own launch)."""
     run = getattr(compiled, "run", None)
     launch = getattr(run, "launch", None)
     try:
