@@ -402,30 +402,34 @@ def layout_problems(driver) -> list[str]:
 def test_template_browser_lists_the_presets_in_order(browser):
     # As a user meets it: the Templates dialog, this package's entry under Extensions.
     browser.execute_script("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    time.sleep(2)
-    browser.execute_script("[...document.querySelectorAll('[role=dialog] span')]"
-                           ".find(e => e.innerText === 'ComfyUI-QwenImage-GGUF').click()")
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        text = browser.execute_script("return document.querySelector('[role=dialog]').innerText")
-        # Cards below the fold load their thumbnail when scrolled to: scroll on, counting each loaded one.
-        images = browser.execute_script(
-            "const seen = window.__qgThumbs = window.__qgThumbs || new Set();"
-            "const imgs = [...document.querySelectorAll('[role=dialog] img')];"
-            "imgs.filter(i => i.naturalWidth === 512).forEach(i => seen.add(i.src));"
-            "let pane = imgs[0];"  # the cards' own scrolling pane (not the side bar's)
-            "while (pane && !(pane.scrollHeight > pane.clientHeight + 8"
-            " && /auto|scroll/.test(getComputedStyle(pane).overflowY))) pane = pane.parentElement;"
-            "if (pane) pane.scrollTop = Math.min(pane.scrollTop + 300, pane.scrollHeight);"
-            "return seen.size")
-        if f"Showing {len(ORDER)} of {len(ORDER)}" in text and images == len(ORDER):
-            break
-        time.sleep(0.5)
-    browser.save_screenshot(str(ARTIFACTS / "template_browser.png"))
-    shown = [line for line in text.splitlines() if line in ORDER]
-    assert shown == ORDER, text
-    assert images == len(ORDER), "every card shows its thumbnail"
-    close_dialogs(browser)
+    try:
+        time.sleep(2)
+        browser.execute_script("[...document.querySelectorAll('[role=dialog] span')]"
+                               ".find(e => e.innerText === 'ComfyUI-QwenImage-GGUF').click()")
+        # Cards load their thumbnail when scrolled into view, which takes a while on a loaded CI machine:
+        # scroll the pane round, counting each loaded one.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            text = browser.execute_script("return document.querySelector('[role=dialog]').innerText")
+            images = browser.execute_script(
+                "const seen = window.__qgThumbs = window.__qgThumbs || new Set();"
+                "const imgs = [...document.querySelectorAll('[role=dialog] img')];"
+                "imgs.filter(i => i.complete && i.naturalWidth === 512).forEach(i => seen.add(i.src));"
+                "let pane = imgs[0];"  # the cards' own scrolling pane (not the side bar's)
+                "while (pane && !(pane.scrollHeight > pane.clientHeight + 8"
+                " && /auto|scroll/.test(getComputedStyle(pane).overflowY))) pane = pane.parentElement;"
+                "if (pane) pane.scrollTop = pane.scrollTop + pane.clientHeight >= pane.scrollHeight - 8"
+                " ? 0 : pane.scrollTop + 300;"  # round and round until every card has been seen loaded
+                "return seen.size")
+            if f"Showing {len(ORDER)} of {len(ORDER)}" in text and images == len(ORDER):
+                break
+            time.sleep(0.5)
+        browser.save_screenshot(str(ARTIFACTS / "template_browser.png"))
+        shown = [line for line in text.splitlines() if line in ORDER]
+        assert shown == ORDER, text
+        assert images == len(ORDER), "every card shows its thumbnail"
+    finally:
+        close_dialogs(browser)
 
 
 def test_preset_naming_another_installed_quant_runs(server):
