@@ -82,13 +82,24 @@ def direct_launchers(compiled) -> tuple[Callable, Callable] | None:
     return (entry or own), own
 
 
+# Triton releases whose launcher entry takes its arguments in the order ``go`` passes them (read in
+# their driver and run on a GPU). Another release's entry might take the same number in another
+# order and launch with wrong pointers instead of failing: it gets the compiled kernel's own launch.
+DIRECT_LAUNCH_TRITON = ("3.6.",)
+
+
 def _launcher_entry(compiled) -> Callable | None:
     """``compiled``'s launcher entry bound to what does not change between calls, or None where a
-    launch needs more (scratch memory, registered launch hooks: the compiled kernel's own launch)."""
+    launch needs more (scratch memory, registered launch hooks: the compiled kernel's own launch) or
+    where this Triton's entry is not known."""
     run = getattr(compiled, "run", None)
     launch = getattr(run, "launch", None)
     try:
+        import triton
         import triton.knobs as knobs
+        if not triton.__version__.startswith(DIRECT_LAUNCH_TRITON):
+            _unknown_entry(triton.__version__)
+            return None
         hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
         options = (run.launch_cooperative_grid, run.launch_pdl)
         plain = run.global_scratch_size == 0 and run.profile_scratch_size == 0
@@ -115,6 +126,12 @@ def entry_failed(error: Exception) -> None:
 def _entry_failed(error: str) -> None:
     log.info("this Triton's launcher entry takes other arguments (%s): kernels go through the compiled kernel's "
              "own launch (a few us more host time per launch)", error)
+
+
+@functools.cache
+def _unknown_entry(version: str) -> None:
+    log.info("Triton %s's launcher entry is not one this package knows: kernels go through the compiled kernel's "
+             "own launch (a few us more host time per launch)", version)
 
 
 @functools.cache
