@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
 
 import llama_cpp_ref
 from llama_cpp_ref import quantize_ref, reference
-from loaders.quant.formats import FORMATS
+from loaders.quant.formats import ENCODE_PIECE, FORMATS
 
 
 def rows() -> dict[str, np.ndarray]:
@@ -59,3 +60,25 @@ def test_encoders_refuse_rows_of_partial_blocks(qtype):
     fmt = FORMATS[qtype]
     with pytest.raises(ValueError, match="whole"):
         fmt.encode(np.ones((2, fmt.block_size + 16), np.float32))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_K", "q6_K", "iq4_xs"])
+def test_a_tensor_of_many_pieces_encodes_as_one_call_of_the_reference(lib, name):
+    # Large tensors are encoded in pieces on several threads: the pieces must join into the same bytes.
+    fmt = FORMATS[T[name.upper()]]
+    x = np.random.default_rng(7).standard_normal((40, 78592)).astype(np.float32)
+    assert x.size > 8 * ENCODE_PIECE
+    expected = quantize_ref(lib, name, x)
+    assert np.array_equal(fmt.encode(x).reshape(expected.shape), expected)
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs"])
+def test_encoders_on_the_gpu_give_the_reference_bytes(lib, name):
+    # The same torch code on CUDA: its divisions, square roots and sums must round as the CPU's do.
+    x = np.concatenate([rows()[case] for case in ("normal", "zeros", "ties (quarter steps)", "huge", "tiny", "outliers")])
+    x = x.astype(np.float32)
+    expected = quantize_ref(lib, name, x)
+    got = FORMATS[T[name.upper()]].encode(torch.from_numpy(x).cuda()).cpu().numpy()
+    assert np.array_equal(got.reshape(expected.shape), expected)

@@ -16,11 +16,12 @@ so the per-layer path launches no host-to-device copies.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from . import encode
 from .kernels.tiles import Tile
@@ -68,11 +69,6 @@ def _iq4_lookup(codes: torch.Tensor) -> torch.Tensor:
     return table[codes.long()]
 
 
-def _gguf_encoder(qtype: T) -> Callable[[np.ndarray], np.ndarray]:
-    """The ``gguf`` package's encoder of ``qtype`` (Q8_0's: llama.cpp's bytes), on rows of whole blocks."""
-    return lambda rows: quants.quantize(rows, qtype)
-
-
 class Format:
     """A storage format of a weight: how its bytes are laid out, decoded and encoded."""
 
@@ -89,8 +85,9 @@ class Format:
     fused: ClassVar[bool] = False
     # Whether its kernels read the IQ4 code table.
     table: ClassVar[bool] = False
-    # float32 rows of whole blocks -> their blocks' bytes (None: this package cannot write it).
-    encoder: ClassVar[Callable[[np.ndarray], np.ndarray] | None] = None
+    # float32 blocks -> their bytes, one row per block, on the blocks' device (None: this package
+    # cannot write it).
+    encoder: ClassVar[Callable[[torch.Tensor], torch.Tensor] | None] = None
 
     @classmethod
     def tile_for(cls, device_name: str | None) -> Tile:
@@ -127,16 +124,37 @@ class BlockFormat(Format):
         raise NotImplementedError
 
     @classmethod
-    def encode(cls, x: np.ndarray) -> np.ndarray:
-        """A float array as this type's blocks, shaped (rows, bytes per row) as GGUFWriter expects."""
+    def encode(cls, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """A float array as this type's blocks, shaped (rows, bytes per row) as GGUFWriter expects: a
+        numpy array encoded on the CPU, a tensor on its own device (the same bytes on either)."""
         if cls.encoder is None:
             raise NotImplementedError(f"this package cannot encode {cls.name}")
         if x.shape[-1] % cls.block_size:
             raise ValueError(f"{cls.name} takes rows of whole {cls.block_size}-element blocks, not rows of {x.shape[-1]}")
-        rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        tensor = torch.as_tensor(x)
+        rows = tensor.to(torch.float32).reshape(-1, x.shape[-1])
         # Non-finite values are encoded as llama.cpp would (damaged-file fixtures rely on it); a
         # converter refuses them with the name of its input first.
-        return cls.encoder(rows.reshape(-1, cls.block_size)).reshape(rows.shape[0], -1)
+        blocks = rows.reshape(-1, cls.block_size)
+        step = max(1, ENCODE_PIECE // cls.block_size)
+        if blocks.device.type != "cpu" or len(blocks) <= step:
+            data = cls.encoder(blocks)
+        else:
+            data = torch.cat(list(_encode_pool().map(cls.encoder, blocks.split(step))))
+        data = data.reshape(rows.shape[0], -1)
+        return data.numpy() if isinstance(x, np.ndarray) else data
+
+
+# Blocks encode independently. On the CPU the encoders run several times faster on pieces of this
+# many elements than on a whole large tensor (their temporaries stay in cache), and torch releases
+# the GIL inside its operations, so the pieces run on every core in threads.
+ENCODE_PIECE = 1 << 18
+
+
+@functools.cache
+def _encode_pool() -> ThreadPoolExecutor:
+    # torch's own thread count: the cores this process may use, or what the user limited it to.
+    return ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="gguf-encode")
 
 
 FORMATS: dict[T, type[BlockFormat]] = {}
@@ -192,7 +210,7 @@ class Q5_1(BlockFormat, qtype=T.Q5_1):
 
 
 class Q8_0(BlockFormat, qtype=T.Q8_0):
-    tile, fused, encoder = Tile(1, 128), True, _gguf_encoder(T.Q8_0)
+    tile, fused, encoder = Tile(1, 128), True, encode.q8_0
 
     @classmethod
     def dequantize_blocks(cls, blocks):
