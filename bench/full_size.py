@@ -27,10 +27,12 @@ for _sub in ("", "tests", "bench"):
     sys.path.insert(0, str(REPO / _sub))
 
 from dequant_bandwidth import random_blocks  # noqa: E402
+from loaders.convert.recipes import IMAGE_ARCHS, LEVELS, image_recipe, uniform_recipe  # noqa: E402
+from loaders.gguf.writer import write_encoded  # noqa: E402
+from loaders.models.tokenizer import gguf_tokenizer_metadata  # noqa: E402
 from loaders.quant.formats import FORMATS  # noqa: E402
-from loaders.gguf.writer import city96_recipe, uniform_recipe, write_encoded  # noqa: E402
 from tiny_models import qwen_image_shapes, z_image_shapes  # noqa: E402
-from tiny_text_encoders import (llama_cpp_q4_k_m, llm_shapes, to_gguf_llm, to_gguf_mmproj, tokenizer_metadata,  # noqa: E402
+from tiny_text_encoders import (llm_shapes, q4_k_m, to_gguf_llm, to_gguf_mmproj,  # noqa: E402
                                 vision_shapes)
 
 QWEN_IMAGE_20B = dict(layers=60, heads=24, head_dim=128, text_dim=3584, mlp=12288, in_channels=64, out_channels=16)
@@ -38,9 +40,6 @@ Z_IMAGE_6B = dict(layers=30, refiners=2, heads=30, head_dim=128, cap_dim=2560, f
 QWEN25_VL_7B = dict(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064)
 VISION_7B = dict(hidden=1280, layers=32, heads=16, intermediate=3420, patch=14)
 QWEN3_4B = dict(hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728, vocab=151936)
-
-# The diffusion-model quants the installer offers -> the bulk type of the mix.
-BULK = {"Q4_0": T.Q4_0, "Q4_K_M": T.Q4_K, "Q4_K": T.Q4_K, "Q5_K_M": T.Q5_K, "Q8_0": T.Q8_0}
 
 
 class Random:
@@ -70,30 +69,29 @@ class Random:
 
 def qwen_image(path: Path, quant: str, marker: bool = False, spec: dict = QWEN_IMAGE_20B) -> None:
     rnd = Random(0)
-    bulk = BULK[quant]
-    recipe = city96_recipe(bulk, spec["layers"]) if quant.endswith("_M") else uniform_recipe(bulk)
+    recipe = image_recipe(LEVELS[quant], IMAGE_ARCHS["qwen_image"], spec["layers"])
     tensors = {n: rnd.encoded(n, s, recipe(n, s)) for n, s in qwen_image_shapes(**spec).items()}
     if marker:  # Qwen-Image-Edit-2511's, as the real files carry it
         tensors["__index_timestep_zero__"] = (np.zeros(0, np.float32), T.F32)
     write_encoded(path, tensors, "qwen_image")
 
 
-def z_image(path: Path, quant: str = "Q4_K", spec: dict = Z_IMAGE_6B) -> None:
+def z_image(path: Path, spec: dict = Z_IMAGE_6B) -> None:
     rnd = Random(1)
-    recipe = uniform_recipe(BULK[quant])
+    recipe = uniform_recipe(T.Q4_K)  # the installer's z_image_turbo-Q4_K.gguf
     write_encoded(path, {n: rnd.encoded(n, s, recipe(n, s)) for n, s in z_image_shapes(**spec).items()}, "lumina2")
 
 
 def language_model(path: Path, arch: str, spec: dict, tokenizer: Path) -> None:
     rnd = Random(2)
     shapes = llm_shapes(**spec, qk_norm=arch == "qwen3", bias=arch != "qwen3")
-    pick = llama_cpp_q4_k_m(spec["layers"])
+    pick = q4_k_m(spec, tied=arch == "qwen3")
     tensors = {g: rnd.encoded(g, shapes[h], pick(g, shapes[h])) for g, h in to_gguf_llm({k: k for k in shapes}).items()}
     meta = {f"{arch}.block_count": spec["layers"], f"{arch}.embedding_length": spec["hidden"],
             f"{arch}.feed_forward_length": spec["intermediate"], f"{arch}.attention.head_count": spec["heads"],
             f"{arch}.attention.head_count_kv": spec["kv_heads"], f"{arch}.rope.freq_base": 1000000.0,
             f"{arch}.attention.layer_norm_rms_epsilon": 1e-6, f"{arch}.context_length": 128000,
-            **tokenizer_metadata(tokenizer, spec["vocab"])}
+            **gguf_tokenizer_metadata(tokenizer, spec["vocab"])}
     if arch == "qwen2vl":
         meta["qwen2vl.rope.dimension_sections"] = [16, 24, 24, 0]
     else:

@@ -45,8 +45,8 @@ def random_weights(cfg, pkg):
     from tiny_models import qwen_image_shapes
     from dequant_bandwidth import random_blocks
     from gguf import GGMLQuantizationType as T
-    from loaders.gguf.writer import city96_recipe
-    recipe = city96_recipe(T.Q4_K, cfg["layers"])
+    from loaders.convert.recipes import IMAGE_ARCHS, LEVELS, image_recipe
+    recipe = image_recipe(LEVELS["Q4_K_M"], IMAGE_ARCHS["qwen_image"], cfg["layers"])
     GGMLTensor = pkg.loaders.quant.weight.GGMLTensor
     shapes = qwen_image_shapes(layers=cfg["layers"], heads=24, head_dim=128, text_dim=3584, mlp=12288,
                                in_channels=64, out_channels=16)

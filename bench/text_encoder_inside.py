@@ -28,10 +28,10 @@ def random_weights(cfg, pkg):
         sys.path.insert(0, cfg["repo"] + sub)
     from dequant_bandwidth import random_blocks
     from gguf import GGMLQuantizationType as T
-    from tiny_text_encoders import llama_cpp_q4_k_m, llm_shapes, to_gguf_llm
+    from tiny_text_encoders import llm_shapes, q4_k_m, to_gguf_llm
     spec = cfg["spec"]
     shapes = llm_shapes(**spec, head=True)  # with its untied output head, as the real file has
-    pick = llama_cpp_q4_k_m(spec["layers"])
+    pick = q4_k_m(spec, tied=False)
     device = cfg["device"]
     # Seeded: the global generator's state depends on what ComfyUI drew at start-up, so each loader's
     # run would otherwise build another model.
@@ -79,14 +79,14 @@ def well_conditioned(qtype, blocks, shape, pkg):
 
 
 def write_gguf(path, weights, spec, tokenizer_folder):
-    from tiny_text_encoders import tokenizer_metadata
+    from loaders.models.tokenizer import gguf_tokenizer_metadata
     from loaders.gguf.writer import write_encoded
     meta = {"qwen2vl.block_count": spec["layers"], "qwen2vl.embedding_length": spec["hidden"],
             "qwen2vl.feed_forward_length": spec["intermediate"], "qwen2vl.attention.head_count": spec["heads"],
             "qwen2vl.attention.head_count_kv": spec["kv_heads"], "qwen2vl.rope.freq_base": 1000000.0,
             "qwen2vl.attention.layer_norm_rms_epsilon": 1e-6, "qwen2vl.context_length": 128000,
             "qwen2vl.rope.dimension_sections": [16, 24, 24, 0],
-            **tokenizer_metadata(tokenizer_folder, spec["vocab"])}
+            **gguf_tokenizer_metadata(tokenizer_folder, spec["vocab"])}
     write_encoded(path, weights, "qwen2vl", meta)
 
 

@@ -52,7 +52,8 @@ def seed_files(folder: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     import comfy.ldm.wan.vae
-    from loaders.gguf.writer import uniform_recipe, write_gguf
+    from loaders.convert.recipes import uniform_recipe
+    from loaders.gguf.writer import write_gguf
     from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model,
                              z_image_shapes)
     from tiny_text_encoders import QWEN25VL, VISION, byte_level_tokenizer, write_llm, write_mmproj

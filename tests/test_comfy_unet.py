@@ -14,7 +14,8 @@ from comfy_env import REPO, requires_comfyui, run_prompts, run_script
 from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_lora,
                          write_model, z_image_shapes)
 from loaders.models.diffusion import open_diffusion_model
-from loaders.gguf.writer import uniform_recipe, write_gguf
+from loaders.convert.recipes import uniform_recipe
+from loaders.gguf.writer import write_gguf
 
 pytestmark = requires_comfyui
 

@@ -10,7 +10,8 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file
 
 from comfy_env import PACKAGE_NAME, REPO, requires_comfyui, run_prompts, run_script
-from loaders.gguf.writer import uniform_recipe, write_gguf
+from loaders.convert.recipes import uniform_recipe
+from loaders.gguf.writer import write_gguf
 from tiny_models import (QWEN_IMAGE, Z_IMAGE, decoded, qwen_image_recipe, qwen_image_shapes, random_weights,
                          write_model, z_image_shapes)
 

@@ -12,7 +12,8 @@ from loaders.models.diffusion import open_diffusion_model
 from loaders.gguf.errors import GGUFError
 from loaders.gguf.reader import GGUFFile
 from loaders.quant.weight import GGMLTensor, dequantize
-from loaders.gguf.writer import uniform_recipe, write_gguf
+from loaders.convert.recipes import uniform_recipe
+from loaders.gguf.writer import write_gguf
 from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model,
                          z_image_shapes)
 
@@ -29,7 +30,7 @@ def test_weights_decode_to_the_twin(tmp_path, qwen_weights, bulk):
         assert chosen["transformer_blocks.1.attn.to_q.weight"] == T.Q4_K
         assert chosen["transformer_blocks.1.attn.to_v.weight"] == T.Q6_K
         assert chosen["transformer_blocks.0.attn.to_q.weight"] == T.Q5_K
-        assert chosen["img_in.weight"] == T.F32
+        assert chosen["img_in.weight"] == T.F16
     dm = open_diffusion_model(str(tmp_path / "m.gguf"))
     twin = load_file(str(tmp_path / "m.st"))
     assert set(dm.state_dict) == set(twin)

@@ -24,7 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from comfy_env import comfyui_path
-from loaders.gguf.writer import uniform_recipe
+from loaders.convert.recipes import uniform_recipe
 from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_lora,
                          write_model, z_image_shapes)
 from tiny_text_encoders import QWEN3, QWEN25VL, VISION, write_llm, write_mmproj

@@ -11,7 +11,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T, quants
 from safetensors.numpy import save_file
 
-from loaders.gguf.writer import Recipe, city96_recipe, encode, uniform_recipe, write_gguf
+from loaders.convert.recipes import IMAGE_ARCHS, LEVELS, Recipe, image_recipe, uniform_recipe
+from loaders.gguf.writer import encode, write_gguf
 
 QWEN_IMAGE = dict(layers=3, heads=4, head_dim=64, text_dim=256, mlp=1024, in_channels=64, out_channels=16)
 Z_IMAGE = dict(layers=3, refiners=2, heads=4, head_dim=64, cap_dim=256, ffn=768, in_channels=16)
@@ -112,7 +113,9 @@ def write_model(path, weights: dict, recipe: Recipe, arch: str | None = "qwen_im
 
 
 def qwen_image_recipe(bulk: T = T.Q4_K) -> Recipe:
-    return city96_recipe(bulk, QWEN_IMAGE["layers"]) if bulk == T.Q4_K else uniform_recipe(bulk)
+    if bulk == T.Q4_K:
+        return image_recipe(LEVELS["Q4_K_M"], IMAGE_ARCHS["qwen_image"], QWEN_IMAGE["layers"])
+    return uniform_recipe(bulk)
 
 
 LORA_TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_v",

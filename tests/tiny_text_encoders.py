@@ -9,14 +9,15 @@ vocabulary size, token types, and merges.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from safetensors.numpy import save_file
 
-from loaders.gguf.writer import uniform_recipe, write_gguf
+from loaders.convert.recipes import LEVELS, llm_recipe, uniform_recipe
+from loaders.gguf.writer import write_gguf
+from loaders.models.tokenizer import gguf_tokenizer_metadata
 from tiny_models import decoded, random_weights
 
 QWEN25VL = dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, intermediate=512, vocab=152064)
@@ -104,20 +105,9 @@ def to_gguf_mmproj(weights: dict) -> dict:
     return out
 
 
-def llama_cpp_q4_k_m(n_layers: int):
-    """llama.cpp's Q4_K_M choice for a language model: Q4_K, with Q6_K for attn_v / ffn_down on the
-    layers it protects; norms and biases F32."""
-    def protected(i: int) -> bool:
-        return i < n_layers / 8 or i >= 7 * n_layers / 8 or (i - n_layers // 8) % 3 == 2
-
-    def pick(name: str, shape: tuple) -> T:
-        if len(shape) == 1:
-            return T.F32
-        if name == "output.weight" or (name.endswith(("attn_v.weight", "ffn_down.weight"))
-                                       and protected(int(name.split(".")[1]))):
-            return T.Q6_K
-        return T.Q4_K if shape[-1] % 256 == 0 else T.Q8_0
-    return pick
+def q4_k_m(spec: dict, tied: bool):
+    """llama.cpp's Q4_K_M mix for a language model of ``spec``."""
+    return llm_recipe(LEVELS["Q4_K_M"], spec["layers"], spec["heads"] // spec["kv_heads"], tied)
 
 
 def byte_level_tokenizer(words: list[str], specials: list[tuple[str, int]], pre: str = "qwen2",
@@ -142,25 +132,6 @@ def byte_level_tokenizer(words: list[str], specials: list[tuple[str, int]], pre:
             "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
 
 
-def tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
-    """tokenizer.ggml.* as llama.cpp's converter writes them from a Hugging Face tokenizer folder."""
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    by_id = {i: (t, 1) for t, i in vocab.items()}
-    for i, spec in config.get("added_tokens_decoder", {}).items():
-        by_id[int(i)] = (spec["content"], 3 if spec.get("special") else 4)
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token, kind = by_id.get(i, (f"[PAD{i}]", 5))
-        tokens.append(token)
-        types.append(kind)
-    merges = [line for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-              if line and not line.startswith("#version")]
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-            "tokenizer.ggml.eos_token_id": 151645, "tokenizer.ggml.padding_token_id": 151643}
-
-
 def write_llm(path: Path, arch: str, spec: dict, tokenizer: Path | None, twin: Path | None, seed: int = 2,
               metadata: dict | None = None, drop: tuple[str, ...] = (), head: bool = False) -> dict:
     weights = random_weights(llm_shapes(**spec, qk_norm=arch == "qwen3", bias=arch != "qwen3", head=head), seed)
@@ -174,10 +145,10 @@ def write_llm(path: Path, arch: str, spec: dict, tokenizer: Path | None, twin: P
     if arch == "qwen3":
         meta["qwen3.attention.key_length"] = spec["head_dim"]
     if tokenizer is not None:
-        meta.update(tokenizer_metadata(tokenizer, spec["vocab"]))
+        meta.update(gguf_tokenizer_metadata(tokenizer, spec["vocab"]))
     meta.update(metadata or {})
     gguf_weights = {k: v for k, v in gguf_weights.items() if k not in drop}
-    chosen = write_gguf(path, gguf_weights, llama_cpp_q4_k_m(spec["layers"]), arch=arch, metadata=meta)
+    chosen = write_gguf(path, gguf_weights, q4_k_m(spec, tied=not head), arch=arch, metadata=meta)
     if twin is not None:
         values = decoded(gguf_weights, chosen)
         hf = dict(zip(weights, (values[k] for k in gguf_weights)))

@@ -1,105 +1,115 @@
-"""Writing state dicts as GGUF with the type mixes of real files (test fixtures and benchmarks)."""
+"""Writing GGUF files tensor by tensor: each tensor is encoded when its turn comes and written at
+once, so writing holds one tensor in memory whatever the model's size (the converter, test fixtures
+and benchmarks all write through here)."""
 
 from __future__ import annotations
 
 import os
-import re
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFWriter, quants
 
-from .reader import MAX_DIMS
 from ..quant.formats import FORMATS
+from .reader import MAX_DIMS
 from .state_dict import ORIG_SHAPE_KEY
 
 Recipe = Callable[[str, tuple[int, ...]], T]
 
-_UNQUANTIZED = ("img_in.", "txt_in.", "time_text_embed.", "proj_out.", "norm_out.")
-_Q6_SUFFIXES = (".to_v.weight", ".add_v_proj.weight", ".img_mlp.net.2.weight", ".txt_mlp.net.2.weight")
+
+@dataclass(frozen=True)
+class Planned:
+    """One tensor of a file to write: its name, shape as stored (torch order) and type."""
+    name: str
+    shape: tuple[int, ...]
+    qtype: T
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape, dtype=np.int64)) // block * size
 
 
-def _fits(qtype: T, shape: tuple[int, ...]) -> bool:
-    return shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0
+def stored_shape(name: str, shape: tuple[int, ...], metadata: dict[str, Any]) -> tuple[int, ...]:
+    """The shape a tensor is stored with: GGUF holds at most 4 dimensions, so a larger one is stored
+    flattened with its shape in ``metadata``, as ComfyUI-GGUF does."""
+    if len(shape) <= MAX_DIMS:
+        return shape
+    metadata[ORIG_SHAPE_KEY.format(name)] = [int(d) for d in shape]
+    return (shape[0], int(np.prod(shape[1:])))
 
 
-def city96_recipe(bulk: T, n_layers: int) -> Recipe:
-    """city96's Qwen-Image recipe: small, 1-D and embedding tensors F32, the rest ``bulk`` (Q4_K_M for
-    Q4_K: Q6_K on v projections and MLP outputs, Q5_K on the first and last block)."""
-    edge = re.compile(rf"^transformer_blocks\.(0|{n_layers - 1})\.")
-
-    def pick(name: str, shape: tuple[int, ...]) -> T:
-        if len(shape) != 2 or int(np.prod(shape)) <= 1024 or name.startswith(_UNQUANTIZED):
-            return T.F32
-        qtype = bulk
-        if bulk == T.Q4_K:
-            if edge.match(name):
-                qtype = T.Q5_K
-            elif name.endswith(_Q6_SUFFIXES):
-                qtype = T.Q6_K
-        return qtype if _fits(qtype, shape) else T.F16
-    return pick
-
-
-def uniform_recipe(qtype: T) -> Recipe:
-    """Every 2-D tensor of more than 1024 elements as ``qtype``; the rest F32."""
-    def pick(name: str, shape: tuple[int, ...]) -> T:
-        if len(shape) != 2 or int(np.prod(shape)) <= 1024 or not _fits(qtype, shape):
-            return T.F32
-        return qtype
-    return pick
-
-
-def encode(array: np.ndarray, qtype: T) -> np.ndarray:
-    """A float array as the bytes (or float values) GGUFWriter stores for ``qtype``."""
+def encode(array: np.ndarray, qtype: T, device: str | None = None) -> np.ndarray:
+    """A float array as what GGUFWriter stores for ``qtype``: F32/F16 values, or the blocks' bytes
+    with the array's leading axes and one run of blocks per row (a block type's computed on
+    ``device`` when one is given: the same bytes)."""
     if qtype == T.F32:
         return np.ascontiguousarray(array, dtype=np.float32)
     if qtype == T.F16:
         return np.ascontiguousarray(array, dtype=np.float16)
+    rows = array.reshape(-1, array.shape[-1]) if array.ndim else array.reshape(1, 1)
     if qtype in FORMATS:
-        return FORMATS[qtype].encode(array)
-    return quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)  # BF16
+        data = FORMATS[qtype].encode(torch.from_numpy(rows).to(device) if device else rows)
+        data = data.cpu().numpy() if isinstance(data, torch.Tensor) else data
+    else:  # BF16
+        data = quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype)
+    return data.reshape(*array.shape[:-1], -1)
+
+
+def write_tensors(path: str | os.PathLike, plan: Iterable[Planned], produce: Callable[[Planned], np.ndarray],
+                  arch: str | None = None, metadata: Mapping[str, Any] | None = None,
+                  done: Callable[[Planned], None] = lambda p: None) -> None:
+    """Write the tensors of ``plan`` to ``path`` in order, ``produce(p)`` giving each one's stored
+    form (``encode``'s) only when it is written; ``done(p)`` after each."""
+    plan = list(plan)
+    writer = GGUFWriter(os.fspath(path), arch=arch or "unknown")
+    try:
+        if arch is None:
+            # sd.cpp conversions carry no architecture key; GGUFWriter always adds one, so drop it again.
+            writer.kv_data[0].pop("general.architecture", None)
+        for key, value in (metadata or {}).items():
+            add_metadata(writer, key, value)
+        for p in plan:
+            # A shape that is not uint8 is taken as the element shape (no byte-shape conversion).
+            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float16 if p.qtype == T.F16 else np.float32),
+                                   p.nbytes, raw_dtype=None if p.qtype in (T.F32, T.F16) else p.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in plan:
+            data = produce(p)
+            if data.nbytes != p.nbytes:
+                raise ValueError(f"{p.name}: {data.nbytes} bytes produced for {p.nbytes} planned ({p.qtype.name})")
+            writer.write_tensor_data(data)
+            done(p)
+    finally:
+        writer.close()
 
 
 def write_gguf(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], recipe: Recipe,
                arch: str | None = None, metadata: Mapping[str, Any] | None = None) -> dict[str, T]:
     """Write ``tensors`` (float arrays, torch order) to ``path``; returns the type chosen for each."""
-    encoded, chosen, metadata = {}, {}, dict(metadata or {})
-    for name, array in tensors.items():
-        qtype = recipe(name, tuple(array.shape))
-        if array.ndim > MAX_DIMS:
-            # GGUF holds at most 4 dimensions: store it flattened with its shape, as ComfyUI-GGUF does.
-            metadata[ORIG_SHAPE_KEY.format(name)] = [int(d) for d in array.shape]
-            array = array.reshape(array.shape[0], -1)
-        encoded[name] = (encode(array, qtype).reshape(*array.shape[:-1], -1), qtype)
-        chosen[name] = qtype
-    write_encoded(path, encoded, arch, metadata)
-    return chosen
+    metadata = dict(metadata or {})
+    plan = [Planned(name, stored_shape(name, a.shape, metadata), recipe(name, tuple(a.shape)))
+            for name, a in tensors.items()]
+    write_tensors(path, plan, lambda p: encode(tensors[p.name].reshape(p.shape), p.qtype), arch, metadata)
+    return {p.name: p.qtype for p in plan}
 
 
 def write_encoded(path: str | os.PathLike, tensors: Mapping[str, tuple[np.ndarray, T]], arch: str | None = None,
                   metadata: Mapping[str, Any] | None = None) -> None:
-    """Write tensors already in their GGUF encoding: (array, type), F32/F16 as float arrays, any other
-    type as its bytes with the weight's leading axes and one run of blocks per row."""
-    writer = GGUFWriter(os.fspath(path), arch=arch or "unknown")
-    if arch is None:
-        # sd.cpp conversions carry no architecture key; GGUFWriter always adds one, so drop it again.
-        writer.kv_data[0].pop("general.architecture", None)
-    for key, value in (metadata or {}).items():
-        _add_metadata(writer, key, value)
+    """Write tensors already in their stored form (``encode``'s), as (array, type)."""
+    plan = []
     for name, (data, qtype) in tensors.items():
-        if qtype in (T.F32, T.F16):
-            writer.add_tensor(name, data)
-        else:
-            # GGUFWriter reads the element shape off the byte shape: every axis but the last is kept.
-            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        block, size = GGML_QUANT_SIZES[qtype]
+        shape = data.shape if qtype in (T.F32, T.F16) else (*data.shape[:-1], data.shape[-1] // size * block)
+        plan.append(Planned(name, tuple(shape), qtype))
+    write_tensors(path, plan, lambda p: tensors[p.name][0], arch, metadata)
 
 
-def _add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
+def add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):

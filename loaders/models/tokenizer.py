@@ -1,4 +1,5 @@
-"""Rebuilding a Hugging Face ``tokenizers`` BPE tokenizer from a GGUF's own tokenizer metadata.
+"""Rebuilding a Hugging Face ``tokenizers`` BPE tokenizer from a GGUF's own tokenizer metadata, and
+writing that metadata from a Hugging Face tokenizer folder.
 
 llama.cpp stores the byte-level vocabulary (``tokenizer.ggml.tokens``, in id order), the token
 types and the merges; with the pre-tokenizer regex named by ``tokenizer.ggml.pre`` that is all a
@@ -6,6 +7,9 @@ byte-level BPE needs, so the ids come from the file the user loaded rather than 
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -23,7 +27,7 @@ PRE_TOKENIZER_NAMES = {"qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "kormo": "
                        "megrez": "qwen2"}
 
 # llama.cpp token types
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
 def has_tokenizer(gguf: GGUFFile) -> bool:
@@ -91,3 +95,34 @@ def _build(gguf: GGUFFile) -> Tokenizer:
                            single_word=False)
         tok.add_special_tokens([token]) if kind == CONTROL else tok.add_tokens([token])
     return tok
+
+
+def gguf_tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
+    """tokenizer.ggml.* as llama.cpp's converter writes them for a Qwen model from its Hugging Face
+    tokenizer folder (vocab.json, merges.txt, tokenizer_config.json): tokens in id order, padded with
+    unused ones up to the model's ``vocab_size`` rows."""
+    try:
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        merges = [line for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+                  if line and not line.startswith("#version")]
+    except (OSError, ValueError) as e:
+        raise GGUFError(folder, f"not a Hugging Face tokenizer folder (vocab.json, merges.txt, tokenizer_config.json): {e}") from None
+    by_id = {i: (t, NORMAL) for t, i in vocab.items()}
+    try:
+        for i, spec in config.get("added_tokens_decoder", {}).items():
+            by_id[int(i)] = (spec["content"], CONTROL if spec.get("special") else USER_DEFINED)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise GGUFError(folder / "tokenizer_config.json", "its added_tokens_decoder is not a map of token ids to "
+                                                         "{\"content\": ..., \"special\": ...}") from None
+    tokens, types = zip(*(by_id.get(i, (f"[PAD{i}]", UNUSED)) for i in range(vocab_size)))
+    ids = {t: i for i, t in enumerate(tokens)}
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": list(tokens),
+            "tokenizer.ggml.token_type": list(types), "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.add_bos_token": bool(config.get("add_bos_token", False))}
+    for role in ("eos", "pad", "bos"):
+        token = config.get(f"{role}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if token in ids:
+            meta[f"tokenizer.ggml.{'padding' if role == 'pad' else role}_token_id"] = ids[token]
+    return meta
