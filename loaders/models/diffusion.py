@@ -51,11 +51,15 @@ def _zimage_rename(name: str) -> str:
     return name
 
 
+def qkv_parts(names: list[str]) -> dict[str, list[str]]:
+    """The fused attention.qkv names of separate q/k/v projections -> the names they are made of."""
+    groups = (_QKV.match(k) for k in names)
+    return {f"{m.group(1)}qkv.{m.group(2)}": [f"{m.group(1)}to_{p}.{m.group(2)}" for p in "qkv"] for m in groups if m}
+
+
 def _fuse_qkv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for key in [k for k in sd if _QKV.match(k)]:
-        prefix, kind = _QKV.match(key).groups()
-        parts = [sd.pop(f"{prefix}to_{p}.{kind}") for p in "qkv"]
-        sd[f"{prefix}qkv.{kind}"] = cat_rows(parts)
+    for fused, parts in qkv_parts(list(sd)).items():
+        sd[fused] = cat_rows([sd.pop(p) for p in parts])
     return sd
 
 
@@ -194,6 +198,18 @@ def _is_z_image(sd: dict, path: str) -> bool:
     return "x_pad_token" in sd or (t_out == 256 and dim != 256)
 
 
+def model_config(sd: dict, path: str) -> tuple[str, dict, str]:
+    """(family, ComfyUI config, variant) of a state dict in ComfyUI's names (tensors or shape-only
+    meta tensors), or GGUFError saying what the weights are instead."""
+    if "txt_norm.weight" in sd:
+        return "qwen_image", *qwen_image_config(sd, path)
+    if "cap_embedder.1.weight" in sd:
+        if not _is_z_image(sd, path):
+            raise GGUFError(path, "a Lumina 2 family model that is not Z-Image; only Z-Image is supported")
+        return "z_image", *z_image_config(sd, path)
+    raise GGUFError(path, "not a Qwen-Image or Z-Image diffusion model (no txt_norm or cap_embedder weights)")
+
+
 def open_diffusion_model(path: str) -> DiffusionModel:
     """Read a GGUF diffusion model, or raise GGUFError saying what the file is instead."""
     gguf = GGUFFile(path)
@@ -203,13 +219,6 @@ def open_diffusion_model(path: str) -> DiffusionModel:
     names = list(gguf.tensors)
     naming = next(m for m in NAME_MAPS if m.detect(names))
     sd = naming.fuse(load_state_dict(gguf, naming.rename))
-    if "txt_norm.weight" in sd:
-        family = "qwen_image"
-        config, variant = qwen_image_config(sd, path)
-    elif "cap_embedder.1.weight" in sd and _is_z_image(sd, path):
-        family = "z_image"
-        config, variant = z_image_config(sd, path)
-    else:
-        raise GGUFError(path, "a Lumina 2 family model that is not Z-Image; only Z-Image is supported")
+    family, config, variant = model_config(sd, path)
     sd.pop(INDEX_TIMESTEP_ZERO, None)
     return DiffusionModel(path, family, variant, config, sd, naming.name, quant_summary(gguf))

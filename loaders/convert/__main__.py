@@ -1,0 +1,73 @@
+"""The converter's command line; see ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Callable
+
+from ..gguf.errors import GGUFError
+from .checkpoint import open_checkpoint, open_mmproj_checkpoint
+from .recipes import LEVELS
+from .to_gguf import convert
+
+
+def _bar(start: float) -> Callable[[int, int, str], None]:
+    def show(done: int, total: int, name: str) -> None:
+        width = 30
+        filled = int(width * done / total) if total else width
+        rate = done / max(time.perf_counter() - start, 1e-9) / 1e6
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done / 1e9:6.2f}/{total / 1e9:.2f} GB "
+                         f"{rate:5.0f} MB/s {name[-40:]:<40}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loaders.convert",
+        description="Convert a safetensors checkpoint (bf16, fp16, fp32 or Comfy-Org's fp8 scaled) of Qwen-Image, "
+                    "Z-Image or a Qwen2.5-VL / Qwen3 text encoder to GGUF, with the type mix of the files users "
+                    "download (city96's for diffusion models, llama.cpp's for text encoders).")
+    parser.add_argument("input", help="the .safetensors checkpoint")
+    parser.add_argument("output", nargs="?", help="the .gguf to write (default: INPUT's name with -TYPE.gguf)")
+    parser.add_argument("--type", default="Q4_K_M", choices=list(LEVELS), help="output type (default Q4_K_M)")
+    parser.add_argument("--tokenizer", help="a text encoder's Hugging Face tokenizer folder (vocab.json, merges.txt, "
+                                            "tokenizer_config.json), written into the GGUF as llama.cpp does; "
+                                            "ComfyUI's is comfy/text_encoders/qwen25_tokenizer")
+    parser.add_argument("--mmproj", metavar="PATH", help="also write a Qwen2.5-VL text encoder's vision tower as "
+                                                       "llama.cpp's mmproj (F16, or BF16 from a bf16 checkpoint)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--device", default=None, help="encode on this torch device, e.g. cuda (the same bytes as the CPU)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each tensor's type")
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer's own notes on every file
+    output = a.output or f"{os.path.splitext(a.input)[0]}-{a.type}.gguf"
+    try:
+        ckpt = open_checkpoint(a.input, a.tokenizer)
+        if ckpt.kind == "text_encoder" and a.tokenizer is None:
+            raise GGUFError(a.input, "a text encoder needs --tokenizer FOLDER: llama.cpp and this package read the "
+                                     "tokenizer from the GGUF")
+        print(f"{os.path.basename(a.input)}: {ckpt.variant} {ckpt.kind.replace('_', ' ')}, {ckpt.layers} blocks "
+              f"-> {output} ({a.type})", file=sys.stderr)
+        convert(ckpt, output, a.type, a.overwrite, _bar(time.perf_counter()), a.device)
+        if a.mmproj:
+            vision = open_mmproj_checkpoint(a.input)
+            convert(vision, a.mmproj, vision.half.name, a.overwrite, _bar(time.perf_counter()))
+    except ValueError as e:  # GGUFError, or an unknown --type
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
