@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 from .nodes.integration import compat, folders, model_files
 from .nodes.clip_loader import ClipLoaderGGUF
 from .nodes.nan_guard import NaNGuard
+from .nodes.save_gguf import SaveGGUF
 from .nodes.unet_loader import UnetLoaderGGUF
 from .nodes.vae import VAEDecodeChecked, VAELoaderGGUF
 
@@ -14,7 +15,7 @@ WEB_DIRECTORY = "./web"
 
 class QwenImageGGUFExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [UnetLoaderGGUF, ClipLoaderGGUF, VAELoaderGGUF, VAEDecodeChecked, NaNGuard]
+        return [UnetLoaderGGUF, ClipLoaderGGUF, VAELoaderGGUF, VAEDecodeChecked, NaNGuard, SaveGGUF]
 
 
 async def comfy_entrypoint() -> QwenImageGGUFExtension:

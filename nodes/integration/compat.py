@@ -20,6 +20,9 @@ or, where there is none, the feature it disables. What we use and why:
 - ``convert_weight`` / ``set_weight``: the hooks ComfyUI's patcher calls on an op (``get_key_weight``)
   to merge a LoRA into a weight. There is no other way to merge into quantized bytes: if ComfyUI
   stops calling them, ``check()`` warns that this package needs an update.
+- ``get_key_weight``, ``ModelPatcher.backup`` and ``comfy.lora.calculate_weight``: how ComfyUI's
+  patcher reads a weight, keeps it while patched and merges its patches, used the same way to save a
+  MODEL with its LoRAs merged (``stored_weight``, ``merge_patches``).
 - ``BaseModel.manual_cast_dtype`` and ``CastWeightBiasOp.comfy_cast_weights``: how the NaN guard
   redoes a step in fp32. Without them the guard only reports. ``executor.class_obj``: the model an
   APPLY_MODEL wrapper wraps.
@@ -127,9 +130,13 @@ def _check_lora() -> None:
 
 
 def _check_merge_hooks() -> None:
+    import comfy.lora
     if not hasattr(comfy.model_patcher, "get_key_weight"):
         log.warning("ComfyUI's patcher no longer finds ops' convert_weight / set_weight (get_key_weight): a LoRA "
                     "merged into a GGUF model at a full load may be wrong; this package needs an update")
+    if "intermediate_dtype" not in inspect.signature(comfy.lora.calculate_weight).parameters:
+        log.warning("ComfyUI's comfy.lora.calculate_weight changed: saving a MODEL as GGUF will fail; this package "
+                    "needs an update")
 
 
 def _check_fp32_redo() -> None:
@@ -241,6 +248,29 @@ def lora_factors(adapter) -> tuple | None:
     if mid is not None or dora_scale is not None or reshape is not None:
         return None
     return up, down, alpha
+
+
+def stored_weight(patcher, key: str) -> tuple[torch.Tensor, object]:
+    """Tensor ``key`` of ``patcher``'s model as stored before any patch, with the op's
+    ``convert_weight`` (None where it has none): where ComfyUI has merged patches into the shared
+    model (a full load), the original is in the patcher's backup."""
+    weight, _, convert = comfy.model_patcher.get_key_weight(patcher.model, key)
+    backup = patcher.backup.get(key)
+    return (weight if backup is None else backup.weight), convert
+
+
+def merge_patches(patcher, key: str, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (float32) with ``patcher``'s patches of ``key`` merged as ComfyUI merges a LoRA."""
+    import comfy.lora
+    patches = patcher.patches.get(key)
+    return comfy.lora.calculate_weight(patches, weight, key, intermediate_dtype=torch.float32) if patches else weight
+
+
+def to_cpu_float(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of a weight in float32 on the CPU, through ComfyUI's cast (which dequantizes its own
+    quantized tensors)."""
+    import comfy.model_management
+    return comfy.model_management.cast_to_device(weight, torch.device("cpu"), torch.float32, copy=True)
 
 
 @contextlib.contextmanager
