@@ -118,7 +118,11 @@ def run(cfg):
     result["clone"] = diff(forward(clone, full_load=True), base_native)
     result["model_size"] = ours.model_size()
     result["native_size"] = native.model_size()
-    result["file_tensor_bytes"] = sum(t.numel() * t.element_size() for t in dm.state_dict.values())
+    # The file's bytes, its small float tensors counted in the dtype the model holds them in (its own).
+    held = ours.model.get_dtype().itemsize
+    result["file_tensor_bytes"] = sum(t.numel() * (held if type(t) is torch.Tensor and t.is_floating_point()
+                                                    and t.numel() <= pkg.nodes.integration.diffusion.SMALL_TENSOR
+                                                    else t.element_size()) for t in dm.state_dict.values())
 
     try:
         pkg.nodes.integration.diffusion.load_gguf_unet(dm.path, "fastest")
