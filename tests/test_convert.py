@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -420,3 +421,78 @@ def test_an_all_in_one_checkpoint_gives_its_diffusion_model(tmp_path):
     save_file(stored, str(tmp_path / "all.safetensors"))
     ckpt = open_checkpoint(tmp_path / "all.safetensors")
     assert ckpt.kind == "diffusion_model" and set(ckpt.shapes) == set(weights)
+
+
+
+def damaged(weights: dict, case: str) -> dict:
+    """A tiny Qwen-Image's tensors with one fault."""
+    w = {k: torch.from_numpy(v) for k, v in weights.items()}
+    if case == "a block tensor missing":
+        del w["transformer_blocks.1.attn.to_v.weight"]
+    elif case == "a block tensor mis-shaped":
+        w["transformer_blocks.1.attn.to_v.weight"] = torch.zeros(256, 200)
+    elif case == "an empty tensor":
+        w["transformer_blocks.1.attn.to_q.weight"] = torch.zeros(0, 256)
+    elif case == "blocks numbered with a gap":
+        w = {k.replace("transformer_blocks.2.", "transformer_blocks.5."): v for k, v in w.items()}
+    elif case == "integer weights":
+        w["transformer_blocks.1.attn.to_q.weight"] = torch.zeros(256, 256, dtype=torch.int32)
+    elif case == "a tensor of no known part":
+        w["extra.weight"] = torch.zeros(4)
+    return w
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("a block tensor missing", "missing transformer_blocks.1.attn.to_v.weight"),
+    ("a block tensor mis-shaped", "transformer_blocks.1.attn.to_v.weight is [256, 200], its other blocks' [256, 256]"),
+    ("an empty tensor", "transformer_blocks.1.attn.to_q.weight is empty"),
+    ("blocks numbered with a gap", "transformer_blocks blocks are numbered [0, 1, 5], not 0 to 2"),
+    ("integer weights", "transformer_blocks.1.attn.to_q.weight holds I32 values"),
+    ("a tensor of no known part", "unexpected extra.weight"),
+])
+def test_damaged_models_are_refused_before_anything_is_written(tmp_path, case, fragment):
+    save_file(damaged(random_weights(qwen_image_shapes(**QWEN_IMAGE), 0), case), str(tmp_path / "bad.safetensors"))
+    with pytest.raises(GGUFError, match=re.escape(fragment)) as e:
+        open_checkpoint(tmp_path / "bad.safetensors")
+    assert str(e.value).startswith("bad.safetensors: ")
+
+
+def test_values_beyond_a_block_types_scales_are_refused(tmp_path):
+    # Finite in the input, but Q8_0's f16 scale of 1e7 / 127 is infinite: the file would decode to inf.
+    source, _ = tiny_qwen(tmp_path, "fp32", extra={"transformer_blocks.1.attn.to_q.weight": torch.full((256, 256), 1e7)})
+    with pytest.raises(GGUFError, match="transformer_blocks.1.attn.to_q.weight holds values too large for Q8_0's"):
+        convert(open_checkpoint(source), tmp_path / "out.gguf", "Q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qwen-fp32.safetensors"]
+
+
+def test_outputs_that_cannot_be_written_are_named(tmp_path, monkeypatch):
+    source, _ = tiny_qwen(tmp_path, "bf16")
+    (tmp_path / "a folder").mkdir()
+    with pytest.raises(GGUFError, match="a folder is a folder"):
+        convert(open_checkpoint(source), tmp_path / "a folder", "Q8_0", overwrite=True)
+    from loaders.gguf import writer
+
+    def refused(self, tensor, *args):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(writer.GGUFWriter, "write_tensor_data", refused)
+    with pytest.raises(GGUFError, match=r"out.gguf: cannot be written \(Permission denied\)"):
+        convert(open_checkpoint(source), tmp_path / "out.gguf", "Q8_0")
+
+    def short(self, tensor, *args):
+        raise OSError("786432 requested and 424672 written")  # numpy's tofile on a full disk: no errno
+    monkeypatch.setattr(writer.GGUFWriter, "write_tensor_data", short)
+    with pytest.raises(GGUFError, match="qwen-bf16.safetensors: the disk of .* is full"):
+        convert(open_checkpoint(source), tmp_path / "out.gguf", "Q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a folder", "qwen-bf16.safetensors"]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--device", "bogus"], "--device bogus: not a torch device"),
+    (["--mmproj", "mm.gguf"], "no Qwen2.5-VL vision tower here"),
+])
+def test_command_line_refusals_come_before_anything_is_written(tmp_path, args, fragment):
+    source, _ = tiny_qwen(tmp_path, "bf16")
+    run = subprocess.run([sys.executable, "-m", "loaders.convert", str(source), str(tmp_path / "out.gguf"), *args],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 1 and fragment in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qwen-bf16.safetensors"]

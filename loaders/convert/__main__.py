@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 import time
-from typing import Callable
+
+import torch
 
 from ..gguf.errors import GGUFError
 from .checkpoint import open_checkpoint, open_mmproj_checkpoint
@@ -15,17 +16,39 @@ from .recipes import LEVELS
 from .to_gguf import convert
 
 
-def _bar(start: float) -> Callable[[int, int, str], None]:
-    def show(done: int, total: int, name: str) -> None:
+class Bar:
+    """A one-line progress bar on standard error."""
+
+    def __init__(self):
+        self.start, self.open = time.perf_counter(), False
+
+    def __call__(self, done: int, total: int, name: str) -> None:
         width = 30
         filled = int(width * done / total) if total else width
-        rate = done / max(time.perf_counter() - start, 1e-9) / 1e6
+        rate = done / max(time.perf_counter() - self.start, 1e-9) / 1e6
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done / 1e9:6.2f}/{total / 1e9:.2f} GB "
                          f"{rate:5.0f} MB/s {name[-40:]:<40}")
-        if done == total:
-            sys.stderr.write("\n")
+        self.open = done != total
+        sys.stderr.write("" if self.open else "\n")
         sys.stderr.flush()
-    return show
+
+    def close(self) -> None:
+        """End the bar's line (before a message)."""
+        if self.open:
+            sys.stderr.write("\n")
+            self.open = False
+
+
+def _device(name: str | None) -> str | None:
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,22 +72,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer's own notes on every file
     output = a.output or f"{os.path.splitext(a.input)[0]}-{a.type}.gguf"
+    bar = Bar()
     try:
+        device = _device(a.device)
         ckpt = open_checkpoint(a.input, a.tokenizer)
         if ckpt.kind == "text_encoder" and a.tokenizer is None:
             raise GGUFError(a.input, "a text encoder needs --tokenizer FOLDER: llama.cpp and this package read the "
                                      "tokenizer from the GGUF")
+        vision = open_mmproj_checkpoint(a.input) if a.mmproj else None  # refused before anything is written
         print(f"{os.path.basename(a.input)}: {ckpt.variant} {ckpt.kind.replace('_', ' ')}, {ckpt.layers} blocks "
               f"-> {output} ({a.type})", file=sys.stderr)
-        convert(ckpt, output, a.type, a.overwrite, _bar(time.perf_counter()), a.device)
-        if a.mmproj:
-            vision = open_mmproj_checkpoint(a.input)
-            convert(vision, a.mmproj, vision.half.name, a.overwrite, _bar(time.perf_counter()))
-    except ValueError as e:  # GGUFError, or an unknown --type
+        convert(ckpt, output, a.type, a.overwrite, bar, device)
+        if vision is not None:
+            convert(vision, a.mmproj, vision.half.name, a.overwrite, Bar(), device)
+    except ValueError as e:  # GGUFError, or an unknown --type or --device
+        bar.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; nothing was written", file=sys.stderr)
+        bar.close()
+        print("interrupted; nothing was written", file=sys.stderr)
         return 130
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,12 +23,13 @@ from gguf import GGMLQuantizationType as T
 from safetensors import safe_open
 
 from ..gguf.errors import GGUFError
-from ..models.diffusion import NAME_MAPS, model_config, qkv_parts
+from ..models.diffusion import INDEX_TIMESTEP_ZERO, NAME_MAPS, model_config, qkv_parts
 from ..models.text_encoder import LLM_BLOCK_NAMES, VISION_BLOCK_NAMES, VISION_TOP_NAMES
 from ..models.tokenizer import gguf_tokenizer_metadata
 
 # Layers whose weight ComfyUI keeps in fp8 with one scale per tensor: the formats converted here.
 FP8_FORMATS = {"float8_e4m3fn", "float8_e5m2"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _SCALE_KEYS = (".scale_weight", ".weight_scale")
 _DROPPED = (".scale_input", ".input_scale", ".comfy_quant", ".scale_weight", ".weight_scale")
 # Prefixes ComfyUI and other tools put before a text encoder's Hugging Face names.
@@ -77,6 +79,45 @@ def _reader(f: safe_open, parts: dict[str, list[str]], scales: dict[str, str]) -
     return load
 
 
+# Each architecture's tensors outside its numbered blocks, by name prefix.
+DIFFUSION_TOP = {
+    "qwen_image": ("img_in.", "txt_in.", "txt_norm.", "time_text_embed.", "norm_out.", "proj_out.", INDEX_TIMESTEP_ZERO),
+    "lumina2": ("x_embedder.", "t_embedder.", "cap_embedder.", "final_layer.", "x_pad_token", "cap_pad_token", "siglip"),
+}
+_NUMBERED = re.compile(r"^(.*?(?:blocks|layers|refiner|blk))\.(\d+)\.(.+)$")
+
+
+def check_structure(path: str, shapes: dict[str, tuple[int, ...]], top: tuple[str, ...], what: str) -> None:
+    """GGUFError listing what damages a model's structure: a tensor no part of it has a place for, an
+    empty one, blocks not numbered 0 to n-1, a block whose tensors or shapes differ from its
+    siblings' (the layout most blocks of its kind share)."""
+    faults, kinds = [], {}
+    for name, shape in shapes.items():
+        block = _NUMBERED.match(name)
+        if block:
+            kinds.setdefault(block.group(1), {}).setdefault(int(block.group(2)), {})[block.group(3)] = shape
+        elif not name.startswith(top):
+            faults.append(f"unexpected {name}")
+        if 0 in shape and name != INDEX_TIMESTEP_ZERO:
+            faults.append(f"{name} is empty {list(shape)}")
+    for kind, blocks in kinds.items():
+        numbers = sorted(blocks)
+        if numbers != list(range(len(numbers))):
+            faults.append(f"{kind} blocks are numbered {numbers[:6]}{'...' if len(numbers) > 6 else ''}, not 0 to "
+                          f"{len(numbers) - 1}")
+        layouts = Counter(tuple(sorted(b.items())) for b in blocks.values())
+        usual = dict(layouts.most_common(1)[0][0])
+        for number in numbers:
+            b = blocks[number]
+            faults += [f"missing {kind}.{number}.{t}" for t in usual if t not in b]
+            faults += [f"unexpected {kind}.{number}.{t}" for t in b if t not in usual]
+            faults += [f"{kind}.{number}.{t} is {list(b[t])}, its other blocks' {list(usual[t])}"
+                       for t in b if t in usual and b[t] != usual[t]]
+    if faults:
+        more = f" (and {len(faults) - 6} more)" if len(faults) > 6 else ""
+        raise GGUFError(path, f"its tensors do not make a {what}: {'; '.join(faults[:6])}{more}")
+
+
 def describe_diffusion(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[str, str, int]:
     """(general.architecture, variant, block count) of a diffusion model in ComfyUI's names, from its
     shapes alone; GGUFError naming ``path`` for anything else."""
@@ -90,9 +131,12 @@ def _quant_layers(path: str, f: safe_open, keys: list[str]) -> dict[str, dict]:
     meta = f.metadata() or {}
     if "_quantization_metadata" in meta:
         try:
-            return json.loads(meta["_quantization_metadata"])["layers"]
+            layers = json.loads(meta["_quantization_metadata"])["layers"]
         except (ValueError, KeyError, TypeError):
-            raise GGUFError(path, "its _quantization_metadata is not ComfyUI's JSON description of its layers") from None
+            layers = None
+        if not isinstance(layers, dict):
+            raise GGUFError(path, "its _quantization_metadata is not ComfyUI's JSON description of its layers")
+        return layers
     layers = {}
     for key in keys:
         if key.endswith(".comfy_quant"):
@@ -110,6 +154,8 @@ def _weights(path: str, f: safe_open) -> tuple[list[str], dict[str, str], T]:
     keys = list(f.keys())
     for layer, conf in _quant_layers(path, f, keys).items():
         fmt = conf.get("format") if isinstance(conf, dict) else None
+        if fmt is None:
+            raise GGUFError(path, f"layer {layer}'s quantization description names no format")
         if fmt not in FP8_FORMATS:
             raise GGUFError(path, f"layer {layer} is stored in ComfyUI's {fmt!r} format, which cannot be converted "
                                   f"(fp8 with one scale per tensor can: {', '.join(sorted(FP8_FORMATS))}); "
@@ -120,8 +166,11 @@ def _weights(path: str, f: safe_open) -> tuple[list[str], dict[str, str], T]:
             if key.endswith(suffix):
                 scales[key[:-len(suffix)] + ".weight"] = key
     names = [k for k in keys if not (k == "scaled_fp8" or k.endswith(".scaled_fp8") or k.endswith(_DROPPED))]
-    dtypes = {str(f.get_slice(k).get_dtype()) for k in names}
-    return names, scales, T.BF16 if "BF16" in dtypes else T.F16
+    dtypes = {k: str(f.get_slice(k).get_dtype()) for k in names}
+    for key, dtype in dtypes.items():
+        if dtype not in FLOAT_DTYPES and 0 not in _shape(f, key):
+            raise GGUFError(path, f"tensor {key} holds {dtype} values: model weights are floating point")
+    return names, scales, T.BF16 if "BF16" in dtypes.values() else T.F16
 
 
 def _shape(f: safe_open, key: str) -> tuple[int, ...]:
@@ -141,15 +190,16 @@ def _diffusion(path: str, f: safe_open, stored: list[str], scales: dict[str, str
     shapes = {}
     for name, keys in parts.items():
         pieces = [_shape(f, k) for k in keys]
-        shapes[name] = (sum(p[0] for p in pieces), *pieces[0][1:])
+        shapes[name] = pieces[0] if len(pieces) == 1 else (sum(p[0] for p in pieces), *pieces[0][1:])
     arch, variant, layers = describe_diffusion(path, shapes)
+    check_structure(path, shapes, DIFFUSION_TOP[arch], f"{variant} model")
     return Checkpoint(path, "diffusion_model", arch, variant, layers, shapes, _reader(f, parts, scales), half)
 
 
 def _text_encoder(path: str, f: safe_open, stored: list[str], scales: dict[str, str], half: T,
                   tokenizer: str | os.PathLike | None) -> Checkpoint:
     hf = _strip_text_prefix(stored)
-    parts, shapes = {}, {}
+    parts, shapes, unknown = {}, {}, []
     for name, key in hf.items():
         m = _HF_BLOCK.match(name)
         if m and m.group(2) in _GGUF_BLOCK:
@@ -157,13 +207,19 @@ def _text_encoder(path: str, f: safe_open, stored: list[str], scales: dict[str, 
         elif name in _HF_TOP:
             out = _HF_TOP[name]
         else:
-            continue  # the vision tower (an mmproj of its own) and rotary tables
+            if not name.startswith("visual.") and "rotary_emb" not in name:  # an mmproj of its own; computed
+                unknown.append(name)
+            continue
         parts[out] = [key]
         shapes[out] = _shape(f, key)
+    if unknown:
+        raise GGUFError(path, f"a language model with tensors Qwen2.5-VL and Qwen3 have no place for: "
+                              f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
     for needed in ("token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_gate.weight"):
         if needed not in shapes:
             raise GGUFError(path, f"a language model without {needed} (Hugging Face names): not a complete "
                                   "Qwen2.5-VL or Qwen3 text encoder")
+    check_structure(path, shapes, ("token_embd.", "output_norm.", "output."), "Qwen2.5-VL or Qwen3 language model")
     vocab, hidden = shapes["token_embd.weight"]
     qk_norm = "blk.0.attn_q_norm.weight" in shapes
     head_dim = shapes["blk.0.attn_q_norm.weight"][0] if qk_norm else 128  # every Qwen2.5 from 3B up
@@ -215,11 +271,17 @@ def open_mmproj_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = os.fspath(path)
     f = _safe_open(path)
     stored, scales, half = _weights(path, f)
-    pieces = vision_pieces(_strip_text_prefix(stored))
+    hf = _strip_text_prefix(stored)
+    pieces = vision_pieces(hf)
+    used = {key for key, _ in pieces.values()}
+    unknown = [name for name, key in hf.items() if name.startswith("visual.") and key not in used]
+    if unknown:
+        raise GGUFError(path, f"a vision tower with tensors Qwen2.5-VL's has no place for: {', '.join(unknown[:6])}")
     for needed in ("v.patch_embd.weight", "v.blk.0.attn_q.weight", "v.blk.0.ffn_up.weight", "mm.2.weight"):
         if needed not in pieces:
             raise GGUFError(path, f"no Qwen2.5-VL vision tower here ({needed} has no visual.* source)")
     shapes = {name: tuple(fn(torch.empty(_shape(f, key), device="meta")).shape) for name, (key, fn) in pieces.items()}
+    check_structure(path, shapes, ("v.patch_embd.", "v.post_ln.", "mm."), "Qwen2.5-VL vision tower")
     hidden, _, patch, _ = shapes["v.patch_embd.weight"]
     layers = len({n.split(".")[2] for n in shapes if n.startswith("v.blk.")})
     meta = {"general.type": "mmproj", "clip.has_vision_encoder": True, "clip.projector_type": "qwen2.5vl_merger",
@@ -237,6 +299,8 @@ def open_mmproj_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _safe_open(path: str) -> safe_open:
+    if os.path.isdir(path):
+        raise GGUFError(None, f"{path} is a folder, not a safetensors file")
     if not os.path.isfile(path):
         raise GGUFError(path, "no such file")
     try:

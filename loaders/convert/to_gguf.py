@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType as T
 
 from ..gguf.errors import GGUFError
 from ..gguf.writer import Planned, encode, stored_shape, write_tensors
+from ..quant.formats import FORMATS
 from .checkpoint import Checkpoint
 from .recipes import IMAGE_ARCHS, LEVELS, Level, float_recipe, image_recipe, llm_recipe
 
@@ -98,6 +100,19 @@ def _checked(ckpt: Checkpoint, p: Planned) -> np.ndarray:
     return a
 
 
+def _encoded(ckpt: Checkpoint, p: Planned, device: str | None) -> np.ndarray:
+    """The tensor's stored form, refused where a block type's 16-bit scales cannot hold its values
+    (they would decode to infinity or NaN)."""
+    a = _checked(ckpt, p)
+    data = encode(a, p.qtype, device)
+    if p.qtype in FORMATS:
+        decoded = FORMATS[p.qtype].dequantize(torch.from_numpy(data).reshape(-1), p.shape, torch.float32)
+        if not bool(torch.isfinite(decoded).all()):
+            raise GGUFError(ckpt.path, f"tensor {p.name} holds values too large for {p.qtype.name}'s 16-bit block "
+                                       f"scales (largest {float(np.abs(a).max()):.3g}); convert to BF16 instead")
+    return data
+
+
 def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: bool = False,
             progress: Progress | None = None, device: str | None = None) -> Converted:
     """Write ``ckpt`` as a GGUF of ``level`` (a name of ``recipes.LEVELS``) to ``output``, encoding
@@ -105,6 +120,8 @@ def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: 
     level_ = level_of(level)
     output = os.fspath(output)
     folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise GGUFError(None, f"{output} is a folder: give the name of the .gguf file to write")
     if os.path.exists(output) and not overwrite:
         raise GGUFError(output, "already exists; choose another name or allow overwriting")
     if not os.path.isdir(folder):
@@ -130,15 +147,17 @@ def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: 
             progress(written, total, p.name)
 
     try:
-        write_tensors(temporary, tensors, lambda p: encode(_checked(ckpt, p), p.qtype, device), ckpt.arch, metadata, done)
+        write_tensors(temporary, tensors, lambda p: _encoded(ckpt, p, device), ckpt.arch, metadata, done)
         os.chmod(temporary, 0o666 & ~_umask())
         if os.path.exists(output) and not overwrite:  # made while we wrote
             raise GGUFError(output, "already exists; choose another name or allow overwriting")
         os.replace(temporary, output)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise GGUFError(ckpt.path, f"the disk of {folder} is full ({e.strerror}); nothing was written") from None
-        raise
+        # numpy reports a short write without an errno: a full disk too.
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (e.errno is None and "written" in str(e))
+        if full:
+            raise GGUFError(ckpt.path, f"the disk of {folder} is full ({e.strerror or e}); nothing was written") from None
+        raise GGUFError(output, f"cannot be written ({e.strerror or e}); nothing was written") from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
