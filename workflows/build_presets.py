@@ -209,14 +209,16 @@ def decode_and_save(g: Graph, sampler: dict, vae: dict, model: dict, prefix: str
 
 
 def sampling_group(g: Graph, x: int, title: str, model: dict, positive: dict, negative: dict, shift: float,
-                   size: tuple[int, int], **sampler) -> dict:
-    """The sampling column of a text-to-image preset at ``x``: the shift, an empty latent of ``size``
-    and a KSampler (``sampler``: its widgets), in a group titled ``title``; returns the KSampler."""
-    g.group(title, x - 20, -60, 380, 640, "#b58b2a")
-    shifted = g.add("ModelSamplingAuraFlow", (x, 0), (340, 60), shift=shift)
+                   size: tuple[int, int], top: int = 0, height: int = 640, **sampler) -> dict:
+    """The sampling column of a text-to-image preset at ``x``, from ``top`` down: the shift, an empty
+    latent of ``size`` and a KSampler (``sampler``: its widgets), in a group titled ``title`` (of
+    ``height``, room for nodes above ``top``); returns the KSampler."""
+    g.group(title, x - 20, -60, 380, height, "#b58b2a")
+    shifted = g.add("ModelSamplingAuraFlow", (x, top), (340, 60), shift=shift)
     g.connect(model, 0, shifted, "model")
-    latent = g.add("EmptySD3LatentImage", (x, 100), (340, 110), width=size[0], height=size[1], batch_size=1)
-    return ksampler(g, (x, 250), shifted, positive, negative, latent, control_after_generate="randomize", **sampler)
+    latent = g.add("EmptySD3LatentImage", (x, top + 100), (340, 110), width=size[0], height=size[1], batch_size=1)
+    return ksampler(g, (x, top + 250), shifted, positive, negative, latent, control_after_generate="randomize",
+                    **sampler)
 
 
 def qwen_2512(info: dict, mmproj: str = "mmproj-F16.gguf") -> tuple[Graph, dict, dict, dict]:
@@ -264,13 +266,10 @@ def qwen_lightning(info: dict, steps: int) -> dict:
     g.connect(clip, 0, pos, "clip")
     zero = g.add("ConditioningZeroOut", (420, 260), (300, 30))
     g.connect(pos, 0, zero, "conditioning")
-    g.group(f"3. Sampling: Lightning, {steps} steps, CFG 1", 880, -60, 380, 760, "#b58b2a")
     lora = lightning_lora(g, guard, LIGHTNING["2512", steps], (900, 0))
-    shift = g.add("ModelSamplingAuraFlow", (900, 130), (340, 60), shift=3.0)
-    g.connect(lora, 0, shift, "model")
-    latent = g.add("EmptySD3LatentImage", (900, 230), (340, 110), width=1328, height=1328, batch_size=1)
-    sampler = ksampler(g, (900, 380), shift, pos, zero, latent, cfg=1.0, control_after_generate="randomize",
-                       steps=steps, sampler_name="euler", scheduler="simple")
+    sampler = sampling_group(g, 900, f"3. Sampling: Lightning, {steps} steps, CFG 1", lora, pos, zero, 3.0,
+                             (1328, 1328), top=130, height=760, cfg=1.0, steps=steps, sampler_name="euler",
+                             scheduler="simple")
     g.group("4. Decode and save", 1280, -60, 640, 900, "#a1309b")
     decode_and_save(g, sampler, vae, guard, f"qwen-image-2512-lightning-{steps}steps", 1300, 0)
     g.add("MarkdownNote", (-20, 580), (380, 300), text=RESOLUTIONS_NOTE)
@@ -407,9 +406,10 @@ def qwen_edit(info: dict, images: int, lightning: bool = False) -> dict:
         g.connect(vae, 0, enc, "vae")
         for i, load in enumerate(loads):
             g.connect(load, 0, enc, f"image{i + 1}")
-    steps, cfg = (4, 1.0) if lightning else (40, 4.0)
+    # (steps, CFG, shift, the rows the Lightning LoRA's loader takes above the shift)
+    steps, cfg, shift_by, room = (4, 1.0, 3.0, 130) if lightning else (40, 4.0, 3.1, 0)
     g.group(f"3. Sampling: {'Lightning, ' if lightning else ''}{steps} steps, CFG {cfg:g}", 1320, -60, 380,
-            1030 if lightning else 900, "#b58b2a")
+            900 + room, "#b58b2a")
     refs = []
     for i, enc in enumerate((pos, neg)):
         ref = g.add("FluxKontextMultiReferenceLatentMethod", (1340, 0 + 100 * i), (340, 60),
@@ -417,10 +417,9 @@ def qwen_edit(info: dict, images: int, lightning: bool = False) -> dict:
         g.connect(enc, 0, ref, "conditioning")
         refs.append(ref)
     model = lightning_lora(g, guard, LIGHTNING["2511", steps], (1340, 220)) if lightning else guard
-    shift = g.add("ModelSamplingAuraFlow", (1340, 350 if lightning else 220), (340, 60),
-                  shift=3.0 if lightning else 3.1)
+    shift = g.add("ModelSamplingAuraFlow", (1340, 220 + room), (340, 60), shift=shift_by)
     g.connect(model, 0, shift, "model")
-    y = 450 if lightning else 320
+    y = 320 + room
     norm = g.add("CFGNorm", (1340, y), (340, 82), strength=1.0)
     g.connect(shift, 0, norm, "model")
     encode = g.add("VAEEncode", (1340, y + 130), (340, 50))
@@ -428,7 +427,7 @@ def qwen_edit(info: dict, images: int, lightning: bool = False) -> dict:
     g.connect(vae, 0, encode, "vae")
     sampler = ksampler(g, (1340, y + 230), norm, refs[0], refs[1], encode, cfg=cfg,
                        control_after_generate="randomize", steps=steps, sampler_name="euler", scheduler="simple")
-    g.group("4. Decode and save", 1720, -60, 640, 900 if not lightning else 1030, "#a1309b")
+    g.group("4. Decode and save", 1720, -60, 640, 900 + room, "#a1309b")
     decode_and_save(g, sampler, vae, guard, f"qwen-image-edit-2511-{'lightning-' if lightning else ''}{images}img",
                     1740, 0)
     g.add("MarkdownNote", (-20, 580), (380, 320), text=(
