@@ -178,7 +178,9 @@ def tied_logits(embedding: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     where its head is tied to its token embeddings."""
     weight = embedding.weight.to(x.device)
     if isinstance(embedding, FileWeights) and embedding.quantized():
-        weight = embedding.plan.weight(weight, x.dtype)
+        # The table's plan runs it as a Linear layer would: for the one row of a generated token, the
+        # fused kernel reads the quantized blocks instead of dequantizing the whole table.
+        return embedding.plan.run(x, weight, None)
     return torch.nn.functional.linear(x, weight.to(x.dtype))
 
 
