@@ -2,6 +2,9 @@
 matmul result; with a model's DeviceCopies it converts its bytes at the first resident call (while
 memory allows), runs the copy from then on with the same result, and lets go of it when dropped."""
 
+import gc
+import weakref
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
@@ -64,6 +67,11 @@ def test_copy_is_made_at_the_first_resident_call_and_gives_the_same_result():
     assert torch.equal(copy(x), expected)
     # ... and says it no longer matches a bias changed in place (ComfyUI merging a bias patch).
     assert not copy.made_from(bias) and not copy.made_from(bias.clone())
+    # It does not keep the bias it was made from alive (that would keep the memory the bias views).
+    source = weakref.ref(bias)
+    del bias
+    gc.collect()
+    assert source() is None and not copy.made_from(torch.zeros(SHAPE[0]))
     assert copies.drop() == SHAPE[0] * SHAPE[1] * 4 and plan.copy is None and copies.held == 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Callable
 
 import torch
@@ -103,19 +104,23 @@ class DeviceCopies:
 class Copy:
     """A layer's weight held converted on the device (and its bias, copied: the bias ComfyUI hands a
     layer may be a view into memory it reuses), run without the bytes. ``source`` is the bias it was
-    made from and that tensor's version then, so that a caller can tell the bias changed since."""
+    made from (weakly: holding it would keep the memory it views) and that tensor's version then, so
+    that a caller can tell the bias changed since."""
     __slots__ = ("weight", "bias", "dtype", "device", "source")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  source: torch.Tensor | None = None):
         self.weight, self.bias = weight, None if bias is None else bias.clone()
         self.dtype, self.device = dtype, weight.device
-        self.source = (source, _version(source))
+        self.source = (None if source is None else weakref.ref(source), _version(source))
 
     def made_from(self, bias: torch.Tensor | None) -> bool:
         """Whether ``bias`` is the tensor this copy's bias came from, unchanged since (as far as torch
         tells: an inference tensor keeps no version, and then only its identity counts)."""
-        source, version = self.source
+        ref, version = self.source
+        source = None if ref is None else ref()
+        if ref is not None and source is None:  # gone: whatever ``bias`` is, it is another tensor
+            return False
         return bias is source and (version is None or bias._version == version)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
