@@ -457,6 +457,18 @@ def test_preset_naming_another_installed_quant_opens_without_a_missing_model(bro
     assert "missing models" not in body and "model files this workflow needs" not in body, body[-1500:]
 
 
+def test_the_save_node_can_be_placed_from_the_front_end(browser):
+    # Not in any preset: placed as a user places it (from the node library), with its widgets and input.
+    found = browser.execute_script(
+        "const n = LiteGraph.createNode('QwenImageGGUFSave'); window.app.graph.add(n);"
+        "const out = {widgets: n.widgets.map(w => [w.name, w.value]), inputs: n.inputs.filter(i => !i.widget).map(i => i.type),"
+        " title: n.title}; window.app.graph.remove(n); return out")
+    assert found["title"] == "Save model as GGUF (Qwen-Image / Z-Image)", found
+    assert found["inputs"] == ["MODEL"], found
+    assert found["widgets"] == [["type", "Q4_K_M"], ["filename", "qwen-image-custom"], ["overwrite", False]], found
+    assert not visible_dialogs(browser), visible_dialogs(browser)
+
+
 def test_queue_from_the_page_produces_an_image(browser, server):
     before = set(server.get("/history"))
     assert load_in_browser(browser, ui_for_fixtures(load(T2I_20))) == "ok"
