@@ -11,5 +11,5 @@ def run(cfg):
     tokens = clip.tokenize(cfg["prompt"])
     prompt_ids = [t[0] for t in next(iter(tokens.values()))[0]]
     generated = clip.generate(tokens, do_sample=False, max_length=cfg["max_length"])
-    return {"prompt_ids": prompt_ids, "generated": generated, "text": clip.decode(generated),
+    return {"prompt_ids": prompt_ids, "generated": generated,
             "stop_tokens": te.config["stop_tokens"]}
