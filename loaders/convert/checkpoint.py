@@ -4,8 +4,8 @@ decoded with their scales, and the model's architecture read from the shapes.
 
 Comfy-Org's fp8 "scaled" files come in two layouts: the older one marks itself with a
 ``scaled_fp8`` tensor and scales each weight by ``<layer>.scale_weight``; the newer one describes
-each layer in ``<layer>.comfy_quant`` (or the file's ``_quantization_metadata``) with its scale in
-``<layer>.weight_scale``. Input scales only matter to fp8 matmuls and are dropped.
+each layer in ``<layer>.comfy_quant`` (or all of them in the file's ``_quantization_metadata``) with
+its scale in ``<layer>.weight_scale``. Input scales only matter to fp8 matmuls and are dropped.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ DIFFUSION_PREFIX = "model.diffusion_model."
 class Checkpoint:
     """A model to convert: each output tensor's shape, and how to read one in float32."""
     path: str     # what messages name: the input file, or the ComfyUI model
-    kind: str     # "diffusion_model" or "text_encoder"
+    kind: str     # "diffusion_model", "text_encoder" or "mmproj"
     arch: str     # general.architecture of the output
     variant: str  # for the log: "Qwen-Image-Edit-2511", "Z-Image", "Qwen2.5-VL", ...
     layers: int
