@@ -72,9 +72,11 @@ def _reader(f: safe_open, parts: dict[str, list[str]], scales: dict[str, str]) -
         pieces = []
         for key in parts[name]:
             t = f.get_tensor(key)
-            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and key in scales:
-                t = t.float() * f.get_tensor(scales[key]).float()
-            pieces.append(t.float())
+            fp8 = t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+            t = t.float()
+            if fp8 and key in scales:
+                t = t * f.get_tensor(scales[key]).float()
+            pieces.append(t)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
     return load
 
@@ -292,9 +294,10 @@ def open_mmproj_checkpoint(path: str | os.PathLike) -> Checkpoint:
             "clip.vision.attention.layer_norm_epsilon": 1e-6, "clip.vision.n_wa_pattern": VISION_WINDOW_PATTERN,
             "clip.vision.image_mean": CLIP_MEAN, "clip.vision.image_std": CLIP_STD}
 
+    read = _reader(f, {name: [key] for name, (key, _) in pieces.items()}, scales)
+
     def load(name: str) -> torch.Tensor:
-        key, piece = pieces[name]
-        return piece(_reader(f, {name: [key]}, scales)(name)).contiguous()
+        return pieces[name][1](read(name)).contiguous()
     return Checkpoint(path, "mmproj", "clip", "Qwen2.5-VL vision tower", layers, shapes, load, half, meta)
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFWriter, quants
+from gguf.quants import quant_shape_from_byte_shape
 
 from ..quant.formats import FORMATS
 from .reader import MAX_DIMS
@@ -101,11 +102,8 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], recip
 def write_encoded(path: str | os.PathLike, tensors: Mapping[str, tuple[np.ndarray, T]], arch: str | None = None,
                   metadata: Mapping[str, Any] | None = None) -> None:
     """Write tensors already in their stored form (``encode``'s), as (array, type)."""
-    plan = []
-    for name, (data, qtype) in tensors.items():
-        block, size = GGML_QUANT_SIZES[qtype]
-        shape = data.shape if qtype in (T.F32, T.F16) else (*data.shape[:-1], data.shape[-1] // size * block)
-        plan.append(Planned(name, tuple(shape), qtype))
+    plan = [Planned(name, tuple(data.shape if qtype in (T.F32, T.F16) else quant_shape_from_byte_shape(data.shape, qtype)),
+                    qtype) for name, (data, qtype) in tensors.items()]
     write_tensors(path, plan, lambda p: tensors[p.name][0], arch, metadata)
 
 

@@ -22,11 +22,10 @@ PREFIX = "diffusion_model."
 def _tensors(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], FileWeights | None]]:
     """Each weight and persistent buffer (not the extra state-dict entries of ComfyUI's quantized
     ops, such as their scales) with its logical shape, and our op where it holds quantized bytes."""
-    out = {name: (tuple(p.shape), None) for name, p in model.named_parameters()}
+    saved = set(model.state_dict(keep_vars=True))  # persistent buffers are saved, the others are not
+    out = {name: (tuple(t.shape), None) for name, t in (*model.named_parameters(), *model.named_buffers())
+           if name in saved}
     for module_name, module in model.named_modules():
-        for name, buffer in module.named_buffers(recurse=False):
-            if name not in module._non_persistent_buffers_set:
-                out[f"{module_name}.{name}" if module_name else name] = (tuple(buffer.shape), None)
         if isinstance(module, FileWeights) and module.plan is not None:
             out[f"{module_name}.weight"] = (tuple(module.plan.shape), module)
     return out
@@ -49,7 +48,7 @@ def model_checkpoint(patcher, name: str) -> Checkpoint:
             w = compat.to_cpu_float(weight)
             if convert is not None:
                 w = convert(w, inplace=True)
-        return compat.merge_patches(patcher, PREFIX + key, w.float()).float()
+        return compat.merge_patches(patcher, PREFIX + key, w.float())
 
     # bf16 holds every value of a model that computes in it; F16 could overflow.
     dtypes = {p.dtype for p in diffusion.parameters()} | {
