@@ -101,7 +101,7 @@ T2I_20 = WORKFLOWS / "Qwen-Image-2512 - 20 steps.json"
 
 def test_presets_exist_with_titles_order_and_thumbnails():
     assert ORDER[:3] == [f"Qwen-Image-2512 - {n} steps" for n in (20, 40, 60)]
-    assert sorted(ORDER) == sorted(p.stem for p in presets()) and len(ORDER) == 13
+    assert sorted(ORDER) == sorted(p.stem for p in presets()) and len(ORDER) == 14
     for title in ORDER:
         assert "_" not in title, "the template browser shows the file name as the title"
         assert (WORKFLOWS / "api" / f"{title}.json").exists()
@@ -375,9 +375,22 @@ return {nodes, groups};
 """
 
 
+# Each group's title and box, and the title's width as the canvas draws it (its font size, the
+# group's padding either side).
+GROUPS_JS = """
+const ctx = document.createElement('canvas').getContext('2d');
+return window.app.graph.groups.map(g => {
+    const size = g.font_size ?? 24;
+    ctx.font = `${size}px Arial`;
+    return [g.title, ...(g.boundingRect ?? g._bounding), ctx.measureText(g.title).width + size / 2];
+});
+"""
+
+
 def layout_problems(driver) -> list[str]:
-    """Nodes whose boxes (title bar included) overlap, and group titles that the saved view leaves
-    off the canvas or under the front end's own panels."""
+    """Nodes whose boxes (title bar included) overlap or stick out of their group, and group titles
+    that are wider than their group or that the saved view leaves off the canvas or under the front
+    end's own panels."""
     found = driver.execute_script(LAYOUT_JS)
     problems = []
     nodes = found["nodes"]
@@ -389,8 +402,10 @@ def layout_problems(driver) -> list[str]:
                 problems.append(f"{a['type']} and {b['type']} overlap by {dx:.0f} x {dy:.0f} px")
     problems += [f"group title {g['title']!r} is not visible at ({g['x']:.0f}, {g['y']:.0f})"
                  for g in found["groups"] if not g["onCanvas"]]
-    for g in driver.execute_script("return window.app.graph.groups.map(g => [g.title, ...(g.boundingRect ?? g._bounding)])"):
-        title, gx, gy, gw, gh = g
+    for g in driver.execute_script(GROUPS_JS):
+        title, gx, gy, gw, gh, title_w = g
+        if title_w > gw:
+            problems.append(f"group title {title!r} is wider than its group ({title_w:.0f} > {gw:.0f} px)")
         for n in nodes:
             dx = min(n["x"] + n["w"], gx + gw) - max(n["x"], gx)
             dy = min(n["y"] + n["h"], gy + gh) - max(n["y"], gy)

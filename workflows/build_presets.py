@@ -44,6 +44,8 @@ PROMPT_EDIT_1 = "Make it a snowy winter evening: snow on the ground and roof, wa
 PROMPT_EDIT_2 = "Put the object from image 2 on the table in image 1, matching the light and perspective of image 1."
 PROMPT_INPAINT = ("A hot air balloon with red and yellow stripes drifting in the clear blue sky, soft sunlight, "
                   "flat illustration style matching the picture.")
+PROMPT_EDIT_INPAINT = ("Put a hot air balloon with red and yellow stripes in the masked part of the sky, in the "
+                       "picture's flat illustration style.")
 PROMPT_Z = ("A lighthouse on a rocky cliff at sunrise, waves crashing below, seagulls in the pink sky, "
             "cinematic wide shot, highly detailed.")
 
@@ -221,6 +223,44 @@ def sampling_group(g: Graph, x: int, title: str, model: dict, positive: dict, ne
                     **sampler)
 
 
+def masked_latent(g: Graph, image: dict, vae: dict, y: int) -> dict:
+    """The image encoded, sampled only where its mask (the image's transparency) is."""
+    encode = g.add("VAEEncode", (1340, y), (340, 50))
+    g.connect(image, 0, encode, "pixels")
+    g.connect(vae, 0, encode, "vae")
+    masked = g.add("SetLatentNoiseMask", (1340, y + 100), (340, 50))
+    g.connect(encode, 0, masked, "samples")
+    g.connect(image, 1, masked, "mask")
+    return masked
+
+
+def paste_back(g: Graph, sampler: dict, image: dict, vae: dict, model: dict, prefix: str, height: int) -> None:
+    """Group 4 of the inpainting presets: the sampled image decoded, pasted into the original inside the
+    mask only (the pixels outside it stay exactly the original's), and saved."""
+    g.group("4. Paste into the original and save", 1720, -60, 640, height, "#a1309b")
+    decode = g.add("QwenImageGGUFVAEDecode", (1740, 0), (260, 80))
+    g.connect(sampler, 0, decode, "samples")
+    g.connect(vae, 0, decode, "vae")
+    g.connect(model, 0, decode, "model")
+    paste = g.add("ImageCompositeMasked", (2020, 0), (320, 150), x=0, y=0, resize_source=False)
+    g.connect(image, 0, paste, "destination")
+    g.connect(decode, 0, paste, "source")
+    g.connect(image, 1, paste, "mask")
+    save = g.add("SaveImage", (1740, 200), (600, 640), filename_prefix=prefix)
+    g.connect(paste, 0, save, "images")
+
+
+def edit_references(g: Graph, positive: dict, negative: dict) -> list[dict]:
+    """Edit-2511's conditionings with their reference latents given as its authors sample it."""
+    refs = []
+    for i, enc in enumerate((positive, negative)):
+        ref = g.add("FluxKontextMultiReferenceLatentMethod", (1340, 0 + 100 * i), (340, 60),
+                    reference_latents_method="index_timestep_zero")
+        g.connect(enc, 0, ref, "conditioning")
+        refs.append(ref)
+    return refs
+
+
 def qwen_2512(info: dict, mmproj: str = "mmproj-F16.gguf") -> tuple[Graph, dict, dict, dict]:
     """A graph starting with the Qwen-Image-2512 presets' loaders: (graph, guarded model, clip, vae)."""
     g = Graph(info)
@@ -317,27 +357,12 @@ def qwen_inpaint(info: dict) -> dict:
     for enc in (pos, neg):
         g.connect(clip, 0, enc, "clip")
     g.group("3. Sampling inside the mask: 30 steps", 1320, -60, 380, 860, "#b58b2a")
-    encode = g.add("VAEEncode", (1340, 0), (340, 50))
-    g.connect(image, 0, encode, "pixels")
-    g.connect(vae, 0, encode, "vae")
-    masked = g.add("SetLatentNoiseMask", (1340, 100), (340, 50))
-    g.connect(encode, 0, masked, "samples")
-    g.connect(image, 1, masked, "mask")
+    masked = masked_latent(g, image, vae, 0)
     shift = g.add("ModelSamplingAuraFlow", (1340, 200), (340, 60), shift=3.1)
     g.connect(guard, 0, shift, "model")
     sampler = ksampler(g, (1340, 300), shift, pos, neg, masked, control_after_generate="randomize", steps=30,
                        sampler_name="dpmpp_2m", scheduler="karras")
-    g.group("4. Paste into the original and save", 1720, -60, 640, 900, "#a1309b")
-    decode = g.add("QwenImageGGUFVAEDecode", (1740, 0), (260, 80))
-    g.connect(sampler, 0, decode, "samples")
-    g.connect(vae, 0, decode, "vae")
-    g.connect(guard, 0, decode, "model")
-    paste = g.add("ImageCompositeMasked", (2020, 0), (320, 150), x=0, y=0, resize_source=False)
-    g.connect(image, 0, paste, "destination")
-    g.connect(decode, 0, paste, "source")
-    g.connect(image, 1, paste, "mask")
-    save = g.add("SaveImage", (1740, 200), (600, 640), filename_prefix="qwen-image-2512-inpaint")
-    g.connect(paste, 0, save, "images")
+    paste_back(g, sampler, image, vae, guard, "qwen-image-2512-inpaint", 900)
     g.add("MarkdownNote", (-20, 580), (380, 320), text=(
         "## Qwen-Image-2512 inpainting, GGUF\nThe mask is the image's transparency: right-click the image > "
         "Open in MaskEditor to paint your own, then describe what belongs there. Only the masked part is "
@@ -410,12 +435,7 @@ def qwen_edit(info: dict, images: int, lightning: bool = False) -> dict:
     steps, cfg, shift_by, room = (4, 1.0, 3.0, 130) if lightning else (40, 4.0, 3.1, 0)
     g.group(f"3. Sampling: {'Lightning, ' if lightning else ''}{steps} steps, CFG {cfg:g}", 1320, -60, 380,
             900 + room, "#b58b2a")
-    refs = []
-    for i, enc in enumerate((pos, neg)):
-        ref = g.add("FluxKontextMultiReferenceLatentMethod", (1340, 0 + 100 * i), (340, 60),
-                    reference_latents_method="index_timestep_zero")
-        g.connect(enc, 0, ref, "conditioning")
-        refs.append(ref)
+    refs = edit_references(g, pos, neg)
     model = lightning_lora(g, guard, LIGHTNING["2511", steps], (1340, 220)) if lightning else guard
     shift = g.add("ModelSamplingAuraFlow", (1340, 220 + room), (340, 60), shift=shift_by)
     g.connect(model, 0, shift, "model")
@@ -435,6 +455,38 @@ def qwen_edit(info: dict, images: int, lightning: bool = False) -> dict:
         "encoder its vision tower: without it the edit nodes cannot see the images (the loader says so). Replace the "
         f"input images with your own ({'one image' if images == 1 else 'image 1 is edited, image 2 is the reference'})."
         + ("\n\n" + LIGHTNING_NOTE.format(steps=steps) if lightning else "\n\n" + SMALL_GPU_NOTE)))
+    return g.to_json()
+
+
+def qwen_edit_inpaint(info: dict) -> dict:
+    g = Graph(info)
+    guard, clip, vae = loaders(g, "qwen-image-edit-2511-Q4_K_M.gguf", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf",
+                               "mmproj-F16.gguf", "qwen_image_vae.safetensors")
+    g.group("2. Image, mask and instruction", 400, -60, 900, 1040, "#8A8")
+    image = g.add("LoadImage", (420, 0), (420, 420), image="qwen_inpaint_input.png", upload="image")
+    pos = g.add("TextEncodeQwenImageEditPlus", (860, 0), (420, 200), title="Instruction", prompt=PROMPT_EDIT_INPAINT)
+    neg = g.add("TextEncodeQwenImageEditPlus", (860, 240), (420, 170), title="Negative", prompt="")
+    for enc in (pos, neg):
+        g.connect(clip, 0, enc, "clip")
+        g.connect(vae, 0, enc, "vae")
+        g.connect(image, 0, enc, "image1")
+    g.group("3. In the mask: 40 steps, CFG 4", 1320, -60, 380, 1040, "#b58b2a")
+    refs = edit_references(g, pos, neg)
+    shift = g.add("ModelSamplingAuraFlow", (1340, 220), (340, 60), shift=3.1)
+    g.connect(guard, 0, shift, "model")
+    norm = g.add("CFGNorm", (1340, 320), (340, 82), strength=1.0)
+    g.connect(shift, 0, norm, "model")
+    masked = masked_latent(g, image, vae, 450)
+    sampler = ksampler(g, (1340, 650), norm, refs[0], refs[1], masked, control_after_generate="randomize",
+                       steps=40, sampler_name="euler", scheduler="simple")
+    paste_back(g, sampler, image, vae, guard, "qwen-image-edit-2511-inpaint", 1040)
+    g.add("MarkdownNote", (-20, 580), (380, 360), text=(
+        "## Qwen-Image-Edit-2511 inpainting, GGUF\nThe edit model sees the whole picture (through the mmproj "
+        "vision file) and your instruction, and samples only inside the mask: the image's transparency "
+        "(right-click the image > Open in MaskEditor to paint your own). The original pixels outside the mask "
+        "are pasted back after decoding. Unlike the Qwen-Image-2512 inpainting preset, the instruction can "
+        "refer to what is in the picture (\"the same cat, asleep\"). Images near 1 megapixel work best (sides "
+        "a multiple of 16)."))
     return g.to_json()
 
 
@@ -528,6 +580,7 @@ PRESETS = [
            ("Put image 2 into image 1",) + EDIT_CARD),
     Preset("Qwen-Image-Edit-2511 - Lightning", lambda info: qwen_edit(info, 1, lightning=True),
            ("Edit one image, 4 steps",) + EDIT_CARD[:2] + ("Lightning LoRA, Euler, CFG 1",)),
+    Preset("Qwen-Image-Edit-2511 - inpainting", qwen_edit_inpaint, ("Repaint the masked part",) + EDIT_CARD),
     Preset("Z-Image-Turbo - 8 steps", z_image,
            ("Text to image, 1024 x 1024", "Z-Image-Turbo Q4_K (GGUF)", "Qwen3-4B Q4_K_M", "res_multistep, CFG 1")),
 ]
