@@ -54,6 +54,7 @@ def saved(tmp_path_factory):
     write_model(root / "diffusion_models" / "z-image-tiny-Q4_K.gguf", random_weights(z_image_shapes(**Z_IMAGE), 1),
                 uniform_recipe(T.Q4_K), arch="lumina2", twin=str(root / "diffusion_models" / "z-image-tiny.safetensors"))
     native = native_loader(root, "qwen-tiny-Q4_K_M.gguf", "qwen-tiny.safetensors", "qwen_image")
+    fp8 = native_loader(root, "qwen-tiny-Q4_K_M.gguf", "qwen-tiny.safetensors", "qwen_image", "fp8_e4m3fn")
     prompts = [
         {**with_lora(gguf_loader("qwen-tiny-Q4_K_M.gguf"), "lora"), "save": save(["lora", 0], "ours-lora")},
         {**with_lora(native, "lora"), "save": save(["lora", 0], "native-lora")},
@@ -66,13 +67,17 @@ def saved(tmp_path_factory):
                           256, lora="tiny-lora.safetensors")},
         {"loader": gguf_loader("qwen-tiny-Q4_K_M.gguf"), "save": save(["loader", 0], "after-sampling-plain")},
         {**with_lora(gguf_loader("qwen-tiny-Q4_K_M.gguf"), "lora"), "save": save(["lora", 0], "after-sampling-lora")},
+        # ComfyUI's own loader storing the weights in fp8 (UNETLoader's weight_dtype fp8_e4m3fn).
+        {"loader": fp8, "save": save(["loader", 0], "native-fp8")},
+        {**with_lora(fp8, "lora"), "save": save(["lora", 0], "native-fp8-lora")},
     ]
     work = tmp_path_factory.mktemp("comfy")
     results = run_prompts(work, root, prompts)
     for result in results[:3] + results[4:]:
         assert result["success"], short_error(result["error"])
     dm = root / "diffusion_models"
-    names = ("ours-lora", "native-lora", "ours-plain", "z-image", "after-sampling-plain", "after-sampling-lora")
+    names = ("ours-lora", "native-lora", "ours-plain", "z-image", "after-sampling-plain", "after-sampling-lora",
+             "native-fp8", "native-fp8-lora")
     files = {name: read(dm / f"{name}-Q8_0.gguf") for name in names}
     types = {name: {t.name: T(t.tensor_type) for t in GGUFReader(str(dm / f"{name}-Q8_0.gguf")).tensors} for name in names}
     # The saved file through our loader against its dequantized twin in ComfyUI's own model.
@@ -141,3 +146,25 @@ def test_a_model_comfyui_has_patched_is_saved_unpatched_and_merged_once(saved):
     for key in files["ours-plain"]:
         np.testing.assert_array_equal(files["after-sampling-plain"][key], files["ours-plain"][key], err_msg=key)
         np.testing.assert_array_equal(files["after-sampling-lora"][key], files["ours-lora"][key], err_msg=key)
+
+
+def test_comfyuis_fp8_model_is_saved_as_it_holds_its_weights(saved):
+    twin, files, types, lora = saved["twin"], saved["files"], saved["types"]["native-fp8"], saved["lora"]
+    assert set(files["native-fp8"]) == set(twin)
+    for key, value in twin.items():
+        held = value.to(torch.float8_e4m3fn).float()
+        want, unrounded = expected(held, types[key]), expected(value.float(), types[key])
+        got = files["native-fp8"][key]
+        if value.dim() == 2:  # every Linear weight: ComfyUI holds it in fp8
+            assert not np.array_equal(want, unrounded), key
+            np.testing.assert_array_equal(got, want, err_msg=key)
+        else:  # held in fp8 or in the compute dtype, as ComfyUI's ops create them
+            assert np.array_equal(got, want) or np.array_equal(got, unrounded), key
+    for target in LORA_TARGETS:
+        key = target + ".weight"
+        up, down = lora[f"diffusion_model.{target}.lora_up.weight"], lora[f"diffusion_model.{target}.lora_down.weight"]
+        alpha = float(lora[f"diffusion_model.{target}.alpha"])
+        merged = twin[key].to(torch.float8_e4m3fn).float().numpy() + (alpha / up.shape[1]) * (up @ down).numpy()
+        want = quants.dequantize(encode(merged, T.Q8_0), T.Q8_0).reshape(merged.shape)
+        step = np.abs(merged).max() / 127
+        assert np.abs(files["native-fp8-lora"][key] - want).max() <= step, key

@@ -109,10 +109,11 @@ def gguf_loader(name: str, mode: str | None = None) -> dict:
     return {"class_type": "QwenImageGGUFUnetLoader", "inputs": {"unet_name": name, **({"mode": mode} if mode else {})}}
 
 
-def native_loader(models, gguf_name: str, twin: str, family: str) -> dict:
+def native_loader(models, gguf_name: str, twin: str, family: str, weight_dtype: str = "default") -> dict:
     config = open_diffusion_model(str(models / "diffusion_models" / gguf_name)).unet_config
     return {"class_type": "TestNativeUnetLoader",
-            "inputs": {"unet_name": twin, "family": family, "config_json": json.dumps(config)}}
+            "inputs": {"unet_name": twin, "family": family, "config_json": json.dumps(config),
+                       "weight_dtype": weight_dtype}}
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ import comfy.utils
 import folder_paths
 
 MODEL_CONFIGS = {"qwen_image": comfy.supported_models.QwenImage, "z_image": comfy.supported_models.ZImage}
+# UNETLoader's weight_dtype choices that a test uses (None: ComfyUI's own pick for the device).
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn}
 
 
 class TestConditioning:
@@ -44,12 +46,13 @@ class TestNativeUnetLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"unet_name": (folder_paths.get_filename_list("diffusion_models"),),
-                             "family": (list(MODEL_CONFIGS),), "config_json": ("STRING", {"default": "{}"})}}
+                             "family": (list(MODEL_CONFIGS),), "config_json": ("STRING", {"default": "{}"})},
+                "optional": {"weight_dtype": (list(WEIGHT_DTYPES), {"default": "default"})}}
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = "testing"
 
-    def load(self, unet_name, family, config_json):
+    def load(self, unet_name, family, config_json, weight_dtype="default"):
         sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
         sizes = json.loads(config_json)
         detected = comfy.model_detection.detect_unet_config(sd, "")
@@ -59,8 +62,14 @@ class TestNativeUnetLoader:
                 sizes[marker] = detected[marker]
         config = MODEL_CONFIGS[family](sizes)
         load_device = comfy.model_management.get_torch_device()
-        dtype = comfy.model_management.unet_dtype(load_device, supported_dtypes=[torch.bfloat16, torch.float32])
-        config.set_inference_dtype(dtype, None)
+        supported = [torch.bfloat16, torch.float32]
+        dtype = comfy.model_management.unet_dtype(load_device, supported_dtypes=supported)
+        cast = None
+        if WEIGHT_DTYPES[weight_dtype] is not None:
+            # As ComfyUI's UNETLoader does for a chosen weight dtype: weights stored in it, computed in another.
+            dtype = WEIGHT_DTYPES[weight_dtype]
+            cast = comfy.model_management.unet_manual_cast(dtype, load_device, supported)
+        config.set_inference_dtype(dtype, cast)
         config.custom_operations = comfy.ops.manual_cast
         model = config.get_model(sd, "")
         patcher = comfy.model_patcher.CoreModelPatcher(model, load_device, comfy.model_management.unet_offload_device())
