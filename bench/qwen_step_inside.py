@@ -46,6 +46,7 @@ def random_weights(cfg, pkg):
     from dequant_bandwidth import random_blocks
     from gguf import GGMLQuantizationType as T
     from loaders.convert.recipes import IMAGE_ARCHS, LEVELS, image_recipe
+    FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
     recipe = image_recipe(LEVELS["Q4_K_M"], IMAGE_ARCHS["qwen_image"], cfg["layers"])
     GGMLTensor = pkg.loaders.quant.weight.GGMLTensor
     shapes = qwen_image_shapes(layers=cfg["layers"], heads=24, head_dim=128, text_dim=3584, mlp=12288,
@@ -55,9 +56,9 @@ def random_weights(cfg, pkg):
     g = torch.Generator(device=device).manual_seed(0)
     for name, shape in shapes.items():
         qtype = recipe(name, shape)
-        if qtype == T.F32:
+        if qtype in FLOAT_TYPES:  # the recipe's unquantized tensors, held in the file's float type
             w = (torch.randn(shape, device=device, generator=g) * (0.02 if len(shape) > 1 else 1.0)).float()
-            ours[name], native[name] = w.cpu(), w.to(torch.bfloat16).cpu()
+            ours[name], native[name] = w.to(FLOAT_TYPES[qtype]).cpu(), w.to(torch.bfloat16).cpu()
             continue
         qcls = pkg.loaders.quant.formats.FORMATS[qtype]
         blocks = random_blocks(qtype, shape[0] * shape[1] // qcls.block_size, device)
@@ -81,11 +82,12 @@ def random_model(cfg):
 def write_gguf(path, weights):
     """The quantized weights as a GGUF file (city96 layout: ComfyUI names, architecture qwen_image)."""
     from gguf import GGMLQuantizationType as T
-    from loaders.gguf.writer import write_encoded
+    from loaders.gguf.writer import encode, write_encoded
     encoded = {}
+    float_types = {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}
     for name, t in weights.items():
         if type(t) is torch.Tensor:
-            encoded[name] = (t.numpy(), T.F32)
+            encoded[name] = (encode(t.float().numpy(), float_types[t.dtype]), float_types[t.dtype])
         else:
             with torch._C.DisableTorchFunctionSubclass():
                 encoded[name] = (t.numpy(), t.fmt.qtype)
