@@ -62,7 +62,9 @@ def main() -> None:
     cpu, ref = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
     wrong = []
     FORMATS[T.Q4_K].encode(torch.randn(8, 256, device=device))  # CUDA context and kernels loaded
-    for name, shape, qtype in plan:
+    for done, (name, shape, qtype) in enumerate(plan):
+        if done % 100 == 0:  # a run cut short still says how far it got
+            print(f"{done}/{len(plan)} tensors, GPU {gpu_s:.1f} s so far", flush=True)
         x = torch.randn(shape, device=device, generator=g) / shape[-1] ** 0.5
         got, seconds = timed(FORMATS[qtype].encode, x)
         gpu_s += seconds

@@ -4,6 +4,12 @@ zeros and signed zeros, constant rows, huge and tiny magnitudes)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +18,8 @@ from gguf import GGMLQuantizationType as T
 import llama_cpp_ref
 from llama_cpp_ref import quantize_ref, reference
 from loaders.quant.formats import ENCODE_PIECE, FORMATS
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def rows() -> dict[str, np.ndarray]:
@@ -82,3 +90,29 @@ def test_encoders_on_the_gpu_give_the_reference_bytes(lib, name):
     expected = quantize_ref(lib, name, x)
     got = FORMATS[T[name.upper()]].encode(torch.from_numpy(x).cuda()).cpu().numpy()
     assert np.array_equal(got.reshape(expected.shape), expected)
+
+
+SEQ_SUM_CHECK = """
+import numpy as np, torch
+from loaders.quant.kernels.seq_sum import seq_sum
+rng = np.random.default_rng(3)
+for n in (16, 32):
+    # Magnitudes over many decades: the order of the additions shows in the rounding.
+    terms = torch.from_numpy((rng.standard_normal((1000, n)) * 10.0 ** rng.integers(-6, 7, (1000, n))).astype(np.float32))
+    in_order = terms[:, 0].clone()
+    for i in range(1, n):
+        in_order = in_order + terms[:, i]
+    assert not torch.equal(terms.sum(-1), in_order), "a reordered sum rounds otherwise on these rows"
+    assert torch.equal(seq_sum(terms), in_order), n
+    assert seq_sum(terms[:0]).shape == (0,)
+print("in order")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_gpu_sum_kernel_adds_in_order():
+    # Under Triton's interpreter on the CPU (on a GPU the encoder test above covers it).
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", SEQ_SUM_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "in order" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

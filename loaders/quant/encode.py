@@ -21,8 +21,13 @@ only operations rounded once are used (add, multiply, divide, square root, compa
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import numpy as np
 import torch
+
+from ..compat import triton_kernels
 
 QK_K = 256
 F32 = np.float32  # constants are computed as float32 scalars, as C's float literals
@@ -91,8 +96,21 @@ def _bytes_of(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return v.to(dtype).unsqueeze(-1).contiguous().view(torch.uint8)
 
 
+@functools.cache
+def _gpu_seq_sum() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The Triton kernel summing in order on a GPU in one launch (None where the kernels do not run:
+    then one torch add per term)."""
+    if not triton_kernels():
+        return None
+    from .kernels.seq_sum import seq_sum
+    return seq_sum
+
+
 def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
     """The sum over the last axis accumulated in order, in float32 (as a C loop does)."""
+    kernel = _gpu_seq_sum() if terms.is_cuda else None
+    if kernel is not None:
+        return kernel(terms)
     total = terms[..., 0].clone()
     for i in range(1, terms.shape[-1]):
         total = total + terms[..., i]
