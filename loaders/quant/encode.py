@@ -111,9 +111,11 @@ def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
     kernel = _gpu_seq_sum() if terms.is_cuda else None
     if kernel is not None:
         return kernel(terms)
-    total = terms[..., 0].clone()
-    for i in range(1, terms.shape[-1]):
-        total = total + terms[..., i]
+    # Term by term over contiguous columns: each add is one vectorised pass, not a strided gather.
+    columns = terms.movedim(-1, 0).contiguous()
+    total = columns[0].clone()
+    for column in columns[1:]:
+        total += column
     return total
 
 
