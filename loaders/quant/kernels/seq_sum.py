@@ -6,6 +6,8 @@ Triton rounds one by one (there is no product to fuse into a multiply-add)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -27,9 +29,13 @@ def _seq_sum_kernel(terms, out, rows, N: tl.constexpr, ROWS: tl.constexpr):
 def seq_sum(terms: torch.Tensor) -> torch.Tensor:
     """The float32 ``terms`` (on a CUDA device, or under Triton's interpreter) summed over the last
     axis in order."""
+    if terms.shape[-1] == 0:
+        raise ValueError("no terms to sum")
     terms = terms.contiguous()
     out = torch.empty(terms.shape[:-1], dtype=torch.float32, device=terms.device)
     rows = out.numel()
     if rows:
-        _seq_sum_kernel[(triton.cdiv(rows, _ROWS),)](terms, out, rows, N=terms.shape[-1], ROWS=_ROWS)
+        # Triton launches on the current device: the tensors' own (a model may sit on another GPU).
+        with torch.cuda.device(terms.device) if terms.is_cuda else contextlib.nullcontext():
+            _seq_sum_kernel[(triton.cdiv(rows, _ROWS),)](terms, out, rows, N=terms.shape[-1], ROWS=_ROWS)
     return out
