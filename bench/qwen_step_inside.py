@@ -44,9 +44,8 @@ def random_weights(cfg, pkg):
     sys.path.insert(0, cfg["repo"] + "/bench")
     from tiny_models import qwen_image_shapes
     from dequant_bandwidth import random_blocks
-    from gguf import GGMLQuantizationType as T
     from loaders.convert.recipes import IMAGE_ARCHS, LEVELS, image_recipe
-    FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+    from loaders.quant.formats import FLOAT_TYPES
     recipe = image_recipe(LEVELS["Q4_K_M"], IMAGE_ARCHS["qwen_image"], cfg["layers"])
     GGMLTensor = pkg.loaders.quant.weight.GGMLTensor
     shapes = qwen_image_shapes(layers=cfg["layers"], heads=24, head_dim=128, text_dim=3584, mlp=12288,
@@ -81,10 +80,10 @@ def random_model(cfg):
 
 def write_gguf(path, weights):
     """The quantized weights as a GGUF file (city96 layout: ComfyUI names, architecture qwen_image)."""
-    from gguf import GGMLQuantizationType as T
     from loaders.gguf.writer import encode, write_encoded
+    from loaders.quant.formats import FLOAT_TYPES
     encoded = {}
-    float_types = {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}
+    float_types = {dtype: qtype for qtype, dtype in FLOAT_TYPES.items()}
     for name, t in weights.items():
         if type(t) is torch.Tensor:
             encoded[name] = (encode(t.float().numpy(), float_types[t.dtype]), float_types[t.dtype])
