@@ -261,6 +261,15 @@ def edit_references(g: Graph, positive: dict, negative: dict) -> list[dict]:
     return refs
 
 
+def edit_model(g: Graph, model: dict, y: int, shift: float) -> dict:
+    """Edit-2511's model as it samples: its flow shift, then CFGNorm (from ``y`` down)."""
+    shifted = g.add("ModelSamplingAuraFlow", (1340, y), (340, 60), shift=shift)
+    g.connect(model, 0, shifted, "model")
+    norm = g.add("CFGNorm", (1340, y + 100), (340, 82), strength=1.0)
+    g.connect(shifted, 0, norm, "model")
+    return norm
+
+
 def qwen_2512(info: dict, mmproj: str = "mmproj-F16.gguf") -> tuple[Graph, dict, dict, dict]:
     """A graph starting with the Qwen-Image-2512 presets' loaders: (graph, guarded model, clip, vae)."""
     g = Graph(info)
@@ -437,11 +446,8 @@ def qwen_edit(info: dict, images: int, lightning: bool = False) -> dict:
             900 + room, "#b58b2a")
     refs = edit_references(g, pos, neg)
     model = lightning_lora(g, guard, LIGHTNING["2511", steps], (1340, 220)) if lightning else guard
-    shift = g.add("ModelSamplingAuraFlow", (1340, 220 + room), (340, 60), shift=shift_by)
-    g.connect(model, 0, shift, "model")
+    norm = edit_model(g, model, 220 + room, shift_by)
     y = 320 + room
-    norm = g.add("CFGNorm", (1340, y), (340, 82), strength=1.0)
-    g.connect(shift, 0, norm, "model")
     encode = g.add("VAEEncode", (1340, y + 130), (340, 50))
     g.connect(scaled, 0, encode, "pixels")
     g.connect(vae, 0, encode, "vae")
@@ -472,10 +478,7 @@ def qwen_edit_inpaint(info: dict) -> dict:
         g.connect(image, 0, enc, "image1")
     g.group("3. In the mask: 40 steps, CFG 4", 1320, -60, 380, 1040, "#b58b2a")
     refs = edit_references(g, pos, neg)
-    shift = g.add("ModelSamplingAuraFlow", (1340, 220), (340, 60), shift=3.1)
-    g.connect(guard, 0, shift, "model")
-    norm = g.add("CFGNorm", (1340, 320), (340, 82), strength=1.0)
-    g.connect(shift, 0, norm, "model")
+    norm = edit_model(g, guard, 220, 3.1)
     masked = masked_latent(g, image, vae, 450)
     sampler = ksampler(g, (1340, 650), norm, refs[0], refs[1], masked, control_after_generate="randomize",
                        steps=40, sampler_name="euler", scheduler="simple")
