@@ -41,10 +41,11 @@ requires_comfyui = pytest.mark.skipif(comfyui_missing_reason() is not None,
 
 
 def run_prompts(workdir: Path, models: Path, prompts: list[dict], timeout: int = 900,
-                args: list[str] | None = None) -> list[dict]:
+                args: list[str] | None = None, other_nodes: dict[str, Path] | None = None) -> list[dict]:
     """Run API-format prompts in a fresh ComfyUI process with this package installed as a custom node
-    (started with ``args``: by default on the CPU)."""
-    results = _run(workdir, models, {"prompts": prompts, **({} if args is None else {"args": args})}, timeout)
+    (started with ``args``: by default on the CPU), and ``other_nodes`` (name: folder) beside it."""
+    results = _run(workdir, models, {"prompts": prompts, **({} if args is None else {"args": args})}, timeout,
+                   other_nodes)
     if len([r for r in results if "index" in r]) != len(prompts):
         raise AssertionError(f"ComfyUI answered {len(results)} of {len(prompts)} prompts: {results}")
     return [r for r in results if "index" in r]
@@ -56,10 +57,11 @@ def run_script(workdir: Path, models: Path, script: Path, timeout: int = 900, **
     return next(r["script"] for r in results if "script" in r)
 
 
-def _run(workdir: Path, models: Path, job: dict, timeout: int) -> list[dict]:
+def _run(workdir: Path, models: Path, job: dict, timeout: int, other_nodes: dict[str, Path] | None = None) -> list[dict]:
     custom_nodes = workdir / "custom_nodes"
     custom_nodes.mkdir(parents=True, exist_ok=True)
-    for name, target in ((PACKAGE_NAME, REPO), ("comfy_test_nodes", REPO / "tests" / "comfy_test_nodes")):
+    for name, target in ((PACKAGE_NAME, REPO), ("comfy_test_nodes", REPO / "tests" / "comfy_test_nodes"),
+                         *(other_nodes or {}).items()):
         link = custom_nodes / name
         if not link.exists():
             link.symlink_to(target, target_is_directory=True)

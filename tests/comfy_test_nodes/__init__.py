@@ -17,6 +17,8 @@ import comfy.supported_models
 import comfy.utils
 import folder_paths
 
+# Model-config keys that ComfyUI's detection takes from markers in the weights (Edit-2511's reference method, ...).
+VARIANT_MARKERS = ("default_ref_method", "use_additional_t_cond")
 MODEL_CONFIGS = {"qwen_image": comfy.supported_models.QwenImage, "z_image": comfy.supported_models.ZImage}
 # UNETLoader's weight_dtype choices that a test uses (None: ComfyUI's own pick for the device).
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn}
@@ -56,7 +58,7 @@ class TestNativeUnetLoader:
         sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
         sizes = json.loads(config_json)
         detected = comfy.model_detection.detect_unet_config(sd, "")
-        for marker in ("default_ref_method", "use_additional_t_cond"):
+        for marker in VARIANT_MARKERS:
             sizes.pop(marker, None)
             if marker in detected:
                 sizes[marker] = detected[marker]
@@ -77,6 +79,40 @@ class TestNativeUnetLoader:
         return (patcher,)
 
 
+class TestCity96UnetLoader:
+    """city96's ComfyUI-GGUF UnetLoaderGGUF (where it is installed beside), run as it is, with only
+    ComfyUI's model detection given the sizes (as for the reference: it assumes the full-size widths)
+    and float32 chosen for decoding."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        # A plain string: city96's node resolves the name in its own folder list ("unet_gguf").
+        return {"required": {"unet_name": ("STRING", {"default": ""}), "config_json": ("STRING", {"default": "{}"})}}
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, unet_name, config_json):
+        import nodes
+        if "UnetLoaderGGUF" not in nodes.NODE_CLASS_MAPPINGS:
+            raise RuntimeError("city96's ComfyUI-GGUF is not loaded")
+        sizes = json.loads(config_json)
+        detect = comfy.model_detection.detect_unet_config
+
+        def with_sizes(state_dict, key_prefix, *args, **kwargs):
+            detected = detect(state_dict, key_prefix, *args, **kwargs)
+            if detected is None:
+                return None
+            return {**detected, **{k: v for k, v in sizes.items() if k not in VARIANT_MARKERS}}
+
+        comfy.model_detection.detect_unet_config = with_sizes
+        try:
+            # Its blocks decoded in float32 (its advanced node's choice): by default it decodes in
+            # float16, whose rounding is its own and not the file's.
+            return nodes.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"]().load_unet(unet_name, dequant_dtype="float32")
+        finally:
+            comfy.model_detection.detect_unet_config = detect
+
+
 class TestSaveLatent:
     @classmethod
     def INPUT_TYPES(cls):
@@ -92,7 +128,7 @@ class TestSaveLatent:
 
 
 NODE_CLASS_MAPPINGS = {"TestConditioning": TestConditioning, "TestNativeUnetLoader": TestNativeUnetLoader,
-                       "TestSaveLatent": TestSaveLatent}
+                       "TestSaveLatent": TestSaveLatent, "TestCity96UnetLoader": TestCity96UnetLoader}
 
 
 class TestNativeClipLoader:
