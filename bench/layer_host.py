@@ -5,9 +5,11 @@ loader where it is on), the layers of one transformer block called in the model'
     COMFYUI_PATH=../ComfyUI python bench/layer_host.py [--calls 300] [--rows 64] [--profile]
 
 At 1024x1024 on an H100 ComfyUI's sampling waits on the host, so what a layer costs the host decides
-the step time there. The inputs are small (``--rows`` rows, above the fused kernel's limit) so that
-the GPU is never the bottleneck: the time per call is the host's. Full-width weights (random, the
-Q4_K_M mix), two transformer blocks; all models loaded at once and timed in turns (median of rounds).
+the step time there. Host time is what the host spends issuing a pass over the block's layers, the
+GPU synchronized between passes (outside the timing) so that no launch waits on it; wall time, passes
+run back to back, says whether the GPU keeps up. The inputs are small (``--rows`` rows, above the fused
+kernel's limit). Full-width weights (random, the Q4_K_M mix), two transformer blocks; all models loaded
+at once and timed in turns (median of rounds).
 """
 
 from __future__ import annotations
@@ -39,16 +41,16 @@ def main() -> None:
         print(f"--- host profile, {name} ---\n{text}")
     print(f"GPU: {result['gpu']}; torch {result['torch']}; ComfyUI {result['comfyui']}; "
           f"dynamic VRAM: {result['dynamic_vram']}; {a.rows} rows per call")
-    print("| model | us per layer call (block average, median of rounds) | vs native bf16 on the same loader | "
-          "extra host per 60-block step |")
-    print("|---|---|---|---|")
-    rows = result["rows"]
+    print("| model | host us per layer call (block average, median of rounds) | vs native bf16 on the same loader | "
+          "extra host per 60-block step | wall us per call, back to back |")
+    print("|---|---|---|---|---|")
+    rows, walls = result["rows"], result["walls"]
     for name, us in rows.items():
         # Each row against native bf16 under the same loader (the classic one's rows say so).
         base = rows.get("native bf16, classic loader" if name.endswith("classic loader") else "native bf16")
         ratio = f"{us / base:.2f}x" if base else "-"
         extra = f"{(us - base) * result['layers_per_block'] * 60 / 1000:+.1f} ms" if base else "-"
-        print(f"| {name} | {us:.1f} | {ratio} | {extra} |")
+        print(f"| {name} | {us:.1f} | {ratio} | {extra} | {walls[name]:.1f} |")
 
 
 if __name__ == "__main__":

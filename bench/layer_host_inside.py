@@ -43,14 +43,25 @@ def block_pass(block, rows):
 
 
 def per_call_us(run, calls, layer_count):
+    """(host, wall) microseconds per layer call. Host: the time the host spends issuing a pass, the GPU
+    idle at its start (synchronized after each pass, outside the timing), so no launch waits on a full
+    queue. Wall: passes back to back, synchronized at the end: the host's time where it is the
+    bottleneck, the GPU's where that is."""
     for _ in range(20):
         run()
     torch.cuda.synchronize()
+    host = 0.0
+    for _ in range(calls):
+        start = time.perf_counter()
+        run()
+        host += time.perf_counter() - start
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         run()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls / layer_count * 1e6
+    wall = time.perf_counter() - start
+    return host / calls / layer_count * 1e6, wall / calls / layer_count * 1e6
 
 
 def profile_text(run, calls, lines=25):
@@ -58,7 +69,8 @@ def profile_text(run, calls, lines=25):
     prof.enable()
     for _ in range(calls):
         run()
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     prof.disable()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(lines)
@@ -95,11 +107,13 @@ def run(cfg):
         for round_ in range(cfg["rounds"]):
             for name in list(models)[::(-1) ** round_]:
                 timings[name].append(per_call_us(passes[name], cfg["calls"], len(BLOCK_ORDER)))
-        rows = {name: statistics.median(t) for name, t in timings.items()}
+        rows = {name: statistics.median(host for host, _ in t) for name, t in timings.items()}
+        walls = {name: statistics.median(wall for _, wall in t) for name, t in timings.items()}
         for name, t in timings.items():
-            print("layer host time:", name, ", ".join(f"{v:.1f}" for v in t), "us", flush=True)
+            print("layer host time:", name, ", ".join(f"{h:.1f}" for h, _ in t), "us; wall:",
+                  ", ".join(f"{w:.1f}" for _, w in t), "us", flush=True)
         profiles = {name: profile_text(run_block, max(20, cfg["calls"] // 10))
                     for name, run_block in passes.items()} if cfg["profile"] else {}
-    return {"rows": rows, "profiles": profiles, "layers_per_block": len(BLOCK_ORDER),
+    return {"rows": rows, "walls": walls, "profiles": profiles, "layers_per_block": len(BLOCK_ORDER),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "comfyui": comfyui_version.__version__, "dynamic_vram": comfy.memory_management.aimdo_enabled}

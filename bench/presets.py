@@ -6,7 +6,8 @@ random-weight files installed under the installer's names (bench/full_size.py).
         [--runs ...] [--images 2] [--store /tmp/full-size] [--out presets.json]
 
 A run is PRESET:QUANT:VRAM, or PRESET:QUANT:VRAM:easycache for the preset with ComfyUI's EasyCache
-node (its defaults) in front of each KSampler. Only QUANT of the preset's diffusion model is installed, as after
+node (its defaults; :easycache@T with reuse threshold T) in front of each KSampler: how many steps it
+skipped is read from ComfyUI's log. Only QUANT of the preset's diffusion model is installed, as after
 `install.sh --quant QUANT` (a preset naming another quant loads it through the loader's fallback).
 VRAM is the GB ComfyUI is left (started with --reserve-vram = GPU total - VRAM; 0 = the whole GPU):
 the run shows whether the preset completes within it. Per run: the first image (cold: ComfyUI
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -94,24 +96,25 @@ def with_seed(prompt: dict, seed: int) -> dict:
     return out
 
 
-def with_easycache(prompt: dict) -> dict:
-    """The prompt with ComfyUI's EasyCache node (its default settings) on each KSampler's model."""
+def with_easycache(prompt: dict, threshold: float = 0.2) -> dict:
+    """The prompt with ComfyUI's EasyCache node (its default settings, but ``threshold``) on each
+    KSampler's model."""
     out = json.loads(json.dumps(prompt))
     for node_id, node in list(out.items()):
         if node["class_type"] == "KSampler":
             cache_id = f"easycache{node_id}"
             out[cache_id] = {"class_type": "EasyCache", "inputs": {
-                "model": node["inputs"]["model"], "reuse_threshold": 0.2, "start_percent": 0.15,
+                "model": node["inputs"]["model"], "reuse_threshold": threshold, "start_percent": 0.15,
                 "end_percent": 0.95, "verbose": False}}
             node["inputs"]["model"] = [cache_id, 0]
     return out
 
 
 def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path, work: Path,
-               easycache: bool = False) -> dict:
+               easycache: float | None = None) -> dict:
     prompt = json.loads((REPO / "workflows" / "api" / f"{preset}.json").read_text())
-    if easycache:
-        prompt = with_easycache(prompt)
+    if easycache is not None:
+        prompt = with_easycache(prompt, easycache)
     files, model = installed_files(prompt, quant)
     start = time.perf_counter()
     # In a process of its own, so that this one holds no CUDA context while it measures the GPU.
@@ -125,7 +128,8 @@ def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path
     for name in files:
         (models / where[name]).mkdir(parents=True, exist_ok=True)
         (models / where[name] / name).symlink_to(store / where[name] / name)
-    row = {"preset": preset + (" + EasyCache" if easycache else ""), "quant": quant, "file": model,
+    row = {"preset": preset + ("" if easycache is None else f" + EasyCache {easycache:g}"), "quant": quant,
+           "file": model,
            "vram_limit_gb": vram_gb or None,
            "files_written_s": round(made, 1), "images": []}
     total_mib = int(gpu_query("memory.total"))
@@ -154,6 +158,8 @@ def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path
     row["vram_before_gib"] = round(before / 1024, 1)
     row["ok"] = "error" not in row
     row["log_tail"] = "\n".join(line for line in log.splitlines() if "GGUF" in line or "error" in line.lower())[-3000:]
+    # EasyCache's own count, per sampling: "EasyCache - skipped 3/20 steps (1.18x speedup)."
+    row["cache_skipped"] = re.findall(r"EasyCache - skipped (\d+/\d+) steps", log)
     return row
 
 
@@ -168,8 +174,9 @@ def main() -> None:
     gpu = gpu_query("name")
     rows = []
     for spec in a.runs:
-        easycache = spec.endswith(":easycache")
-        preset, quant, vram = spec.removesuffix(":easycache").rsplit(":", 2)
+        spec, cached, threshold = spec.partition(":easycache")
+        easycache = float(threshold.removeprefix("@") or 0.2) if cached else None
+        preset, quant, vram = spec.rsplit(":", 2)
         work = Path(a.work) / f"run{len(rows)}"
         shutil.rmtree(work, ignore_errors=True)
         row = run_preset(preset, quant, float(vram), a.images, Path(a.store), work, easycache)
@@ -180,16 +187,18 @@ def main() -> None:
         if a.out:  # after every run: a time limit that cuts the last one keeps the others
             Path(a.out).write_text(json.dumps({"gpu": gpu, "rows": rows}, indent=1))
     print(f"\n{gpu}, ComfyUI with its default loader (dynamic VRAM on NVIDIA)\n")
-    print("| preset | diffusion model | ComfyUI given | first image (cold) | next images (warm) | peak VRAM | peak RAM |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | diffusion model | ComfyUI given | first image (cold) | next images (warm) | peak VRAM | peak RAM "
+          "| steps EasyCache skipped |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         given = f"{r['vram_limit_gb']:g} GB" if r["vram_limit_gb"] else "whole GPU"
         cold = f"{r['images'][0]:.1f} s" if r["images"] else "-"
         warm = ", ".join(f"{s:.1f}" for s in r["images"][1:]) + " s" if len(r["images"]) > 1 else "-"
         if not r["ok"]:
             cold, warm = "failed", r["error"][:80]
+        skipped = ", ".join(r["cache_skipped"]) or "-"
         print(f"| {r['preset']} | {r['quant']} | {given} | {cold} | {warm} | {r['peak_vram_gib']} GiB | "
-              f"{r['peak_rss_gib']} GiB |")
+              f"{r['peak_rss_gib']} GiB | {skipped} |")
 
 
 if __name__ == "__main__":

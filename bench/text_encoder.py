@@ -38,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--generate", type=int, default=128, help="greedy tokens generated per timing (0: none)")
+    parser.add_argument("--profile", action="store_true", help="print where generation's host time goes")
     parser.add_argument("--seed", type=int, default=0, help="the random model's seed")
     parser.add_argument("--out", default=None)
     parser.add_argument("--cpu", action="store_true", help="a smoke run of this script on the CPU with a 2-layer model")
@@ -51,7 +52,7 @@ def main() -> None:
     result = run_script(work, work / "models", REPO / "bench" / "text_encoder_inside.py", timeout=3000,
                         args=(["--cpu"] if a.cpu else []) + shlex.split(a.comfy_args), device="cpu" if a.cpu else "cuda",
                         package=PACKAGE_NAME, repo=str(REPO), spec=spec, runs=a.runs, smoke=a.cpu, seed=a.seed,
-                        generate=a.generate,
+                        generate=a.generate, profile=a.profile,
                         gguf=str(work / "random-Qwen2.5-VL-7B-Q4_K_M.gguf"), comfyui=str(comfyui_path()))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))
@@ -65,13 +66,20 @@ def main() -> None:
               f"{ratio} | {r['tokens']} | {r['peak_vram_gb']:.1f} GB |")
     generating = {name: r for name, r in result["rows"].items() if "generate_tok_s" in r}
     if generating:
-        print(f"\n| text generation, greedy, {a.generate} tokens | tokens/s | vs native | peak VRAM |")
-        print("|---|---|---|---|")
+        print(f"\n| text generation, greedy, {a.generate} tokens | tokens/s | vs native | peak VRAM | in use before | "
+              "torch's peak allocated / held |")
+        print("|---|---|---|---|---|---|")
         base = generating.get("native bf16", {}).get("generate_tok_s")
         for name, r in generating.items():
             ratio = f"{r['generate_tok_s'] / base:.2f}x" if base else "-"
-            print(f"| {name} | {r['generate_tok_s']:.1f} | {ratio} | {r['generate_peak_vram_gb']:.1f} GB |")
+            torch_peaks = (f"{r['generate_torch_allocated_peak_gb']:.1f} / {r['generate_torch_reserved_peak_gb']:.1f} GB"
+                           if "generate_torch_allocated_peak_gb" in r else "-")
+            print(f"| {name} | {r['generate_tok_s']:.1f} | {ratio} | {r['generate_peak_vram_gb']:.1f} GB | "
+                  f"{r['generate_vram_before_gb']:.1f} GB | {torch_peaks} |")
     ours = result["rows"]["ours, GGUF Q4_K_M"]
+    for name, r in generating.items():
+        if "generate_profile" in r:
+            print(f"\n--- host profile of generating 16 tokens, {name} ---\n{r['generate_profile']}")
     print(f"conditioning, ours against ours with the torch dequantizers: relative difference "
           f"{ours['rel_diff_to_torch_dequant']:.2e}")
     for name, r in result["rows"].items():

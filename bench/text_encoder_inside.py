@@ -164,7 +164,15 @@ def generation_speed(clip, count: int) -> float:
     return len(ids) / (time.perf_counter() - start)
 
 
-def measure(build, runs, inspect=None, generate=0):
+def whole_gpu_in_use() -> int:
+    """Bytes of GPU memory in use by all processes now (0 without a GPU)."""
+    if not torch.cuda.is_available():
+        return 0
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def measure(build, runs, inspect=None, generate=0, profile=False):
     """Load seconds, first encode (weights brought to the GPU), median encode seconds, peak VRAM (GiB),
     how far the runs' conditionings stray from the first (a race would make them differ), what
     ``inspect(clip)`` finds after them, the last run's conditioning and each layer's output of one
@@ -192,10 +200,29 @@ def measure(build, runs, inspect=None, generate=0):
            "runs_vs_first": max(rel(c, conds[0]) for c in conds)}
     if inspect is not None:
         row["checks"] = inspect(clip)
+        # The checks dequantize every tensor: torch's cache would hold those temporaries (gigabytes)
+        # through the generation measured next.
+        gc.collect()
+        mm.soft_empty_cache()
     if generate:
+        in_use = whole_gpu_in_use()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         with PeakVRAM() as peak:
             row["generate_tok_s"] = generation_speed(clip, generate)
+        if profile:  # where the host time of a generated token goes (16 tokens, after the timing)
+            from layer_host_inside import profile_text
+            tokens = clip.tokenize(PROMPT)
+            row["generate_profile"] = profile_text(lambda: clip.generate(tokens, do_sample=False, max_length=16), 1)
         row["generate_peak_vram_gb"] = peak.peak / 2**30
+        # Where a generation peak comes from: what the GPU held as it began, and torch's own peaks of
+        # memory allocated and held in its cache during it (the rest is outside torch: the dynamic
+        # loader's weights, CUDA's context).
+        row["generate_vram_before_gb"] = in_use / 2**30
+        if torch.cuda.is_available():
+            stats = torch.cuda.memory_stats()
+            row["generate_torch_allocated_peak_gb"] = stats["allocated_bytes.all.peak"] / 2**30
+            row["generate_torch_reserved_peak_gb"] = stats["reserved_bytes.all.peak"] / 2**30
     return row, conds[-1], layer_outputs(clip)
 
 
@@ -219,7 +246,8 @@ def run(cfg):
             model_options={"load_device": torch.device("cpu"), "offload_device": torch.device("cpu"),
                            "initial_device": torch.device("cpu"), "dtype": torch.float32}), 1))
         keep("native bf16", measure(lambda: comfy.sd.load_text_encoder_state_dicts(
-            [dict(native)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE), cfg["runs"], generate=cfg["generate"]))
+            [dict(native)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE), cfg["runs"], generate=cfg["generate"],
+            profile=cfg["profile"]))
         keep("native bf16, classic loader", measure(lambda: comfy.sd.load_text_encoder_state_dicts(
             [dict(native)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE, disable_dynamic=True), cfg["runs"]))
     native.clear()
@@ -228,7 +256,8 @@ def run(cfg):
     def ours():
         return pkg.nodes.integration.text_encoder.build_clip(pkg.loaders.models.text_encoder.open_text_encoder(cfg["gguf"]))
 
-    keep("ours, GGUF Q4_K_M", measure(ours, cfg["runs"], byte_checks(pkg), generate=cfg["generate"]))
+    keep("ours, GGUF Q4_K_M", measure(ours, cfg["runs"], byte_checks(pkg), generate=cfg["generate"],
+                                      profile=cfg["profile"]))
     # The same model with the torch dequantizers instead of the Triton kernels (same values bit for
     # bit): tells a kernel or launch fault from one of the loading path. (The switch is read once and
     # cached: cleared on the way in and out.)
