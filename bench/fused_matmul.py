@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dequant_bandwidth import random_blocks  # noqa: E402
 from loaders.quant.formats import FORMATS, KERNEL_FORMATS  # noqa: E402
-from loaders.quant.kernels.matmul import fused_linear  # noqa: E402
-from loaders.quant.plan import fused_rows  # noqa: E402
+from loaders.quant.kernels.matmul import FusedMatmul, fused_linear  # noqa: E402
+from loaders.quant.plan import FUSED_SPLIT_ELEMENTS, fused_rows  # noqa: E402
 from loaders.quant.weight import dequantize_bytes  # noqa: E402
 
 # (what, out_features, in_features, token counts)
@@ -72,7 +72,9 @@ def main() -> None:
             raw = random_blocks(qtype, n * k // qcls.block_size).reshape(n, -1)
             for m in token_counts:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                fused_ms = median_ms(lambda: fused_linear(x, raw, qcls, (n, k)))
+                # As a layer's plan binds it: K split only on large weights.
+                fused = FusedMatmul(qcls, (n, k), x.device, may_split=n * k >= FUSED_SPLIT_ELEMENTS)
+                fused_ms = median_ms(lambda: fused(x, raw))
                 plain_ms = median_ms(lambda: torch.nn.functional.linear(
                     x, dequantize_bytes(raw, qcls, (n, k), torch.bfloat16)))
                 chose = m <= fused_rows(qcls, (n, k))

@@ -214,15 +214,29 @@ def test_an_unknown_fused_setting_is_said_and_read_as_auto(caplog):
     assert "QWEN_GGUF_FUSED='yes'" in caplog.text and "auto, on, off" in caplog.text
 
 
-def test_the_fused_kernel_is_picked_for_few_rows_on_large_weights_except_iq4_nl():
+def test_the_fused_kernel_is_picked_for_few_rows_except_iq4_nl():
     from loaders.quant.plan import FUSED_MAX_ROWS, fused_rows
     F = {q.name: f for q, f in FORMATS.items()}
     modulation, q_proj = (18432, 3072), (3584, 3584)
     assert fused_rows(F["Q4_K"], modulation, "auto") == fused_rows(F["IQ4_XS"], modulation, "auto") == FUSED_MAX_ROWS == 16
+    assert fused_rows(F["Q4_K"], q_proj, "auto") == 16
     assert fused_rows(F["IQ4_NL"], modulation, "auto") == 0
-    assert fused_rows(F["Q4_K"], q_proj, "auto") == 0
     assert fused_rows(F["IQ4_NL"], modulation, "on") == 512
     assert fused_rows(F["Q4_K"], modulation, "off") == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_only_large_weights_split_the_fused_kernels_rows(monkeypatch):
+    # Splitting K costs two more launches (zeroing, casting): worth it only where the kernel is long.
+    from loaders.quant.kernels import matmul
+    from loaders.quant.plan import FUSED_SPLIT_ELEMENTS
+    monkeypatch.setattr(matmul, "_multiprocessors", lambda device: 132)
+    q4_k = FORMATS[GGMLQuantizationType.Q4_K]
+    for shape, may_split, split in [((3584, 18944), True, 4), ((3584, 3584), False, 1)]:
+        assert (shape[0] * shape[1] >= FUSED_SPLIT_ELEMENTS) == may_split
+        fused = matmul.FusedMatmul(q4_k, shape, torch.device("cuda"), may_split=may_split)
+        launch, chosen, grid = fused.bound[16, False, torch.bfloat16]
+        assert chosen == split and grid == (shape[0] // 32, 1, split)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")

@@ -32,12 +32,14 @@ from .fp8 import FP8Rows, FP8Weight, SharedInput, can_hold, fp8_linear, operands
 
 log = logging.getLogger(__name__)
 
-# Where the fused kernel beats dequant + cuBLAS (bench/fused_matmul.py, every type): up to 16 rows on
-# weights of 32M elements and more; on smaller weights the dequant is too short to matter and with
-# more rows the tensor cores of cuBLAS win. The rule depends only on shapes and types, so it is the
-# same in eager and compiled runs.
+# Up to 16 rows of input the fused kernel runs every weight of a type it suits (bench/fused_matmul.py,
+# every type): on weights of 32M elements and more it beats dequant + cuBLAS on the GPU, splitting K
+# between programs where a tile of rows leaves SMs idle; on smaller ones the GPU time of either is a
+# few microseconds and its one launch (unsplit) costs less host time than dequant + cuBLAS's two, on
+# the host-bound path of a text encoder generating. With more rows the tensor cores of cuBLAS win.
+# The rule depends only on shapes and types, so it is the same in eager and compiled runs.
 FUSED_MAX_ROWS = 16
-FUSED_MIN_ELEMENTS = 32 << 20
+FUSED_SPLIT_ELEMENTS = 32 << 20
 # Rows beyond which even QWEN_GGUF_FUSED=on does not use the fused kernel (dequant + cuBLAS wins long before).
 FORCED_MAX_ROWS = 512
 # "auto" (the rule above), "on" (fused wherever the kernel applies: for benchmarks) or "off".
@@ -63,7 +65,7 @@ def fused_rows(fmt: type[Format], shape, setting: str | None = None) -> int:
         return 0
     if setting == "on":  # any type with a kernel, IQ4_NL included
         return FORCED_MAX_ROWS
-    return FUSED_MAX_ROWS if fmt.fused and shape[0] * shape[1] >= FUSED_MIN_ELEMENTS else 0
+    return FUSED_MAX_ROWS if fmt.fused else 0
 
 
 class DeviceCopies:
@@ -224,11 +226,12 @@ class KernelPlan(LinearPlan):
 
     def __init__(self, fmt: type[Format], shape, device: torch.device, fused: str | None = None):
         from .kernels.dequant import Dequantizer
-        from .kernels.matmul import fused_linear
+        from .kernels.matmul import FusedMatmul
         super().__init__(fmt, shape)
         self.dequantize = Dequantizer(fmt, shape, device)
         self.fused_rows = fused_rows(fmt, self.shape, fused)
-        self.fused_linear = fused_linear
+        self.fused = FusedMatmul(fmt, self.shape, device, may_split=self.shape.numel() >= FUSED_SPLIT_ELEMENTS) \
+            if self.fused_rows else None
         self.in_features = self.shape[1]
 
     def weight(self, raw, dtype):
@@ -237,7 +240,7 @@ class KernelPlan(LinearPlan):
 
     def run(self, x, raw, bias):
         if 0 < x.numel() // self.in_features <= self.fused_rows and x.dtype in _FUSED_DTYPES and raw.is_cuda:
-            return self.fused_linear(x, raw, self.fmt, self.shape, bias)
+            return self.fused(x, raw, bias)
         return torch.nn.functional.linear(x, self.weight(raw, x.dtype), bias)
 
 

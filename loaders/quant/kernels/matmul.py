@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..formats import BlockFormat
 from .dequant import aligned, block_rows, block_tile
-from .launch import Launcher
+from .launch import Launcher, int_key
 
 
 @triton.jit
@@ -79,6 +79,9 @@ def _blocks_per_step(fmt: type[BlockFormat], blocks_per_row: int) -> int:
     return want
 
 
+ROW_TILES = (16, 32, 64)
+
+
 def _row_tile(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
@@ -98,25 +101,70 @@ def _split(programs: int, steps: int, device: torch.device) -> int:
     return split
 
 
+class FusedMatmul:
+    """The fused kernel bound to one weight of ``fmt`` and logical ``shape`` (out_features,
+    in_features) on ``device``: its loop step, grid and launch constants worked out once (when the
+    layer is loaded), since a text encoder generating runs it per layer per token on a host-bound
+    path. ``FusedMatmul(fmt, shape, device)(x, raw, bias)`` is ``linear(x, W, bias)`` for W given as
+    its contiguous GGUF block bytes ``raw``, the result in ``x``'s dtype.
+
+    ``may_split=False`` keeps every output tile in one program: splitting K adds two launches (the
+    fp32 output zeroed, then cast), more host time than the kernel of a small weight takes on the GPU.
+    (The tile defaults were the best for 2-256 rows on an H100 with bench/fused_matmul.py --sweep.)"""
+
+    def __init__(self, fmt: type[BlockFormat], shape, device: torch.device, block_n: int = 32,
+                 num_warps: int = 4, num_stages: int = 3, split: int | None = None, may_split: bool = True):
+        self.n, self.k = shape
+        self.align = fmt.align
+        g = _blocks_per_step(fmt, self.k // fmt.block_size)
+        self.grid_n = triton.cdiv(self.n, block_n)
+        self.split = split or (_split(self.grid_n, self.k // fmt.block_size // g, torch.device(device))
+                               if may_split else 1)
+        self.named = dict(QTYPE=int(fmt.qtype), QK=fmt.block_size, TS=fmt.type_size, NSUB=fmt.tile.nsub, G=g,
+                          BN=block_n, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
+        # What Triton specializes on that stays: n and k, and the output's row stride (n).
+        self.shape_key = (int_key(self.n), int_key(self.k))
+        # Per (row tile, bias or not, dtype): the launcher, the split and the grid; all bound here, so
+        # that a call (traced by torch.compile too) only looks one up.
+        self.bound = {(bm, has_bias, dtype): self._bind(bm, has_bias, dtype) for bm in ROW_TILES
+                      for has_bias in (False, True) for dtype in (torch.bfloat16, torch.float16, torch.float32)}
+
+    def _bind(self, bm: int, has_bias: bool, dtype: torch.dtype) -> tuple[Launcher, int, tuple]:
+        launch = _launcher(BM=bm, SPLIT=self.split, HAS_BIAS=has_bias, IEEE=dtype == torch.float32, **self.named)
+        return launch, self.split, (self.grid_n, 1, self.split)
+
+    def __call__(self, x: torch.Tensor, raw: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        n, k = self.n, self.k
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        bm = _row_tile(m)
+        has_bias = bias is not None
+        launch, split, grid = self.bound[bm, has_bias, x.dtype]
+        if m > bm:  # more rows than one tile: a row of programs per tile
+            grid = (grid[0], triton.cdiv(m, bm), grid[2])
+        if split == 1:
+            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        else:
+            out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        raw = aligned(raw, self.align)
+        b = bias if has_bias else out
+        if torch.compiler.is_compiling():
+            launch(grid, x2, raw, b, out, m, n, k, x2.stride(0), n)
+        else:
+            # The output is a fresh allocation (aligned): what varies is the other tensors' alignment
+            # and device, and the row count and stride.
+            key = (self.shape_key, x.dtype, x2.data_ptr() % 16 == 0, raw.data_ptr() % 16 == 0,
+                   b.dtype, b.data_ptr() % 16 == 0, x.get_device(), int_key(m), int_key(x2.stride(0)))
+            launch.keyed(key, grid, x2, raw, b, out, m, n, k, x2.stride(0), n)
+        if split != 1:
+            out = out.to(x.dtype)
+        return out.reshape(*x.shape[:-1], n)
+
+
 def fused_linear(x: torch.Tensor, raw: torch.Tensor, fmt: type[BlockFormat], shape, bias: torch.Tensor | None = None,
                  block_n: int = 32, num_warps: int = 4, num_stages: int = 3, split: int | None = None) -> torch.Tensor:
-    """``linear(x, W, bias)`` for W given as its contiguous GGUF block bytes ``raw`` of logical ``shape``
-    (out_features, in_features), all on one CUDA device; the result in ``x``'s dtype. (The tile
-    defaults were the best for 2-256 rows on an H100 with bench/fused_matmul.py --sweep.)"""
-    n, k = shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    bm = _row_tile(m)
-    g = _blocks_per_step(fmt, k // fmt.block_size)
-    grid_nm = (triton.cdiv(n, block_n), triton.cdiv(m, bm))
-    split = split or _split(grid_nm[0] * grid_nm[1], k // fmt.block_size // g, x.device)
-    out = (torch.empty if split == 1 else torch.zeros)((m, n), dtype=x.dtype if split == 1 else torch.float32,
-                                                       device=x.device)
-    launch = _launcher(QTYPE=int(fmt.qtype), QK=fmt.block_size, TS=fmt.type_size, NSUB=fmt.tile.nsub, G=g, BM=bm,
-                       BN=block_n, SPLIT=split, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                       num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
-    launch(grid_nm + (split,), x2, aligned(raw, fmt.align), bias if bias is not None else out, out, m, n, k,
-           x2.stride(0), out.stride(0))
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    """``linear(x, W, bias)`` once, for W given as its contiguous GGUF block bytes ``raw`` of logical
+    ``shape`` (out_features, in_features), all on one CUDA device (a layer binds a FusedMatmul instead)."""
+    return FusedMatmul(fmt, shape, x.device, block_n, num_warps, num_stages, split)(x, raw, bias)
