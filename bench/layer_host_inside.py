@@ -88,6 +88,7 @@ def run(cfg):
                                                                                         disable_dynamic=True),
         "ours, on the fly": lambda: unet.load_gguf_unet(cfg["gguf"], unet.ON_THE_FLY),
         "ours, fp8 compute": lambda: unet.load_gguf_unet(cfg["gguf"], unet.FP8_COMPUTE),
+        "ours, fp8 on the fly": lambda: unet.load_gguf_unet(cfg["gguf"], unet.FP8_ON_THE_FLY),
         "ours, on the fly, classic loader": lambda: unet.load_gguf_unet(cfg["gguf"], unet.ON_THE_FLY, disable_dynamic=True),
         "ours, fp8 compute, classic loader": lambda: unet.load_gguf_unet(cfg["gguf"], unet.FP8_COMPUTE, disable_dynamic=True),
         "ours, cached": lambda: unet.load_gguf_unet(cfg["gguf"], unet.CACHED),

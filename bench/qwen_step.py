@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 # "ours, on the fly + NaN guard" times the on-the-fly model with and without the guard, taking turns.
 # ComfyUI's native fp8 models do not hand all their VRAM back when unloaded: they come last, so that
 # no other model's peak VRAM includes their leftovers.
-MODELS = ["native bf16", "ours, on the fly + NaN guard", "ours, cached", "ours, fp8 compute", "ours, auto",
-          "native fp8_e4m3fn", "native fp8_e4m3fn_fast"]
+MODELS = ["native bf16", "ours, on the fly + NaN guard", "ours, cached", "ours, fp8 compute", "ours, fp8 on the fly",
+          "ours, auto", "native fp8_e4m3fn", "native fp8_e4m3fn_fast"]
 # Not run by default: our model on ComfyUI's classic patcher (no dynamic loader), for comparison.
 CLASSIC = ["ours, on the fly, classic loader", "ours, fp8 compute, classic loader"]
 

@@ -196,6 +196,7 @@ def run(cfg):
     variants = {
         "ours, fp8 compute": ours(unet.FP8_COMPUTE),
         "ours, fp8 compute, classic loader": ours(unet.FP8_COMPUTE, classic=True),
+        "ours, fp8 on the fly": ours(unet.FP8_ON_THE_FLY),
         "ours, on the fly, classic loader": ours(unet.ON_THE_FLY, classic=True),
         "native bf16": lambda: {"native bf16": native_model(weights["native"])},
         "native fp8_e4m3fn": lambda: {"native fp8_e4m3fn": native_model(weights["native"], torch.float8_e4m3fn)},

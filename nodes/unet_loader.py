@@ -6,7 +6,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..loaders.gguf.file_kind import UNET_LOADER
-from .integration.diffusion import AUTO, CACHED, FP8_COMPUTE, MODES, ON_THE_FLY, load_gguf_unet
+from .integration.diffusion import AUTO, CACHED, FP8_COMPUTE, FP8_ON_THE_FLY, MODES, ON_THE_FLY, load_gguf_unet
 from .integration.model_files import full_path, validate
 
 FOLDER = "diffusion_models_gguf"
@@ -38,8 +38,9 @@ class UnetLoaderGGUF(io.ComfyNode):
                             f"the GPU from its first run while free VRAM allows (native speed), the rest on the "
                             f"fly. {FP8_COMPUTE}: weights held as fp8 with per-row scales and run with fp8 matmuls, on GPUs with fp8 "
                             f"tensor cores (RTX 40xx, H100 and later): about 1 byte per weight, faster than bf16 "
-                            f"at large sizes, results a few percent from bf16. {AUTO}: {CACHED} on a GPU, {ON_THE_FLY} on "
-                            f"the CPU. The log says what was chosen.",
+                            f"at large sizes, results a few percent from bf16. {FP8_ON_THE_FLY}: the same fp8 "
+                            f"arithmetic (the same results) with the weights kept quantized, at {ON_THE_FLY}'s VRAM. "
+                            f"{AUTO}: {CACHED} on a GPU, {ON_THE_FLY} on the CPU. The log says what was chosen.",
                 ),
             ],
             outputs=[io.Model.Output()],

@@ -129,6 +129,7 @@ def latents(models, tmp_path_factory):
         "qwen_cached": (gguf_loader("qwen-tiny-Q4_K_M.gguf", "cached"), 256, None),
         "qwen_cached_lora": (gguf_loader("qwen-tiny-Q4_K_M.gguf", "cached"), 256, "tiny-lora.safetensors"),
         "qwen_fp8": (gguf_loader("qwen-tiny-Q4_K_M.gguf", "fp8 compute"), 256, None),
+        "qwen_fp8_stream": (gguf_loader("qwen-tiny-Q4_K_M.gguf", "fp8 on the fly"), 256, None),
         "edit": (gguf_loader("qwen-edit-2511-tiny.gguf"), 256, None),
         "edit_native": (native_loader(models, "qwen-edit-2511-tiny.gguf", "qwen-edit-2511-tiny.safetensors",
                                       "qwen_image"), 256, None),
@@ -194,11 +195,12 @@ def test_cached_mode_matches_native(latents):
     assert_close(latents["qwen_cached_lora"], latents["qwen_lora_native"])
 
 
-def test_fp8_mode_without_fp8_tensor_cores_runs_on_the_fly(latents):
+def test_fp8_modes_without_fp8_tensor_cores_run_on_the_fly(latents):
     # No fp8 matmul on the CPU: the loader says so in the log and keeps the GGUF weights.
     if torch.cuda.is_available():
-        pytest.skip("on a GPU, test_gpu checks the fp8 mode itself")
+        pytest.skip("on a GPU, test_gpu checks the fp8 modes themselves")
     assert_close(latents["qwen_fp8"], latents["qwen_native"])
+    assert torch.equal(latents["qwen_fp8_stream"], latents["qwen"])
 
 
 def test_lora_matches_native_lora(latents):

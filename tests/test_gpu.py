@@ -35,6 +35,12 @@ def test_dynamic_vram_matches_native(models, tmp_path):  # noqa: F811
     assert r["fp8_copies_after_unload"] == 0, r
     # Shared activation quantization (q/k/v of both streams) changes no bit.
     assert r["fp8_shared_groups"] == 2 * r["blocks"] and r["fp8_shared_equals_unshared"], r
+    # fp8 on the fly: the fp8 mode's arithmetic (its few-row layers in bf16 instead), no copies; every
+    # layer's row scales held only while the model is loaded.
+    assert r["fp8_stream_layers"] == r["quantized_params"] and r["fp8_stream_groups"] == 2 * r["blocks"], r
+    assert 0 < r["fp8_stream"] < 8e-2 and r["fp8_stream_vs_fp8"] < 8e-2 and r["fp8_stream_lora"] < 8e-2, r
+    assert not r["fp8_stream_copies"] and r["fp8_stream_scales_while_loaded"] > 0, r
+    assert r["fp8_stream_scales_after_unload"] == 0, r
     # Requantized at load (no room for copies): FP8 rows held by ComfyUI, operands kept while loaded.
     assert r["fp8_at_load_layers"] >= r["quantized_params"] and 0 < r["fp8_at_load"] < 8e-2, r
     assert r["fp8_kept_while_loaded"] > 0 and r["fp8_kept_after_unload"] == 0 and r["fp8_kept_equals_fresh"], r

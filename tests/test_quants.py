@@ -181,15 +181,42 @@ def test_fused_matmul_equals_dequantize_then_matmul(name, rows):
             assert (got[0].double() - expected).abs().max() / expected.abs().max() < 1e-2
 
 
+@needs_kernel_device
+@pytest.mark.parametrize("name", sorted(F16_FIELDS))
+def test_fp8_rows_decoded_from_blocks_are_the_fp8_modes_bytes(name):
+    # The fp8-on-the-fly mode's weight: the bytes quantize_rows makes of the dequantized weight (the fp8
+    # compute mode's), the rows' scales given. 37 rows of 9 blocks: no multiple of a program's blocks.
+    from loaders.quant.fp8 import FP8, quantize_rows, split
+    from loaders.quant.kernels.fp8_rows import decode_fp8_rows
+    qtype = GGMLQuantizationType[name]
+    block_size, _ = GGML_QUANT_SIZES[qtype]
+    rows, cols = 37, block_size * 9
+    blocks = random_blocks(qtype, rows * 9, seed=13).reshape(rows, 9, -1)
+    # The rounding's edges: a row of zeros (scales +0) and one of signed zeros (scales -0); random
+    # values give many that round up into the next power of two.
+    for row, half in ((3, 0x0000), (4, 0x8000)):
+        for off in F16_FIELDS[name]:
+            blocks[row, :, off:off + 2] = np.array([half], dtype=np.uint16).view(np.uint8)
+    blocks = torch.from_numpy(blocks.reshape(rows, -1)).to(KERNEL_DEVICE)
+    cls = FORMATS[qtype]
+    with torch._C.DisableTorchFunctionSubclass():
+        w = cls.dequantize_blocks(blocks.reshape(-1, cls.type_size)).reshape(rows, cols).float()
+    assert not w[3].any() and not w[4].any()
+    want_values, scales = split(quantize_rows(w), (rows, cols))
+    got = decode_fp8_rows(blocks, cls, (rows, cols), scales.clone())
+    assert got.dtype == FP8 and got.shape == (rows, cols)
+    assert torch.equal(got.view(torch.uint8), want_values.view(torch.uint8))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.skipif(KERNEL_DEVICE == "cpu", reason="already under the interpreter")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels are tested on the GPU itself")
 def test_triton_kernels_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "test_triton_kernel_equals_torch_path_bit_for_bit or test_fused_matmul"],
+                        "-k", "test_triton_kernel_equals_torch_path_bit_for_bit or test_fused_matmul or fp8_rows"],
                        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
-    expected = len(F16_FIELDS) * (len(TILE_TABLES) + len(INTERPRETED_FUSED_ROWS))
+    expected = len(F16_FIELDS) * (len(TILE_TABLES) + len(INTERPRETED_FUSED_ROWS) + 1)
     assert r.returncode == 0 and f"{expected} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 

@@ -28,7 +28,7 @@ import torch
 
 from ..compat import triton_kernels
 from .formats import Format
-from .fp8 import FP8Rows, FP8Weight, SharedInput, can_hold, fp8_linear, operands
+from .fp8 import FP8_MAX, MIN_AMAX, FP8Rows, FP8Weight, SharedInput, can_hold, fast_path, fp8_linear, operands
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,51 @@ class KernelPlan(LinearPlan):
         return torch.nn.functional.linear(x, self.weight(raw, x.dtype), bias)
 
 
+class FP8StreamPlan(KernelPlan):
+    """The fp8-on-the-fly mode: the bytes stay GGUF blocks (their memory), and each call decodes them
+    straight to FP8 rows (kernels.fp8_rows, 1 byte per element) for an fp8 matmul with per-token
+    activation scales: the fp8 compute mode's arithmetic, value for value, at on the fly's memory.
+    The row scales (the dequantized rows' maxima) are worked out the first time the layer runs on
+    its device and kept there while the model is loaded. Few rows take the fused kernel, and
+    anything but bf16 input (the NaN guard's fp32 redo) the exact path, as on the fly."""
+
+    def __init__(self, fmt: type[Format], shape, device: torch.device, fused: str | None = None):
+        from .kernels.fp8_rows import FP8RowsDecoder
+        super().__init__(fmt, shape, device, fused)
+        self.decode = FP8RowsDecoder(fmt, self.shape)
+        self.path = fast_path(torch.device(device))
+        self.scales: torch.Tensor | None = None
+
+    def __call__(self, x, raw, bias=None, resident=False):
+        # No release first (LinearPlan's): the fp8 path uses the shared quantization, and lets it go
+        # itself where it is the group's last member.
+        return self.run(x, raw, bias)
+
+    def run(self, x, raw, bias):
+        if (x.dtype != torch.bfloat16 or not raw.is_cuda
+                or x.numel() // self.in_features <= self.fused_rows):
+            self.release()
+            return super().run(x, raw, bias)
+        scales = self.scales
+        if scales is None or scales.device != raw.device:
+            scales = self.row_scales(raw)
+        n, k = self.shape
+        w = FP8Weight(self.decode(raw, scales).t(), scales.view(1, n), (n, k), self.path)
+        shared = None if torch.compiler.is_compiling() else self.shared
+        return fp8_linear(x, w, bias, shared, self.last)
+
+    def row_scales(self, raw: torch.Tensor) -> torch.Tensor:
+        """The rows' scales, as ``fp8.quantize_rows`` takes them (kept unless traced)."""
+        scales = self.dequantize(raw, torch.float32).abs().amax(dim=1).clamp(min=MIN_AMAX) / FP8_MAX
+        if not torch.compiler.is_compiling():
+            self.scales = scales
+        return scales
+
+    def drop_device_state(self) -> None:
+        super().drop_device_state()
+        self.scales = None
+
+
 class FP8Plan(LinearPlan):
     """Bytes stored as FP8 rows (the fp8 mode's conversion at load): fp8 matmuls with per-token
     activation scales where the device has them (see fp8); the operands of resident bytes kept while
@@ -275,12 +320,16 @@ class FP8Plan(LinearPlan):
         self.kept = None
 
 
-def bind(fmt: type[Format], shape, device: torch.device | str, fused: str | None = None) -> LinearPlan:
-    """The plan of a ``fmt`` weight of logical ``shape`` computing on ``device``."""
+def bind(fmt: type[Format], shape, device: torch.device | str, fused: str | None = None,
+         fp8: bool = False) -> LinearPlan:
+    """The plan of a ``fmt`` weight of logical ``shape`` computing on ``device``; ``fp8``: in the
+    fp8-on-the-fly mode, where the device has fp8 matmuls and the shape suits them."""
     device = torch.device(device)
     if fmt is FP8Rows:
         return FP8Plan(shape)
     if device.type == "cuda" and fmt.tile is not None and triton_kernels():
+        if fp8 and can_hold(shape) and fast_path(device) is not None:
+            return FP8StreamPlan(fmt, shape, device, fused)
         return KernelPlan(fmt, shape, device, fused)
     return LinearPlan(fmt, shape)
 

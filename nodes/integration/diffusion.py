@@ -37,8 +37,8 @@ COMPUTE_DTYPES = [torch.bfloat16, torch.float32]
 
 
 # How the quantized weights are run (the loader's "mode" option).
-ON_THE_FLY, CACHED, FP8_COMPUTE, AUTO = "on the fly", "cached", "fp8 compute", "auto"
-MODES = [AUTO, ON_THE_FLY, CACHED, FP8_COMPUTE]
+ON_THE_FLY, CACHED, FP8_COMPUTE, FP8_ON_THE_FLY, AUTO = "on the fly", "cached", "fp8 compute", "fp8 on the fly", "auto"
+MODES = [AUTO, ON_THE_FLY, CACHED, FP8_COMPUTE, FP8_ON_THE_FLY]
 # The largest usual generation (1328x1328, a batch-2 CFG forward) sets the VRAM the cache leaves free.
 RESERVE_LATENT = (2, 16, 1, 166, 166)
 # Float tensors up to this size (biases, norms, pad tokens) are stored in the compute dtype at load.
@@ -77,8 +77,10 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     dtype = comfy.model_management.unet_dtype(load_device, model_params=params, supported_dtypes=COMPUTE_DTYPES)
+    if mode in (FP8_COMPUTE, FP8_ON_THE_FLY) and not _fp8_matmuls(dm, mode, dtype, load_device):
+        mode = ON_THE_FLY
     model_config.set_inference_dtype(dtype, None)
-    model_config.custom_operations = file_ops(load_device, dtype)
+    model_config.custom_operations = file_ops(load_device, dtype, fp8_rows=mode == FP8_ON_THE_FLY)
     model = model_config.get_model(dm.state_dict, "", device=offload_device)
     setattr(model, GGUF_PATH, dm.path)
     state_dict, copies = _apply_mode(dm, model, mode, dtype, load_device)
@@ -125,10 +127,9 @@ def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype,
     state_dict = {k: v.to(dtype) if type(v) is torch.Tensor and v.is_floating_point() and v.numel() <= SMALL_TENSOR
                   else v for k, v in dm.state_dict.items()}
     on_gpu = not comfy.model_management.is_device_cpu(device)
-    if mode == FP8_COMPUTE and (dtype != torch.bfloat16 or fp8.fast_path(torch.device(device)) is None):
-        log.warning("GGUF %s: mode fp8 compute needs a GPU with fp8 tensor cores (compute capability 8.9+: "
-                    "Ada, Hopper, Blackwell) computing in bf16 and Triton; %s computes in %s: running on the fly "
-                    "instead", dm.path, device, dtype)
+    if mode == FP8_ON_THE_FLY:
+        log.info("GGUF %s: mode %s: weights stay quantized, each layer decoded to fp8 rows when it runs and "
+                 "multiplied with fp8 matmuls", dm.path, mode)
         return state_dict, None
     if mode == ON_THE_FLY or (mode == AUTO and not on_gpu):
         log.info("GGUF %s: mode %s: on the fly (weights stay quantized, dequantized layer by layer)", dm.path, mode)
@@ -149,6 +150,16 @@ def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype,
     if fits or not copies.fp8:
         return state_dict, copies
     return _requantize_fp8(dm, model, state_dict, device), None
+
+
+def _fp8_matmuls(dm: DiffusionModel, mode: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``device`` runs the fp8 modes (fp8 tensor cores, bf16 compute, Triton); if not, said."""
+    if dtype == torch.bfloat16 and fp8.fast_path(torch.device(device)) is not None:
+        return True
+    log.warning("GGUF %s: mode %s needs a GPU with fp8 tensor cores (compute capability 8.9+: Ada, Hopper, "
+                "Blackwell) computing in bf16 and Triton; %s computes in %s: running on the fly instead",
+                dm.path, mode, device, dtype)
+    return False
 
 
 def _requantize_fp8(dm: DiffusionModel, model, state_dict: dict, device: torch.device) -> dict:

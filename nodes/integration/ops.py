@@ -18,7 +18,7 @@ import torch
 import comfy.ops
 
 from ...loaders.quant.fp8 import SharedInput
-from ...loaders.quant.plan import DeviceCopies, FP8Plan, LinearPlan, bind
+from ...loaders.quant.plan import DeviceCopies, FP8Plan, FP8StreamPlan, LinearPlan, bind
 from ...loaders.quant.weight import GGMLTensor, dequantize_bytes, wrap
 from . import compat
 from .lora import apply_patches
@@ -38,6 +38,8 @@ class FileWeights:
     # unsupported) and the device its plans are bound for.
     compute_dtype = torch.bfloat16
     load_device = torch.device("cpu")
+    # Set per model by ``file_ops``: the Linear layers decode to FP8 rows per call (fp8 on the fly).
+    fp8_rows = False
     expects_bias = False
     plan: LinearPlan | None = None
     # ComfyUI sets these per layer when it patches one; read as attributes on every forward.
@@ -54,7 +56,7 @@ class FileWeights:
             if key in state_dict:
                 tensor = state_dict[key]
                 if name == "weight":
-                    self.plan = (bind(tensor.fmt, tensor.qshape, self.load_device)
+                    self.plan = (bind(tensor.fmt, tensor.qshape, self.load_device, fp8=self.fp8_rows)
                                  if isinstance(tensor, GGMLTensor) else None)
                 with torch._C.DisableTorchFunctionSubclass():
                     tensor = tensor.as_subclass(torch.Tensor)
@@ -108,7 +110,8 @@ def share_inputs(model: torch.nn.Module) -> int:
         for names in SHARED_INPUT_GROUPS:
             layers = [getattr(parent, name, None) for name in names]
             if all(isinstance(m, FileWeights) and m.plan is not None
-                   and (isinstance(m.plan, FP8Plan) or (m.plan.copies is not None and m.plan.copies.fp8))
+                   and (isinstance(m.plan, (FP8Plan, FP8StreamPlan))
+                        or (m.plan.copies is not None and m.plan.copies.fp8))
                    for m in layers):
                 shared = SharedInput()
                 for i, layer in enumerate(layers):
@@ -184,8 +187,9 @@ def tied_logits(embedding: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight.to(x.dtype))
 
 
-def file_ops(load_device: torch.device, compute_dtype: torch.dtype) -> type:
-    """The operations class for one model: GGUFOps with its layers' plans bound for ``load_device``."""
+def file_ops(load_device: torch.device, compute_dtype: torch.dtype, fp8_rows: bool = False) -> type:
+    """The operations class for one model: GGUFOps with its layers' plans bound for ``load_device``
+    (its Linear layers' for fp8 on the fly where ``fp8_rows``)."""
     class Ops(GGUFOps):
         class Linear(GGUFOps.Linear):
             pass
@@ -194,6 +198,7 @@ def file_ops(load_device: torch.device, compute_dtype: torch.dtype) -> type:
             pass
     for cls in (Ops.Linear, Ops.Embedding):
         cls.load_device, cls.compute_dtype = torch.device(load_device), compute_dtype
+    Ops.Linear.fp8_rows = fp8_rows
     return Ops
 
 

@@ -83,6 +83,22 @@ def run(cfg):
     for m in layers:
         m.plan.shared = None
     result["fp8_shared_equals_unshared"] = torch.equal(shared[0], forward(fp8_model))
+    # fp8 on the fly: the same fp8 arithmetic from the GGUF bytes, decoded per call; no copies, the rows'
+    # scales kept on the GPU while the model is loaded.
+    stream = pkg.nodes.integration.diffusion.load_gguf_unet(dm.path, "fp8 on the fly")
+    streamed = [m for m in stream.model.modules() if isinstance(getattr(m, "plan", None), plan_mod.FP8StreamPlan)]
+    result["fp8_stream_layers"] = len(streamed)
+    result["fp8_stream_groups"] = len({id(m.plan.shared) for m in streamed if m.plan.shared is not None})
+    mm.load_models_gpu([stream])
+    with torch.no_grad():
+        streamed_out = stream.model.apply_model(x, sigma, c_crossattn=context).float().cpu()
+    result["fp8_stream"] = rel(streamed_out, base)
+    result["fp8_stream_vs_fp8"] = rel(streamed_out, shared[0])
+    result["fp8_stream_scales_while_loaded"] = sum(m.plan.scales is not None for m in streamed)
+    result["fp8_stream_copies"] = getattr(stream.model, copies_of, None) is not None
+    mm.unload_all_models()
+    result["fp8_stream_scales_after_unload"] = sum(m.plan.scales is not None for m in streamed)
+    result["fp8_stream_lora"] = rel(forward(comfy.sd.load_lora_for_models(stream, None, lora, 1.0, 0.0)[0]), ref)
     # Where the copies would not fit next to the file's bytes, the fp8 mode requantizes at load: ComfyUI
     # then holds FP8 rows, and the dynamic loader's resident ones keep their operands while loaded.
     real_free = mm.get_free_memory
