@@ -14,6 +14,7 @@ fails (exit 1) on a difference.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
@@ -89,6 +90,12 @@ def main() -> None:
     total = sum(elements.values())
     print(f"GPU: {torch.cuda.get_device_name() if device == 'cuda' else 'none (--cpu)'}; torch {torch.__version__}; {a.level}, {len(plan)} quantized "
           f"tensors, {total / 1e9:.2f}G elements")
+    # What the CPU path ran on: its pool's threads against the CPUs this process may use (affinity)
+    # and its cgroup's CPU quota, where one is set.
+    quota = Path("/sys/fs/cgroup/cpu.max")
+    quota = quota.read_text().strip() if quota.exists() else "-"
+    print(f"CPU: {os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} in this process's affinity, cgroup cpu.max "
+          f"{quota}; torch intra-op threads {torch.get_num_threads()} (the encode pool's size)")
     print("| path | elements timed | elements/s | the whole model |")
     print("|---|---|---|---|")
     print(f"| ours, GPU | all | {total / gpu_s / 1e6:.0f} M | {gpu_s:.1f} s |")
