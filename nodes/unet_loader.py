@@ -39,7 +39,8 @@ class UnetLoaderGGUF(io.ComfyNode):
                             f"fly. {FP8_COMPUTE}: weights held as fp8 with per-row scales and run with fp8 matmuls, on GPUs with fp8 "
                             f"tensor cores (RTX 40xx, H100 and later): about 1 byte per weight, faster than bf16 "
                             f"at large sizes, results a few percent from bf16. {FP8_ON_THE_FLY}: the same fp8 "
-                            f"arithmetic (the same results) with the weights kept quantized, at {ON_THE_FLY}'s VRAM. "
+                            f"matmuls with the weights kept quantized, at {ON_THE_FLY}'s VRAM (layers with few rows "
+                            f"of input, the modulation, in bf16). "
                             f"{AUTO}: {CACHED} on a GPU, {ON_THE_FLY} on the CPU. The log says what was chosen.",
                 ),
             ],

@@ -247,7 +247,8 @@ class KernelPlan(LinearPlan):
 class FP8StreamPlan(KernelPlan):
     """The fp8-on-the-fly mode: the bytes stay GGUF blocks (their memory), and each call decodes them
     straight to FP8 rows (kernels.fp8_rows, 1 byte per element) for an fp8 matmul with per-token
-    activation scales: the fp8 compute mode's arithmetic, value for value, at on the fly's memory.
+    activation scales: for inputs of more rows than the fused kernel takes, the fp8 compute mode's
+    arithmetic value for value, at on the fly's memory.
     The row scales (the dequantized rows' maxima) are worked out the first time the layer runs on
     its device and kept there while the model is loaded. Few rows take the fused kernel, and
     anything but bf16 input (the NaN guard's fp32 redo) the exact path, as on the fly."""
@@ -256,8 +257,9 @@ class FP8StreamPlan(KernelPlan):
         from .kernels.fp8_rows import FP8RowsDecoder
         super().__init__(fmt, shape, device, fused)
         self.decode = FP8RowsDecoder(fmt, self.shape)
-        self.path = fast_path(torch.device(device))
+        # The rows' scales on the device the bytes were last run on, and how that device runs fp8 matmuls.
         self.scales: torch.Tensor | None = None
+        self.path: str | None = None
 
     def __call__(self, x, raw, bias=None, resident=False):
         # No release first (LinearPlan's): the fp8 path uses the shared quantization, and lets it go
@@ -277,12 +279,13 @@ class FP8StreamPlan(KernelPlan):
         shared = None if torch.compiler.is_compiling() else self.shared
         return fp8_linear(x, w, bias, shared, self.last)
 
+    @torch.compiler.disable
     def row_scales(self, raw: torch.Tensor) -> torch.Tensor:
-        """The rows' scales, as ``fp8.quantize_rows`` takes them (kept unless traced)."""
-        scales = self.dequantize(raw, torch.float32).abs().amax(dim=1).clamp(min=MIN_AMAX) / FP8_MAX
-        if not torch.compiler.is_compiling():
-            self.scales = scales
-        return scales
+        """The rows' scales, as ``fp8.quantize_rows`` takes them, worked out and kept (outside any
+        traced graph: a compiled model computes them once too, then recompiles with them kept)."""
+        self.scales = self.dequantize(raw, torch.float32).abs().amax(dim=1).clamp(min=MIN_AMAX) / FP8_MAX
+        self.path = fast_path(raw.device)
+        return self.scales
 
     def drop_device_state(self) -> None:
         super().drop_device_state()

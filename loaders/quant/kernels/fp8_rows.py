@@ -6,9 +6,9 @@ value, ties to even: the very bytes ``fp8.quantize_rows`` makes of the dequantiz
 layer run this way computes exactly as the fp8 compute mode's copy of it. Only the fp8 values are
 written (1 byte per element): nothing of the weight's size in bf16.
 
-The rounding is done in fp32 before the conversion (which then is exact): Triton's interpreter
-converts fp32 to e4m3 without carrying a round-up into the exponent, so the CPU tests would see
-other bytes than a GPU's.
+The e4m3 bytes are assembled from the fp32 bits here rather than by Triton's conversion: its
+interpreter converts without carrying a round-up into the exponent and turns NaN into a number, so
+the CPU tests would see other bytes than a GPU's.
 """
 
 from __future__ import annotations
@@ -32,33 +32,38 @@ _ELEMENTS = 2048
 
 
 @triton.jit
-def _to_e4m3_grid(q):
-    """``q`` (|q| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32; a zero keeps
-    the sign of ``q`` (as a conversion would)."""
-    # e4m3 keeps 3 fraction bits: values of fp32 exponent e are steps of 2**(e-3) apart, and the
-    # subnormals (below 2**-6) steps of 2**-9. Scaling by a power of two is exact.
-    e = (tl.abs(q).to(tl.int32, bitcast=True) >> 23) & 0xFF
-    e = tl.maximum(e, 127 - 6)
-    step = ((e - 3) << 23).to(tl.float32, bitcast=True)
+def _e4m3_bits(q):
+    """The float8 e4m3fn byte nearest ``q`` (|q| <= 448, or NaN), ties to even, signed zeros kept."""
+    bits = q.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    # e4m3 keeps 3 fraction bits: the values of fp32 exponent e (biased) are steps of 2**(e-127-3)
+    # apart, the subnormals (below 2**-6) steps of 2**-9. Scaling by powers of two is exact, so the
+    # value's count of steps, rounded, is an integer n in [0, 16]; the byte is then (e - 121) * 8 + n
+    # (n = 16 carries into the next exponent, and the subnormals come out with e taken as 121).
+    e = tl.maximum((bits >> 23) & 0xFF, 121)
     inverse = ((257 - e) << 23).to(tl.float32, bitcast=True)
-    r = ((q * inverse + _ROUND) - _ROUND) * step
-    return tl.where(r == 0.0, q * 0.0, r)
+    n = ((tl.abs(q) * inverse + _ROUND) - _ROUND).to(tl.int32)
+    code = tl.where(q != q, 0x7F, (e - 121) * 8 + n)
+    return (sign | code).to(tl.uint8)
 
 
 @triton.jit
-def _kernel(src, scales, out, n_blocks, row_len, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
-            R: tl.constexpr, NSUB: tl.constexpr):
+def _kernel(src, scales, out, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
+            R: tl.constexpr, NSUB: tl.constexpr, ROW: tl.constexpr):
+    # ROW, the row length, is a constant of the compiled kernel: each element's row is then found by
+    # a multiply and shift, not a 64-bit division (emulated on a GPU, longer than the rest).
     blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
     v, index, mask = block_tile(src, blk, n_blocks, QTYPE, QK, TS, NSUB)
-    scale = tl.load(scales + index // row_len, mask=mask, other=1.0)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -_FP8_MAX), _FP8_MAX)
-    tl.store(out + index, _to_e4m3_grid(q).to(out.dtype.element_ty), mask=mask)
+    scale = tl.load(scales + index // ROW, mask=mask, other=1.0)
+    # NaN propagates (a damaged weight's row stays NaN, as quantize_rows leaves it, for the guards to see).
+    q = tl.clamp(tl.math.div_rn(v, scale), -_FP8_MAX, _FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(out + index, _e4m3_bits(q), mask=mask)
 
 
 @functools.lru_cache(maxsize=None)
-def _launcher(fmt: type[BlockFormat]) -> Launcher:
+def _launcher(fmt: type[BlockFormat], row: int) -> Launcher:
     return Launcher(_kernel, QTYPE=int(fmt.qtype), QK=fmt.block_size, TS=fmt.type_size,
-                    R=max(1, _ELEMENTS // fmt.block_size), NSUB=fmt.tile.nsub, enable_fp_fusion=False)
+                    R=max(1, _ELEMENTS // fmt.block_size), NSUB=fmt.tile.nsub, ROW=row, enable_fp_fusion=False)
 
 
 class FP8RowsDecoder:
@@ -72,20 +77,20 @@ class FP8RowsDecoder:
         blocks = max(1, _ELEMENTS // fmt.block_size)
         self.grid = ((self.n_blocks + blocks - 1) // blocks, 1, 1)
         self.align = fmt.align
-        self.launch = _launcher(fmt)
-        # What Triton specializes on that stays: the block count and the row length.
-        self.fixed_key = (int_key(self.n_blocks), int_key(self.shape[1]))
+        self.launch = _launcher(fmt, self.shape[1])
+        # What Triton specializes on that stays: the block count.
+        self.blocks_key = int_key(self.n_blocks)
 
     def __call__(self, raw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=FP8, device=raw.device)
+        out = torch.empty(self.shape, dtype=torch.uint8, device=raw.device)
         raw = aligned(raw, self.align)
         if torch.compiler.is_compiling():
-            self.launch(self.grid, raw, scales, out, self.n_blocks, self.shape[1])
-            return out
+            self.launch(self.grid, raw, scales, out, self.n_blocks)
+            return out.view(FP8)
         # The output is a fresh allocation (aligned): what varies is the others' alignment and the device.
-        key = (self.fixed_key, raw.data_ptr() % 16 == 0, scales.data_ptr() % 16 == 0, raw.get_device())
-        self.launch.keyed(key, self.grid, raw, scales, out, self.n_blocks, self.shape[1])
-        return out
+        key = (self.blocks_key, raw.data_ptr() % 16 == 0, scales.data_ptr() % 16 == 0, raw.get_device())
+        self.launch.keyed(key, self.grid, raw, scales, out, self.n_blocks)
+        return out.view(FP8)
 
 
 def decode_fp8_rows(raw: torch.Tensor, fmt: type[BlockFormat], shape, scales: torch.Tensor) -> torch.Tensor:
