@@ -5,9 +5,11 @@ Quantized weights are random block bytes with small finite scales in the type mi
 float weights are random with unit gain (std 1/sqrt(fan-in)), so that deep stacks (the VAEs, the text
 encoders) neither vanish nor overflow. Shapes are the published models' (Qwen-Image 20B, Qwen2.5-VL-7B
 and its vision tower, the Wan 2.1 VAE; Z-Image 6B, Qwen3-4B, the Flux VAE). Runs on the GPU (random
-numbers there); the VAEs' shapes come from ComfyUI's own classes.
+numbers there); the VAEs' shapes come from ComfyUI's own classes. Also, for the same graphs through
+ComfyUI's own loaders, the native bf16 files under Comfy-Org's names (NATIVE_DIFFUSION,
+NATIVE_TEXT_ENCODERS), written tensor by tensor.
 
-    python bench/full_size.py --models DIR --comfyui PATH FILE...   # installer file names
+    python bench/full_size.py --models DIR --comfyui PATH FILE...   # installer (or native) file names
 """
 
 from __future__ import annotations
@@ -114,6 +116,47 @@ def mmproj(path: Path, spec: dict = VISION_7B, out: int = QWEN25_VL_7B["hidden"]
     write_encoded(path, tensors, "clip", meta)
 
 
+# ComfyUI's native files (Comfy-Org's names), for the same graphs through its own loaders: the
+# diffusion models and text encoders in bf16 (UNETLoader's weight_dtype makes the fp8 runs of them).
+NATIVE_DIFFUSION = {"qwen_image_2512_bf16.safetensors": "qwen-image-2512",
+                    "qwen_image_edit_2511_bf16.safetensors": "qwen-image-edit-2511",
+                    "z_image_turbo_bf16.safetensors": "z-image-turbo"}
+NATIVE_TEXT_ENCODERS = {"qwen-image-2512": "qwen_2.5_vl_7b.safetensors", "qwen-image-edit-2511": "qwen_2.5_vl_7b.safetensors",
+                        "z-image-turbo": "qwen_3_4b.safetensors"}
+_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], make) -> None:
+    """A safetensors file of ``shapes``, each tensor made by ``make(name, shape)`` (bf16, or fp32 for
+    the 1-D ones) only when its turn comes: a 40 GB model is never whole in memory."""
+    dtype = {n: torch.float32 if len(s) <= 1 else torch.bfloat16 for n, s in shapes.items()}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape, dtype=np.int64)) * dtype[name].itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype[name]], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name, shape in shapes.items():
+            tensor = make(name, shape).to(dtype[name]).contiguous().cpu()
+            f.write(tensor.view(torch.uint8).numpy().tobytes())
+
+
+def _native(shapes: dict[str, tuple[int, ...]], seed: int):
+    rnd = Random(seed)
+    return lambda path: write_safetensors(path, shapes, lambda n, s: torch.from_numpy(rnd.floats(s, n)))
+
+
+def native_qwen_image(path: Path, marker: bool = False, spec: dict = QWEN_IMAGE_20B) -> None:
+    shapes = qwen_image_shapes(**spec)
+    if marker:  # Qwen-Image-Edit-2511's
+        shapes["__index_timestep_zero__"] = (0,)
+    _native(shapes, 0)(path)
+
+
 def _save_vae(path: Path, module: torch.nn.Module, seed: int) -> None:
     from safetensors.torch import save_file
     rnd = Random(seed)
@@ -139,12 +182,14 @@ def flux_vae(path: Path) -> None:
 
 
 def folders() -> dict[str, str]:
-    """Installer file name -> its model folder, from the installer's manifest."""
+    """File name -> its model folder: the installer's manifest's files, and the native ones."""
     manifest = json.loads((REPO / "install" / "models.json").read_text())
     out = {f["file"]: f["folder"] for f in manifest["files"].values()}
     for model_set in manifest["sets"].values():
         dm = model_set["diffusion_model"]
         out.update({q["file"]: dm["folder"] for q in dm["quants"].values()})
+    out.update({n: "diffusion_models" for n in NATIVE_DIFFUSION})
+    out.update({n: "text_encoders" for n in NATIVE_TEXT_ENCODERS.values()})
     return out
 
 
@@ -159,6 +204,12 @@ def install(models: Path, files: list[str], comfyui: Path) -> None:
         "qwen_image_vae.safetensors": wan_vae,
         "ae.safetensors": flux_vae,
         "z_image_turbo-Q4_K.gguf": z_image,
+        "qwen_image_2512_bf16.safetensors": native_qwen_image,
+        "qwen_image_edit_2511_bf16.safetensors": lambda p: native_qwen_image(p, marker=True),
+        "z_image_turbo_bf16.safetensors": _native(z_image_shapes(**Z_IMAGE_6B), 1),
+        "qwen_2.5_vl_7b.safetensors": _native({**llm_shapes(**QWEN25_VL_7B, head=True),
+                                               **vision_shapes(**VISION_7B, out=QWEN25_VL_7B["hidden"])}, 2),
+        "qwen_3_4b.safetensors": _native(llm_shapes(**QWEN3_4B, qk_norm=True, bias=False), 2),
     }
     where = folders()
     for name in files:

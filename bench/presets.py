@@ -5,6 +5,10 @@ random-weight files installed under the installer's names (bench/full_size.py).
     COMFYUI_PATH=../ComfyUI python bench/presets.py --runs "Qwen-Image-2512 - 20 steps:Q4_K_M:0" \\
         [--runs ...] [--images 2] [--store /tmp/full-size] [--out presets.json]
 
+QUANT is one of the preset's diffusion-model quants, or native-bf16 / native-fp8 for the same graph
+through ComfyUI's own loaders (UNETLoader with weight_dtype default / fp8_e4m3fn, CLIPLoader, VAELoader,
+VAEDecode; our NaN guard left out) on bf16 files of the same shapes. The store keeps only the current
+run's files (a bf16 Qwen-Image and its text encoder take 58 GB): runs of the same files go together.
 A run is PRESET:QUANT:VRAM, or PRESET:QUANT:VRAM:easycache for the preset with ComfyUI's EasyCache
 node (its defaults; :easycache@T with reuse threshold T) in front of each KSampler: how many steps it
 skipped is read from ComfyUI's log. Only QUANT of the preset's diffusion model is installed, as after
@@ -34,7 +38,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
 
 from comfy_env import comfyui_path  # noqa: E402
 from comfy_server import ComfyServer  # noqa: E402
-from full_size import folders  # noqa: E402
+from full_size import NATIVE_DIFFUSION, NATIVE_TEXT_ENCODERS, folders  # noqa: E402
 
 MODEL_KEYS = ("unet_name", "clip_name", "mmproj_name", "vae_name")
 
@@ -75,17 +79,65 @@ def peak_rss_gib(pid: int) -> float:
     return float("nan")
 
 
-def installed_files(prompt: dict, quant: str) -> tuple[list[str], str]:
-    """The files the preset loads, its diffusion model replaced by the set's QUANT file."""
+def model_set(prompt: dict) -> tuple[str, dict]:
+    """The manifest's model set of the preset's diffusion model: its name and entry."""
     manifest = json.loads((REPO / "install" / "models.json").read_text())
     names = [v for node in prompt.values() for k, v in node["inputs"].items()
              if k in MODEL_KEYS and isinstance(v, str) and v != "none"]
-    for model_set in manifest["sets"].values():
-        quants = model_set["diffusion_model"]["quants"]
-        if any(q["file"] in names for q in quants.values()):
-            chosen = quants[quant]["file"]
-            return [chosen if any(n == q["file"] for q in quants.values()) else n for n in names], chosen
+    for name, entry in manifest["sets"].items():
+        if any(q["file"] in names for q in entry["diffusion_model"]["quants"].values()):
+            return name, entry
     raise ValueError(f"no model set of the manifest has this preset's diffusion model: {names}")
+
+
+def installed_files(prompt: dict, quant: str) -> tuple[list[str], str]:
+    """The files the preset loads, its diffusion model replaced by the set's QUANT file."""
+    names = [v for node in prompt.values() for k, v in node["inputs"].items()
+             if k in MODEL_KEYS and isinstance(v, str) and v != "none"]
+    quants = model_set(prompt)[1]["diffusion_model"]["quants"]
+    chosen = quants[quant]["file"]
+    return [chosen if any(n == q["file"] for q in quants.values()) else n for n in names], chosen
+
+
+NATIVE = {"native-bf16": "default", "native-fp8": "fp8_e4m3fn"}
+
+
+def with_native(prompt: dict, weight_dtype: str) -> tuple[dict, list[str], str]:
+    """The preset's graph through ComfyUI's own loaders on the native files of its model set (our NaN
+    guard left out: its consumers read its model); the files it loads and its diffusion model's."""
+    set_name, _ = model_set(prompt)
+    unet = next(n for n, s in NATIVE_DIFFUSION.items() if s == set_name)
+    text_encoder = NATIVE_TEXT_ENCODERS[set_name]
+    out = json.loads(json.dumps(prompt))
+    guards = {i: node["inputs"]["model"] for i, node in out.items() if node["class_type"] == "QwenImageGGUFNaNGuard"}
+    for i in guards:
+        del out[i]
+    files = [unet, text_encoder]
+    for node in out.values():
+        for key, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] in guards:
+                node["inputs"][key] = guards[value[0]]
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "QwenImageGGUFUnetLoader":
+            node.update(class_type="UNETLoader", inputs={"unet_name": unet, "weight_dtype": weight_dtype})
+        elif kind == "QwenImageGGUFClipLoader":
+            node.update(class_type="CLIPLoader", inputs={
+                "clip_name": text_encoder, "type": "lumina2" if set_name == "z-image-turbo" else "qwen_image"})
+        elif kind == "QwenImageGGUFVAELoader":
+            node.update(class_type="VAELoader", inputs={"vae_name": inputs["vae_name"]})
+            files.append(inputs["vae_name"])
+        elif kind == "QwenImageGGUFVAEDecode":
+            node.update(class_type="VAEDecode", inputs={"samples": inputs["samples"], "vae": inputs["vae"]})
+        elif kind.startswith("QwenImageGGUF"):
+            raise ValueError(f"no native twin for {kind}")
+    return out, files, unet
+
+
+def keep_only(store: Path, files: list[str]) -> None:
+    """Remove from the store every model file but ``files`` (the disk holds one run's at a time)."""
+    for path in store.rglob("*"):
+        if path.is_file() and path.name not in files:
+            path.unlink()
 
 
 def with_seed(prompt: dict, seed: int) -> dict:
@@ -113,9 +165,13 @@ def with_easycache(prompt: dict, threshold: float = 0.2) -> dict:
 def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path, work: Path,
                easycache: float | None = None) -> dict:
     prompt = json.loads((REPO / "workflows" / "api" / f"{preset}.json").read_text())
+    if quant in NATIVE:
+        prompt, files, model = with_native(prompt, NATIVE[quant])
+    else:
+        files, model = installed_files(prompt, quant)
     if easycache is not None:
         prompt = with_easycache(prompt, easycache)
-    files, model = installed_files(prompt, quant)
+    keep_only(store, files)
     start = time.perf_counter()
     # In a process of its own, so that this one holds no CUDA context while it measures the GPU.
     subprocess.run([sys.executable, str(REPO / "bench" / "full_size.py"), "--models", str(store), "--comfyui",

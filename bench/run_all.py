@@ -8,7 +8,9 @@ ComfyUI (qwen_step.py: our loader in each mode against native bf16 and fp8_e4m3f
 time (text_encoder.py), each dequant kernel's bandwidth against the copy bandwidth
 (dequant_bandwidth.py), the fp8 matmuls (fp8_matmul.py), the fused dequant-matmul (fused_matmul.py),
 opening a GGUF with a 152k-token tokenizer (open_gguf.py), host time per layer call
-(layer_host.py) and loading in each mode with the first steps (load_time.py). Each writes its whole output to DIR/<name>.log; DIR/summary.md gets every table, with
+(layer_host.py), loading in each mode with the first steps (load_time.py), seconds per step as the
+image grows (qwen_step.py at 512 to 2048 px) and whole presets over HTTP against the same graphs
+through ComfyUI's own loaders on bf16 and fp8 weights (presets.py). Each writes its whole output to DIR/<name>.log; DIR/summary.md gets every table, with
 the GPU, the versions, the date and the commands, and is printed at the end. --quick runs fewer steps;
 --only runs the named ones (comma-separated). A log is written as its benchmark runs, so a run cut
 short keeps what it measured.
@@ -30,8 +32,17 @@ STEP_MODELS = ("native bf16;ours, on the fly + NaN guard;ours, cached;ours, fp8 
                "native fp8_e4m3fn_fast")
 
 
+# Whole presets: each model set's runs together (the disk holds one run's files at a time), ours and
+# ComfyUI's own loaders on bf16 and on fp8 weights.
+PRESET_RUNS = [f"{preset}:{loader}:0" for preset_set in (
+    ("Qwen-Image-2512 - 20 steps", "Qwen-Image-2512 - 40 steps", "Qwen-Image-2512 - 60 steps"),
+    ("Qwen-Image-Edit-2511 - 1 image",), ("Z-Image-Turbo - 8 steps",))
+    for loader in ("native-bf16", "native-fp8", "Q4_K_M") for preset in preset_set]
+
+
 def runs(quick: bool) -> list[tuple[str, list[str]]]:
     steps = ["--steps", "3"] if quick else ["--steps", "5"]
+    preset_runs = [r for r in PRESET_RUNS if not quick or "20 steps" in r or "Z-Image" in r]
     return [
         ("qwen_step", ["qwen_step.py", *steps, "--models", STEP_MODELS, "--low-vram", "12,8"]),
         ("text_encoder", ["text_encoder.py"]),
@@ -41,6 +52,9 @@ def runs(quick: bool) -> list[tuple[str, list[str]]]:
         ("open_gguf", ["open_gguf.py"]),
         ("layer_host", ["layer_host.py"]),
         ("load_time", ["load_time.py"]),
+        ("sizes", ["qwen_step.py", "--steps", "3", "--sizes", "512,1024,1328,2048", "--low-vram", "",
+                   "--models", "native bf16;ours, on the fly;ours, cached;ours, fp8 compute;ours, fp8 on the fly"]),
+        ("presets", ["presets.py", "--images", "3", *(arg for r in preset_runs for arg in ("--runs", r))]),
     ]
 
 

@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import torch
 from PIL import Image
 
 from comfy_env import REPO, requires_comfyui, run_script
@@ -127,6 +128,57 @@ def check_value(node: dict, name: str, spec: list, value) -> str | None:
     if kind in ("STRING", "COLOR") and not isinstance(value, str):
         return f"{value!r} is not a STRING"
     return None
+
+
+def test_bench_native_files_are_written_tensor_by_tensor_as_safetensors(tmp_path):
+    # bench/full_size.py streams the 40 GB native files: what safetensors reads back is what was made.
+    sys.path.insert(0, str(REPO / "bench"))
+    from full_size import write_safetensors
+    from safetensors.torch import load_file
+    made = {}
+
+    def make(name, shape):
+        made[name] = torch.randn(shape, generator=torch.Generator().manual_seed(len(made)))
+        return made[name]
+    shapes = {"blocks.0.weight": (3, 5), "norm.weight": (7,), "__index_timestep_zero__": (0,), "conv": (2, 1, 3, 3)}
+    write_safetensors(tmp_path / "m.safetensors", shapes, make)
+    back = load_file(tmp_path / "m.safetensors")
+    assert {k: tuple(v.shape) for k, v in back.items()} == shapes
+    for name, tensor in back.items():
+        assert tensor.dtype == (torch.float32 if len(shapes[name]) <= 1 else torch.bfloat16)
+        assert torch.equal(tensor, made[name].to(tensor.dtype))
+
+
+@pytest.mark.parametrize("weight_dtype", ["native-bf16", "native-fp8"])
+def test_bench_native_twins_of_the_api_presets_use_comfyuis_own_nodes_validly(server, weight_dtype):
+    # bench/presets.py times each preset against the same graph through ComfyUI's own loaders: every
+    # node of those twins is one ComfyUI has, linked within the twin, and the nodes put in ours' place
+    # have their required inputs and valid options (file names aside: the native files exist only
+    # where the bench writes them; the other nodes are the preset's, checked below).
+    sys.path.insert(0, str(REPO / "bench"))
+    import presets as bench
+    info = server.object_info
+    for path in sorted((WORKFLOWS / "api").glob("*.json")):
+        if "Lightning" in path.stem:  # the bench installs no LoRA files
+            continue
+        twin, files, unet = bench.with_native(load(path), bench.NATIVE[weight_dtype])
+        assert unet in files and len(files) == 3, (path.stem, files)
+        for node_id, node in twin.items():
+            kind = node["class_type"]
+            assert kind in info and not kind.startswith("QwenImageGGUF"), (path.stem, kind)
+            links = [v for v in node["inputs"].values() if isinstance(v, list)]
+            assert all(link[0] in twin for link in links), (path.stem, node_id, links)
+            if kind not in ("UNETLoader", "CLIPLoader", "VAELoader", "VAEDecode"):
+                continue
+            spec = info[kind]["input"]
+            assert set(spec.get("required", {})) <= set(node["inputs"]), (path.stem, kind, node["inputs"])
+            for name, value in node["inputs"].items():
+                if isinstance(value, list):
+                    continue
+                wanted = spec.get("required", {}).get(name) or spec.get("optional", {}).get(name)
+                assert wanted is not None, (path.stem, kind, name)
+                if name not in bench.MODEL_KEYS:
+                    assert check_value({}, name, wanted, value) is None, (path.stem, kind, name, value)
 
 
 @pytest.mark.parametrize("path", presets(), ids=lambda p: p.stem)
