@@ -207,7 +207,8 @@ def install(models: Path, files: list[str], comfyui: Path) -> None:
         "qwen_image_2512_bf16.safetensors": native_qwen_image,
         "qwen_image_edit_2511_bf16.safetensors": lambda p: native_qwen_image(p, marker=True),
         "z_image_turbo_bf16.safetensors": _native(z_image_shapes(**Z_IMAGE_6B), 1),
-        "qwen_2.5_vl_7b.safetensors": _native({**llm_shapes(**QWEN25_VL_7B, head=True),
+        # ComfyUI's Qwen2.5-VL runs its output head from the token table: no lm_head in its file.
+        "qwen_2.5_vl_7b.safetensors": _native({**llm_shapes(**QWEN25_VL_7B),
                                                **vision_shapes(**VISION_7B, out=QWEN25_VL_7B["hidden"])}, 2),
         "qwen_3_4b.safetensors": _native(llm_shapes(**QWEN3_4B, qk_norm=True, bias=False), 2),
     }

@@ -34,10 +34,10 @@ STEP_MODELS = ("native bf16;ours, on the fly + NaN guard;ours, cached;ours, fp8 
 
 # Whole presets: each model set's runs together (the disk holds one run's files at a time), ours and
 # ComfyUI's own loaders on bf16 and on fp8 weights.
-PRESET_RUNS = [f"{preset}:{loader}:0" for preset_set in (
-    ("Qwen-Image-2512 - 20 steps", "Qwen-Image-2512 - 40 steps", "Qwen-Image-2512 - 60 steps"),
-    ("Qwen-Image-Edit-2511 - 1 image",), ("Z-Image-Turbo - 8 steps",))
-    for loader in ("native-bf16", "native-fp8", "Q4_K_M") for preset in preset_set]
+PRESET_RUNS = [f"{preset}:{loader}:0" for quant, preset_set in (
+    ("Q4_K_M", ("Qwen-Image-2512 - 20 steps", "Qwen-Image-2512 - 40 steps", "Qwen-Image-2512 - 60 steps")),
+    ("Q4_K_M", ("Qwen-Image-Edit-2511 - 1 image",)), ("Q4_K", ("Z-Image-Turbo - 8 steps",)))
+    for loader in ("native-bf16", "native-fp8", quant) for preset in preset_set]
 
 
 def runs(quick: bool) -> list[tuple[str, list[str]]]:
