@@ -140,7 +140,10 @@ class BlockFormat(Format):
         if blocks.device.type != "cpu" or len(blocks) <= step:
             data = cls.encoder(blocks)
         else:
+            threads = torch.get_num_threads()
             data = torch.cat(list(_encode_pool().map(cls.encoder, blocks.split(step))))
+            # A worker's setting is also the count torch gives threads it meets later: put back.
+            torch.set_num_threads(threads)
         data = data.reshape(rows.shape[0], -1)
         return data.numpy() if isinstance(x, np.ndarray) else data
 
@@ -153,8 +156,11 @@ ENCODE_PIECE = 1 << 18
 
 @functools.cache
 def _encode_pool() -> ThreadPoolExecutor:
-    # torch's own thread count: the cores this process may use, or what the user limited it to.
-    return ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="gguf-encode")
+    # torch's own thread count: the cores this process may use, or what the user limited it to. Each
+    # worker runs its piece's operations on its own thread: torch's intra-op threads in every worker
+    # would put cores x cores threads on the cores.
+    return ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="gguf-encode",
+                              initializer=torch.set_num_threads, initargs=(1,))
 
 
 FORMATS: dict[T, type[BlockFormat]] = {}
