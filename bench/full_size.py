@@ -118,9 +118,9 @@ def mmproj(path: Path, spec: dict = VISION_7B, out: int = QWEN25_VL_7B["hidden"]
 
 # ComfyUI's native files (Comfy-Org's names), for the same graphs through its own loaders: the
 # diffusion models and text encoders in bf16 (UNETLoader's weight_dtype makes the fp8 runs of them).
-NATIVE_DIFFUSION = {"qwen_image_2512_bf16.safetensors": "qwen-image-2512",
-                    "qwen_image_edit_2511_bf16.safetensors": "qwen-image-edit-2511",
-                    "z_image_turbo_bf16.safetensors": "z-image-turbo"}
+NATIVE_DIFFUSION = {"qwen-image-2512": "qwen_image_2512_bf16.safetensors",
+                    "qwen-image-edit-2511": "qwen_image_edit_2511_bf16.safetensors",
+                    "z-image-turbo": "z_image_turbo_bf16.safetensors"}
 NATIVE_TEXT_ENCODERS = {"qwen-image-2512": "qwen_2.5_vl_7b.safetensors", "qwen-image-edit-2511": "qwen_2.5_vl_7b.safetensors",
                         "z-image-turbo": "qwen_3_4b.safetensors"}
 _SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -142,12 +142,14 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], make) -> N
         f.write(head)
         for name, shape in shapes.items():
             tensor = make(name, shape).to(dtype[name]).contiguous().cpu()
-            f.write(tensor.view(torch.uint8).numpy().tobytes())
+            f.write(tensor.view(torch.uint8).numpy())
 
 
 def _native(shapes: dict[str, tuple[int, ...]], seed: int):
-    rnd = Random(seed)
-    return lambda path: write_safetensors(path, shapes, lambda n, s: torch.from_numpy(rnd.floats(s, n)))
+    def write(path: Path) -> None:
+        rnd = Random(seed)
+        write_safetensors(path, shapes, lambda n, s: torch.from_numpy(rnd.floats(s, n)))
+    return write
 
 
 def native_qwen_image(path: Path, marker: bool = False, spec: dict = QWEN_IMAGE_20B) -> None:
@@ -188,7 +190,7 @@ def folders() -> dict[str, str]:
     for model_set in manifest["sets"].values():
         dm = model_set["diffusion_model"]
         out.update({q["file"]: dm["folder"] for q in dm["quants"].values()})
-    out.update({n: "diffusion_models" for n in NATIVE_DIFFUSION})
+    out.update({n: "diffusion_models" for n in NATIVE_DIFFUSION.values()})
     out.update({n: "text_encoders" for n in NATIVE_TEXT_ENCODERS.values()})
     return out
 

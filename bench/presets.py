@@ -79,11 +79,16 @@ def peak_rss_gib(pid: int) -> float:
     return float("nan")
 
 
+def model_files(prompt: dict) -> list[str]:
+    """The model files the preset's loaders name."""
+    return [v for node in prompt.values() for k, v in node["inputs"].items()
+            if k in MODEL_KEYS and isinstance(v, str) and v != "none"]
+
+
 def model_set(prompt: dict) -> tuple[str, dict]:
     """The manifest's model set of the preset's diffusion model: its name and entry."""
     manifest = json.loads((REPO / "install" / "models.json").read_text())
-    names = [v for node in prompt.values() for k, v in node["inputs"].items()
-             if k in MODEL_KEYS and isinstance(v, str) and v != "none"]
+    names = model_files(prompt)
     for name, entry in manifest["sets"].items():
         if any(q["file"] in names for q in entry["diffusion_model"]["quants"].values()):
             return name, entry
@@ -92,11 +97,9 @@ def model_set(prompt: dict) -> tuple[str, dict]:
 
 def installed_files(prompt: dict, quant: str) -> tuple[list[str], str]:
     """The files the preset loads, its diffusion model replaced by the set's QUANT file."""
-    names = [v for node in prompt.values() for k, v in node["inputs"].items()
-             if k in MODEL_KEYS and isinstance(v, str) and v != "none"]
     quants = model_set(prompt)[1]["diffusion_model"]["quants"]
     chosen = quants[quant]["file"]
-    return [chosen if any(n == q["file"] for q in quants.values()) else n for n in names], chosen
+    return [chosen if any(n == q["file"] for q in quants.values()) else n for n in model_files(prompt)], chosen
 
 
 NATIVE = {"native-bf16": "default", "native-fp8": "fp8_e4m3fn"}
@@ -106,8 +109,7 @@ def with_native(prompt: dict, weight_dtype: str) -> tuple[dict, list[str], str]:
     """The preset's graph through ComfyUI's own loaders on the native files of its model set (our NaN
     guard left out: its consumers read its model); the files it loads and its diffusion model's."""
     set_name, _ = model_set(prompt)
-    unet = next(n for n, s in NATIVE_DIFFUSION.items() if s == set_name)
-    text_encoder = NATIVE_TEXT_ENCODERS[set_name]
+    unet, text_encoder = NATIVE_DIFFUSION[set_name], NATIVE_TEXT_ENCODERS[set_name]
     out = json.loads(json.dumps(prompt))
     guards = {i: node["inputs"]["model"] for i, node in out.items() if node["class_type"] == "QwenImageGGUFNaNGuard"}
     for i in guards:

@@ -210,10 +210,6 @@ def measure(build, runs, inspect=None, generate=0, profile=False):
             torch.cuda.reset_peak_memory_stats()
         with PeakVRAM() as peak:
             row["generate_tok_s"] = generation_speed(clip, generate)
-        if profile:  # where the host time of a generated token goes (16 tokens, after the timing)
-            from layer_host_inside import profile_text
-            tokens = clip.tokenize(PROMPT)
-            row["generate_profile"] = profile_text(lambda: clip.generate(tokens, do_sample=False, max_length=16), 1)
         row["generate_peak_vram_gb"] = peak.peak / 2**30
         # Where a generation peak comes from: what the GPU held as it began, and torch's own peaks of
         # memory allocated and held in its cache during it (the rest is outside torch: the dynamic
@@ -223,6 +219,10 @@ def measure(build, runs, inspect=None, generate=0, profile=False):
             stats = torch.cuda.memory_stats()
             row["generate_torch_allocated_peak_gb"] = stats["allocated_bytes.all.peak"] / 2**30
             row["generate_torch_reserved_peak_gb"] = stats["reserved_bytes.all.peak"] / 2**30
+        if profile:  # where the host time of a generated token goes (16 tokens, after the measurements)
+            from layer_host_inside import profile_text
+            tokens = clip.tokenize(PROMPT)
+            row["generate_profile"] = profile_text(lambda: clip.generate(tokens, do_sample=False, max_length=16), 1)
     return row, conds[-1], layer_outputs(clip)
 
 
