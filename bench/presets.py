@@ -11,7 +11,8 @@ VAEDecode; our NaN guard left out) on bf16 files of the same shapes. The store k
 run's files (a bf16 Qwen-Image and its text encoder take 58 GB): runs of the same files go together.
 A run is PRESET:QUANT:VRAM, or PRESET:QUANT:VRAM:easycache for the preset with ComfyUI's EasyCache
 node (its defaults; :easycache@T with reuse threshold T) in front of each KSampler: how many steps it
-skipped is read from ComfyUI's log. Only QUANT of the preset's diffusion model is installed, as after
+skipped is read from ComfyUI's log. A last :mode=M runs our diffusion-model loader in mode M (one of
+its modes, e.g. "fp8 compute") instead of the preset's. Only QUANT of the preset's diffusion model is installed, as after
 `install.sh --quant QUANT` (a preset naming another quant loads it through the loader's fallback).
 VRAM is the GB ComfyUI is left (started with --reserve-vram = GPU total - VRAM; 0 = the whole GPU):
 the run shows whether the preset completes within it. Per run: the first image (cold: ComfyUI
@@ -164,8 +165,19 @@ def with_easycache(prompt: dict, threshold: float = 0.2) -> dict:
     return out
 
 
+def with_mode(prompt: dict, mode: str) -> dict:
+    """The prompt with our diffusion-model loaders set to ``mode``."""
+    out = json.loads(json.dumps(prompt))
+    loaders = [n for n in out.values() if n["class_type"] == "QwenImageGGUFUnetLoader"]
+    if not loaders:
+        raise ValueError("mode= asks for our diffusion-model loader, which this graph does not have")
+    for node in loaders:
+        node["inputs"]["mode"] = mode
+    return out
+
+
 def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path, work: Path,
-               easycache: float | None = None) -> dict:
+               easycache: float | None = None, mode: str | None = None) -> dict:
     prompt = json.loads((REPO / "workflows" / "api" / f"{preset}.json").read_text())
     if quant in NATIVE:
         prompt, files, model = with_native(prompt, NATIVE[quant])
@@ -173,6 +185,8 @@ def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path
         files, model = installed_files(prompt, quant)
     if easycache is not None:
         prompt = with_easycache(prompt, easycache)
+    if mode:
+        prompt = with_mode(prompt, mode)
     keep_only(store, files)
     start = time.perf_counter()
     # In a process of its own, so that this one holds no CUDA context while it measures the GPU.
@@ -186,7 +200,8 @@ def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path
     for name in files:
         (models / where[name]).mkdir(parents=True, exist_ok=True)
         (models / where[name] / name).symlink_to(store / where[name] / name)
-    row = {"preset": preset + ("" if easycache is None else f" + EasyCache {easycache:g}"), "quant": quant,
+    row = {"preset": preset + ("" if easycache is None else f" + EasyCache {easycache:g}"),
+           "quant": quant + (f", {mode}" if mode else ""),
            "file": model,
            "vram_limit_gb": vram_gb or None,
            "files_written_s": round(made, 1), "images": []}
@@ -223,7 +238,7 @@ def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", action="append", required=True, help="PRESET:QUANT:VRAM_GB (0 = the whole GPU)")
+    ap.add_argument("--runs", action="append", required=True, help="PRESET:QUANT:VRAM_GB[:easycache[@T]][:mode=M] (0 = the whole GPU)")
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--store", default="/tmp/full-size-models")
     ap.add_argument("--work", default="/tmp/preset-bench")
@@ -232,12 +247,13 @@ def main() -> None:
     gpu = gpu_query("name")
     rows = []
     for spec in a.runs:
+        spec, _, mode = spec.partition(":mode=")
         spec, cached, threshold = spec.partition(":easycache")
         easycache = float(threshold.removeprefix("@") or 0.2) if cached else None
         preset, quant, vram = spec.rsplit(":", 2)
         work = Path(a.work) / f"run{len(rows)}"
         shutil.rmtree(work, ignore_errors=True)
-        row = run_preset(preset, quant, float(vram), a.images, Path(a.store), work, easycache)
+        row = run_preset(preset, quant, float(vram), a.images, Path(a.store), work, easycache, mode or None)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
         if not row["ok"]:
