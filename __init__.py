@@ -22,4 +22,5 @@ async def comfy_entrypoint() -> QwenImageGGUFExtension:
     compat.check()
     folders.register()
     model_files.register_routes()
+    model_files.provide_example_inputs()
     return QwenImageGGUFExtension()

@@ -204,10 +204,6 @@ install_package() {
   say "Installing the package's Python requirements with $PYTHON"
   run "$PYTHON" -m pip install -q -r "$PACKAGE/requirements.txt" \
     || fail "pip could not install $PACKAGE/requirements.txt into $PYTHON's environment"
-  run mkdir -p "$COMFYUI/input"
-  if (( ! DRY_RUN )); then
-    cp -n "$PACKAGE/workflows/input/"*.png "$COMFYUI/input/" 2>/dev/null || true
-  fi
   [[ -n "$MANIFEST" ]] || MANIFEST="$PACKAGE/install/models.json"
   return 0
 }

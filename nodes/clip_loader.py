@@ -7,15 +7,17 @@ from comfy_api.latest import io
 
 from ..loaders.gguf.file_kind import CLIP_LOADER
 from ..loaders.models.text_encoder import open_text_encoder
+from .integration.model_files import validate
 from .integration.text_encoder import build_clip
 
 NONE = "none"
+FOLDER = "text_encoders_gguf"
 
 
 class ClipLoaderGGUF(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = folder_paths.get_filename_list("text_encoders_gguf")
+        files = folder_paths.get_filename_list(FOLDER)
         return io.Schema(
             node_id="QwenImageGGUFClipLoader",
             display_name=CLIP_LOADER,
@@ -37,7 +39,15 @@ class ClipLoaderGGUF(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, clip_name: str, mmproj_name: str = NONE) -> bool | str:
+        # In place of ComfyUI's bare "value not in list": a missing file named with where to get it.
+        for name in (clip_name, mmproj_name):
+            if name != NONE and (reason := validate(FOLDER, name, substitute=False)) is not True:
+                return reason
+        return True
+
+    @classmethod
     def execute(cls, clip_name: str, mmproj_name: str = NONE) -> io.NodeOutput:
-        llm = folder_paths.get_full_path_or_raise("text_encoders_gguf", clip_name)
-        mmproj = None if mmproj_name == NONE else folder_paths.get_full_path_or_raise("text_encoders_gguf", mmproj_name)
+        llm = folder_paths.get_full_path_or_raise(FOLDER, clip_name)
+        mmproj = None if mmproj_name == NONE else folder_paths.get_full_path_or_raise(FOLDER, mmproj_name)
         return io.NodeOutput(build_clip(open_text_encoder(llm, mmproj)))

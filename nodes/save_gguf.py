@@ -19,7 +19,7 @@ class SaveGGUF(io.ComfyNode):
         return io.Schema(
             node_id="QwenImageGGUFSave",
             display_name="Save model as GGUF (Qwen-Image / Z-Image)",
-            category="loaders/qwen-image gguf",
+            category="advanced/model_merging/qwen-image gguf",
             description="Saves a Qwen-Image or Z-Image MODEL, with the LoRAs and other patches applied to it "
                         "merged, as a GGUF file in models/diffusion_models, in the type mix of the GGUF files "
                         "people download (city96's). Its bytes are llama.cpp's for every type. Reload the model "

@@ -5,7 +5,10 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
+from .integration.model_files import validate
 from .integration.vae import DEFAULT_TILE, check_pair, load_vae
+
+FOLDER = "vae_gguf"
 
 
 class VAELoaderGGUF(io.ComfyNode):
@@ -16,10 +19,11 @@ class VAELoaderGGUF(io.ComfyNode):
             display_name="Load Qwen-Image VAE",
             category="loaders/qwen-image gguf",
             description="Loads the Qwen-Image VAE (qwen_image_vae.safetensors, or the same weights as GGUF) or "
-                        "the Flux VAE for Z-Image. Decodes tile by themselves when the image would not fit in "
-                        "free memory, and NaN/inf results are redone in fp32 instead of saving a black image.",
+                        "the Flux VAE for Z-Image. Its decodes and encodes tile by themselves when the image would "
+                        "not fit in free memory, and NaN/inf results are redone in fp32 instead of saving a black "
+                        "image.",
             inputs=[
-                io.Combo.Input("vae_name", options=folder_paths.get_filename_list("vae_gguf"),
+                io.Combo.Input("vae_name", options=folder_paths.get_filename_list(FOLDER),
                                tooltip="From models/vae: qwen_image_vae.safetensors (Qwen-Image, -Edit), "
                                        "ae.safetensors (Z-Image), or a .gguf of either."),
                 io.Int.Input("tile_size", default=DEFAULT_TILE, min=128, max=4096, step=32, advanced=True,
@@ -30,8 +34,13 @@ class VAELoaderGGUF(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, vae_name: str) -> bool | str:
+        # In place of ComfyUI's bare "value not in list": a missing file named with where to get it.
+        return validate(FOLDER, vae_name, substitute=False)
+
+    @classmethod
     def execute(cls, vae_name: str, tile_size: int = DEFAULT_TILE) -> io.NodeOutput:
-        return io.NodeOutput(load_vae(folder_paths.get_full_path_or_raise("vae_gguf", vae_name), tile_size))
+        return io.NodeOutput(load_vae(folder_paths.get_full_path_or_raise(FOLDER, vae_name), tile_size))
 
 
 class VAEDecodeChecked(io.ComfyNode):

@@ -118,6 +118,10 @@ def test_z_image_config_and_original_names(tmp_path):
     ("llama", {"token_embd.weight": (8, 256), "blk.0.attn_q.weight": (256, 256)},
      "this is a llama language model (llama.cpp), not a Qwen-Image or Z-Image diffusion model"),
     ("flux", {"double_blocks.0.img_attn.qkv.weight": (256, 256)}, "architecture 'flux'"),
+    ("qwen_image", {"transformer_blocks.0.attn.to_q.weight": (256, 256), "txt_norm.weight": (256,)},
+     "an incomplete Qwen-Image GGUF (its header says 'qwen_image', but it lacks the img_in.weight tensor)"),
+    ("lumina2", {"layers.0.attention.qkv.weight": (768, 256)},
+     "lacks the cap_embedder.1.weight tensor"),
 ])
 def test_wrong_kind_of_file(tmp_path, arch, tensors, fragment):
     path = tmp_path / f"{arch}.gguf"

@@ -309,6 +309,26 @@ def test_published_sha256_is_checked_without_a_pinned_one(tmp_path, files):
     assert r.returncode != 0 and "sha256 does not match the published one" in r.stderr, r.stderr
 
 
+def test_a_download_without_a_published_sha256_says_so(tmp_path, files):
+    serve(files, ENTRIES)
+    files.publish_sha256 = False
+    r = install(tmp_path, files, manifest(tmp_path, ENTRIES, sha=False))
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.count("size checked; no published sha256 could be read") >= 2, r.stdout
+    assert landed(tmp_path) == ENTRIES
+
+
+def test_an_unresolvable_host_is_named_at_once(tmp_path, files):
+    # A name under .invalid never resolves (RFC 2606): one clear line, no five retries.
+    serve(files, ENTRIES)
+    start = time.monotonic()
+    r = install(tmp_path, files, manifest(tmp_path, ENTRIES), env={"HF_ENDPOINT": "http://mirror.invalid"})
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "cannot reach mirror.invalid" in last and "HF_ENDPOINT" in last, r.stderr
+    assert "resuming (try" not in r.stdout and time.monotonic() - start < 60
+
+
 def test_repository_address_agrees_everywhere():
     url = next(line.split('"')[1].split(":-")[1].rstrip("}") for line in SCRIPT.read_text().splitlines()
                if line.startswith("REPO_URL="))

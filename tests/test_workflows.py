@@ -289,7 +289,7 @@ def test_preset_runs_over_http(server, path):
 
 
 def test_edit_inputs_ship_with_the_package():
-    # The install script copies workflows/input into ComfyUI's input folder.
+    # The package copies workflows/input into ComfyUI's input folder at start-up.
     for path in presets():
         for node in load(path)["nodes"]:
             if node["type"] == "LoadImage":
@@ -503,6 +503,27 @@ def test_template_browser_lists_the_presets_in_order(browser):
         close_dialogs(browser)
 
 
+def test_a_missing_model_file_is_named_with_where_to_get_it(server):
+    # The preset as shipped: none of its real files (nor another quant of its model) is on this server.
+    api = load(WORKFLOWS / "api" / "Z-Image-Turbo - 8 steps.json")
+    answer = server.post("/prompt", {"prompt": api, "client_id": "missing"})
+    errors = {api[node]["class_type"]: json.dumps(e) for node, e in answer.get("node_errors", {}).items()}
+    for loader in ("QwenImageGGUFUnetLoader", "QwenImageGGUFClipLoader", "QwenImageGGUFVAELoader"):
+        assert loader in errors, answer
+        assert "download it with the 'Download' button" in errors[loader] and "install.sh" in errors[loader], errors
+
+
+def test_example_images_are_provided_at_start_up_and_a_users_own_kept(models, tmp_path):
+    own = tmp_path / "input" / INPUT_IMAGES[0]
+    own.parent.mkdir()
+    own.write_bytes(b"the user's own picture")
+    with ComfyServer(tmp_path, models):
+        pass
+    assert own.read_bytes() == b"the user's own picture"
+    for name in INPUT_IMAGES[1:]:
+        assert (tmp_path / "input" / name).read_bytes() == (WORKFLOWS / "input" / name).read_bytes()
+
+
 def test_preset_naming_another_installed_quant_runs(server):
     # qwen-image-2512-Q4_K_M.gguf is not installed here, its Q5_K_M is: POST /prompt must take it.
     api = shrink(load(WORKFLOWS / "api" / T2I_20.name), keep={"qwen-image-2512-Q4_K_M.gguf"})
@@ -671,7 +692,6 @@ def test_installed_presets_validate_for_every_quant_choice(models, checkout, bro
     finally:
         srv.shutdown()
     installed = {p.name for p in (comfy / "models").rglob("*") if p.is_file()}
-    shutil.copytree(comfy / "input", tmp_path / "server" / "input")  # the edit presets' images, as installed
     sets = INSTALL_CHOICES[choice][1].split(",")
     prefixes = tuple(SET_PRESETS.values()) if sets == ["all"] else tuple(SET_PRESETS[s] for s in sets)
     with ComfyServer(tmp_path / "server", comfy / "models") as server:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ PACKAGE_VERSION = "0.1.0"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "loaders"))
 from downloads import DEFAULT_ENDPOINT, load_manifest  # noqa: E402
-from to_api import DYNAMIC_COMBO, FRONTEND_ONLY, WIDGET_TYPES, widget_inputs  # noqa: E402
+from to_api import DYNAMIC_COMBO, FRONTEND_ONLY, WIDGET_TYPES, object_info, widget_inputs  # noqa: E402
 
 MODELS = load_manifest().files  # the download entries of the loader nodes
 
@@ -610,9 +609,7 @@ def card(preset: Preset, path: Path) -> None:
 
 
 def main() -> None:
-    url = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8188"
-    with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=60) as r:
-        info = json.loads(r.read())
+    info = object_info(__doc__.splitlines()[0])
     for preset in PRESETS:
         path = HERE / f"{preset.title}.json"
         path.write_text(json.dumps(preset.build(info), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -9,8 +9,9 @@ seed's control_after_generate, the image loader's upload button), which the API 
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -67,7 +68,9 @@ def convert(ui: dict, info: dict) -> dict:
                 _, src, slot, *_ = links[entry["link"]]
                 inputs[entry["name"]] = [str(src), slot]
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
-                                "_meta": {"title": node.get("title", node["type"])}}
+                                # The title ComfyUI's own export writes: the node's, else its display name.
+                                "_meta": {"title": node.get("title") or info[node["type"]].get("display_name")
+                                          or node["type"]}}
     return api
 
 
@@ -75,10 +78,22 @@ def presets() -> list[Path]:
     return sorted(HERE.glob("*.json"))
 
 
+def object_info(description: str) -> dict:
+    """/object_info of the ComfyUI named on the command line (a script's whole argument handling)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("url", nargs="?", default="http://127.0.0.1:8188",
+                        help="a running ComfyUI with this package installed (default: %(default)s)")
+    url = parser.parse_args().url.rstrip("/")
+    try:
+        with urllib.request.urlopen(url + "/object_info", timeout=60) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        parser.error(f"cannot read {url}/object_info ({e}): start ComfyUI with this package installed, "
+                     "or give its address")
+
+
 def main() -> None:
-    url = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8188"
-    with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=60) as r:
-        info = json.loads(r.read())
+    info = object_info(__doc__.splitlines()[0])
     (HERE / "api").mkdir(exist_ok=True)
     for path in presets():
         api = convert(json.loads(path.read_text(encoding="utf-8")), info)

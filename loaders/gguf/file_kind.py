@@ -25,6 +25,12 @@ class FileKind:
 TEXT_ENCODER_ARCHS = {"qwen2vl": "Qwen2.5-VL", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
+# general.architecture values the diffusion-model converters write, and the tensors that identify
+# such a model (any prefix): a file naming one of them without those tensors is incomplete.
+DIFFUSION_ARCHS = {"qwen_image": ("Qwen-Image", ("txt_norm.weight", "img_in.weight")),
+                   "lumina2": ("Z-Image / Lumina 2", ("cap_embedder.1.weight",))}
+
+
 def _has(gguf: GGUFFile, *suffixes: str) -> bool:
     return any(name.endswith(s) for name in gguf.tensors for s in suffixes)
 
@@ -44,6 +50,11 @@ def classify(gguf: GGUFFile) -> FileKind:
         return FileKind("diffusion_model", "a Z-Image / Lumina 2 diffusion model", UNET_LOADER)
     if _has(gguf, "decoder.middle.0.residual.0.gamma", "decoder.conv_in.weight"):
         return FileKind("vae", "a VAE", None)
+    if arch in DIFFUSION_ARCHS:
+        model, needed = DIFFUSION_ARCHS[arch]
+        lacking = " and ".join(n for n in needed if not _has(gguf, n))
+        return FileKind("unknown", f"an incomplete {model} GGUF (its header says {arch!r}, but it lacks the "
+                                   f"{lacking} tensor{'s' if ' and ' in lacking else ''})", None)
     desc = f"a GGUF of architecture {arch!r}" if arch else "a GGUF of unknown content"
     return FileKind("unknown", desc, None)
 

@@ -1,5 +1,6 @@
-"""The presets' model files inside ComfyUI: which installed file a loader uses, and the routes behind
-the front end's download panel (web/model_downloads.js).
+"""The presets' files inside ComfyUI: which installed model file a loader uses, the routes behind
+the front end's download panel (web/model_downloads.js), and the example images the edit and
+inpainting presets load.
 
 A preset names one quant of each diffusion model (Q4_K_M); the installer may have fetched another
 (Q5_K_M on a large card). A loader given a manifest file that is not installed uses the best
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -65,9 +67,30 @@ def missing_message(name: str) -> str:
             f"panel (it opens when a workflow names a missing file), or with install.sh")
 
 
-def validate(folder_key: str, name: str) -> bool | str:
-    """For a node's validate_inputs: True, or the reason the prompt cannot run."""
-    return True if resolve(folder_key, name) is not None else missing_message(name)
+def validate(folder_key: str, name: str, substitute: bool = True) -> bool | str:
+    """For a node's validate_inputs: True, or the reason the prompt cannot run. ``substitute``: another
+    installed quant of a manifest diffusion model will do (the loader then opens it, ``full_path``)."""
+    if substitute:
+        found = resolve(folder_key, name) is not None
+    else:
+        found = name in folder_paths.get_filename_list(folder_key)
+    return True if found else missing_message(name)
+
+
+def provide_example_inputs() -> None:
+    """The presets' example images (workflows/input) in ComfyUI's input folder, where their LoadImage
+    nodes look: copied at start-up where missing, never over a file of the same name, so the edit and
+    inpainting presets run however the package was installed (install.sh, ComfyUI-Manager, a clone)."""
+    target = Path(folder_paths.get_input_directory())
+    for image in sorted((PRESETS_DIR / "input").glob("*.png")):
+        if (target / image.name).exists():
+            continue
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image, target / image.name)
+        except OSError as e:
+            log.warning("Qwen-Image GGUF: could not copy the example image %s into %s (%s): the edit and "
+                        "inpainting presets need it there", image.name, target, e)
 
 
 # --- the download panel's routes ---------------------------------------------------------------------
