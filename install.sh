@@ -208,14 +208,28 @@ install_package() {
   return 0
 }
 
+# The downloader's arguments for the model choice, into MODEL_ARGS; $1: the manifest.
+model_args() {
+  MODEL_ARGS=(--manifest "$1" --models-dir "${COMFYUI:-$WORKSPACE/ComfyUI}/models" --sets "$MODELS")
+  [[ -n "$QUANT" ]] && MODEL_ARGS+=(--quant "$QUANT")
+  [[ -n "$VRAM_GB" ]] && MODEL_ARGS+=(--vram "$VRAM_GB")
+  return 0
+}
+
+# Run from a clone, the model choice (sets, quant) and the free disk are checked before anything is
+# installed; piped, the downloader is not here yet and checks them after the package is cloned.
+check_models() {
+  [[ -n "$SCRIPT_DIR" && -f "$SCRIPT_DIR/loaders/downloads.py" ]] || return 0
+  model_args "${MANIFEST:-$SCRIPT_DIR/install/models.json}"
+  python3 "$SCRIPT_DIR/loaders/downloads.py" "${MODEL_ARGS[@]}" --check || exit 1
+}
+
 download_models() {
-  local args=(--manifest "$MANIFEST" --models-dir "$COMFYUI/models" --sets "$MODELS")
-  [[ -n "$QUANT" ]] && args+=(--quant "$QUANT")
-  [[ -n "$VRAM_GB" ]] && args+=(--vram "$VRAM_GB")
-  (( DRY_RUN )) && args+=(--dry-run)
+  model_args "$MANIFEST"
+  (( DRY_RUN )) && MODEL_ARGS+=(--dry-run)
   # Size and sha256 checks, resume and progress live in the package's downloader, which the
   # front end's download button uses too.
-  "$PYTHON" "$PACKAGE/loaders/downloads.py" "${args[@]}" || exit 1
+  "$PYTHON" "$PACKAGE/loaders/downloads.py" "${MODEL_ARGS[@]}" || exit 1
 }
 
 how_to_open() {
@@ -247,6 +261,7 @@ start_comfyui() {
 
 check_python python3
 check_gpu
+check_models
 install_comfyui
 find_python
 (( DRY_RUN )) && [[ ! -x "$PYTHON" ]] && ! command -v "$PYTHON" >/dev/null 2>&1 && PYTHON=python3

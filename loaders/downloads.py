@@ -335,7 +335,8 @@ def fetch(f: ModelFile, directory: str | os.PathLike, endpoint: str = DEFAULT_EN
                             "was removed", retry=True)
     # No sha256 to check against: a gated repository without a token, a mirror without Hugging Face's
     # headers, or a network blip during the lookup. Said, not silent.
-    unchecked = ("size checked; " if f.size is not None else "") + "no published sha256 could be read to check it against"
+    unchecked = (("size checked; " if f.size is not None else "")
+                 + "no published sha256 could be read to check it against")
     progress.state, progress.message = "verifying", "checking sha256" if expected_sha else unchecked
     report(progress)
     if expected_sha and sha256_of(part) != expected_sha:
@@ -396,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant")
     ap.add_argument("--vram", type=float)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--check", action="store_true",
+                    help="only check the sets, the quant and the free disk, silently unless they fail (files "
+                         "in place at their size count as present; nothing is hashed or downloaded)")
     args = ap.parse_args(argv)
     endpoint = os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     token = os.environ.get("HF_TOKEN") or None
@@ -406,27 +410,33 @@ def main(argv: list[str] | None = None) -> int:
     except (DownloadError, OSError, ValueError, KeyError) as e:
         print(f"install.sh: {e}", file=sys.stderr)
         return 2
-    for note in notes:
-        print(f"==> {note}")
-    needed = dict(_needed(files, models_dir))
-    for f in files:
-        if f.name not in needed:
-            print(f"==> {f.name}: already present")
-        elif needed[f.name] == "sha256 differs":
-            print(f"==> {f.name}: present but its sha256 differs; downloading it again")
-            if not args.dry_run:
-                (models_dir / f.folder / f.name).unlink()
+    if args.check:
+        needed = {f.name: "missing" for f in files if not present(f, models_dir / f.folder)}
+    else:
+        for note in notes:
+            print(f"==> {note}")
+        needed = dict(_needed(files, models_dir))
+        for f in files:
+            if f.name not in needed:
+                print(f"==> {f.name}: already present")
+            elif needed[f.name] == "sha256 differs":
+                print(f"==> {f.name}: present but its sha256 differs; downloading it again")
+                if not args.dry_run:
+                    (models_dir / f.folder / f.name).unlink()
     to_fetch = [f for f in files if f.name in needed]
     missing = sum(max(0, (f.size or 0) - partial_bytes(f, models_dir / f.folder)) for f in to_fetch)
     probe = models_dir
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    print(f"==> Model files still to download: {human_bytes(missing)}; free disk: {human_bytes(free)}")
+    if not args.check:
+        print(f"==> Model files still to download: {human_bytes(missing)}; free disk: {human_bytes(free)}")
     if missing > free:
         print(f"install.sh: not enough disk space: {human_bytes(missing)} needed in {models_dir} but only "
               f"{human_bytes(free)} free; free some space or choose fewer --models", file=sys.stderr)
         return 1
+    if args.check:
+        return 0
     report = _progress_printer()
     for f in to_fetch:
         url = f.url(endpoint)

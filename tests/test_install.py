@@ -302,6 +302,14 @@ def test_quant_no_set_offers_lists_what_each_offers(tmp_path):
     assert "Q8_0" in line and "qwen-image-2512: Q4_0, Q4_K_M, Q5_K_M" in line and "z-image-turbo: Q4_K" in line
 
 
+def test_a_bad_model_choice_is_refused_before_anything_is_installed(tmp_path, files):
+    # Not a dry run: from a clone the choice is checked before ComfyUI or the package is touched.
+    r = install(tmp_path, files, manifest(tmp_path, ENTRIES), "--quant", "Q8_0")
+    assert r.returncode != 0 and "Q8_0" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not list((tmp_path / "ComfyUI" / "custom_nodes").iterdir()), "nothing installed"
+    assert "Installing" not in r.stdout and "Cloning" not in r.stdout, r.stdout
+
+
 def test_published_sha256_is_checked_without_a_pinned_one(tmp_path, files):
     serve(files, ENTRIES)
     files.corrupt.add("/org/other/resolve/main/encoder.gguf")
