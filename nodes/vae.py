@@ -16,7 +16,7 @@ class VAELoaderGGUF(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="QwenImageGGUFVAELoader",
-            display_name="Load Qwen-Image VAE",
+            display_name="Load Qwen-Image / Z-Image VAE",
             category="loaders/qwen-image gguf",
             description="Loads the Qwen-Image VAE (qwen_image_vae.safetensors, or the same weights as GGUF) or "
                         "the Flux VAE for Z-Image. Its decodes and encodes tile by themselves when the image would "
