@@ -253,7 +253,7 @@ def main() -> None:
         preset, quant, vram = spec.rsplit(":", 2)
         work = Path(a.work) / f"run{len(rows)}"
         shutil.rmtree(work, ignore_errors=True)
-        row = run_preset(preset, quant, float(vram), a.images, Path(a.store), work, easycache, mode or None)
+        row = run_preset(preset, quant, float(vram), a.images, Path(a.store), work, easycache, mode)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
         if not row["ok"]:

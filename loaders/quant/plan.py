@@ -206,6 +206,11 @@ class LinearPlan:
         copies.add(self, nbytes)
         return copy
 
+    @property
+    def quantizes_input(self) -> bool:
+        """Whether this layer's matmuls take fp8-quantized input (so may share that quantization)."""
+        return self.copies is not None and self.copies.fp8
+
     def share(self, shared: SharedInput, last: bool) -> None:
         self.shared, self.last = shared, last
 
@@ -287,6 +292,8 @@ class FP8StreamPlan(KernelPlan):
         self.path = fast_path(raw.device)
         return self.scales
 
+    quantizes_input = True
+
     def drop_device_state(self) -> None:
         super().drop_device_state()
         self.scales = None
@@ -296,6 +303,8 @@ class FP8Plan(LinearPlan):
     """Bytes stored as FP8 rows (the fp8 mode's conversion at load): fp8 matmuls with per-token
     activation scales where the device has them (see fp8); the operands of resident bytes kept while
     the bytes stay."""
+
+    quantizes_input = True
 
     def __init__(self, shape):
         super().__init__(FP8Rows, shape)

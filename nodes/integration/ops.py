@@ -18,7 +18,7 @@ import torch
 import comfy.ops
 
 from ...loaders.quant.fp8 import SharedInput
-from ...loaders.quant.plan import DeviceCopies, FP8Plan, FP8StreamPlan, LinearPlan, bind
+from ...loaders.quant.plan import DeviceCopies, FP8Plan, LinearPlan, bind
 from ...loaders.quant.weight import GGMLTensor, dequantize_bytes, wrap
 from . import compat
 from .lora import apply_patches
@@ -109,10 +109,7 @@ def share_inputs(model: torch.nn.Module) -> int:
     for parent in model.modules():
         for names in SHARED_INPUT_GROUPS:
             layers = [getattr(parent, name, None) for name in names]
-            if all(isinstance(m, FileWeights) and m.plan is not None
-                   and (isinstance(m.plan, (FP8Plan, FP8StreamPlan))
-                        or (m.plan.copies is not None and m.plan.copies.fp8))
-                   for m in layers):
+            if all(isinstance(m, FileWeights) and m.plan is not None and m.plan.quantizes_input for m in layers):
                 shared = SharedInput()
                 for i, layer in enumerate(layers):
                     layer.plan.share(shared, last=i == len(layers) - 1)
