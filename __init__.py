@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .nodes.integration import compat, folders, model_files
 from .nodes.clip_loader import ClipLoaderGGUF
+from .nodes.importance import CollectImportance, SaveImportance
 from .nodes.nan_guard import NaNGuard
 from .nodes.save_gguf import SaveGGUF
 from .nodes.unet_loader import UnetLoaderGGUF
@@ -15,7 +16,8 @@ WEB_DIRECTORY = "./web"
 
 class QwenImageGGUFExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [UnetLoaderGGUF, ClipLoaderGGUF, VAELoaderGGUF, VAEDecodeChecked, NaNGuard, SaveGGUF]
+        return [UnetLoaderGGUF, ClipLoaderGGUF, VAELoaderGGUF, VAEDecodeChecked, NaNGuard, SaveGGUF, CollectImportance,
+                SaveImportance]
 
 
 async def comfy_entrypoint() -> QwenImageGGUFExtension:

@@ -11,6 +11,9 @@ from comfy_api.latest import io
 from ..loaders.convert.recipes import LEVELS
 from ..loaders.convert.to_gguf import convert
 from .integration.export import model_checkpoint
+from .integration.folders import IMATRIX
+
+NO_MATRIX = "none"
 
 
 class SaveGGUF(io.ComfyNode):
@@ -34,17 +37,26 @@ class SaveGGUF(io.ComfyNode):
                                 tooltip="The file's name in models/diffusion_models; -TYPE.gguf is added."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace a file of the same name. Off: an existing file stops the save."),
+                io.Combo.Input("importance_matrix", options=[NO_MATRIX, *folder_paths.get_filename_list(IMATRIX)],
+                               default=NO_MATRIX, optional=True,
+                               tooltip="An importance matrix from models/imatrix ('Collect Importance Matrix "
+                                       "(GGUF)' makes one): the quantizers favour the weights that meet large "
+                                       "activations. The file's size is the same."),
             ],
             outputs=[io.String.Output(display_name="file")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, type: str, filename: str, overwrite: bool = False) -> io.NodeOutput:
+    def execute(cls, model, type: str, filename: str, overwrite: bool = False,
+                importance_matrix: str = NO_MATRIX) -> io.NodeOutput:
         output = output_path(filename, type)
+        imatrix = None if importance_matrix == NO_MATRIX else folder_paths.get_full_path_or_raise(IMATRIX,
+                                                                                                   importance_matrix)
         bar = comfy.utils.ProgressBar(1000)
         ckpt = model_checkpoint(model, "the MODEL input")
-        convert(ckpt, output, type, overwrite, lambda done, total, _: bar.update_absolute(done * 1000 // max(total, 1)))
+        convert(ckpt, output, type, overwrite, lambda done, total, _: bar.update_absolute(done * 1000 // max(total, 1)),
+                imatrix=imatrix)
         return io.NodeOutput(os.path.basename(output), ui={"text": [os.path.basename(output)]})
 
 

@@ -50,7 +50,7 @@ def main() -> None:
     if "--cpu" not in sys.argv:
         start_gpu()
     import folder_paths
-    for kind in ("diffusion_models", "loras", "text_encoders", "vae", "controlnet"):
+    for kind in ("diffusion_models", "loras", "text_encoders", "vae", "controlnet", "imatrix"):
         folder_paths.add_model_folder_path(kind, os.path.join(cfg["models"], kind), is_default=True)
     import execution
     import nodes

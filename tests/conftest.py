@@ -45,3 +45,13 @@ def checkout(tmp_path_factory):
     subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
     subprocess.run(git + ["commit", "-q", "-m", "snapshot"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture(scope="session")
+def lib():
+    """llama.cpp's quantizers compiled from its sources (llama_cpp_ref), skipping where they cannot be."""
+    import llama_cpp_ref
+    built = llama_cpp_ref.reference()
+    if built is None:
+        pytest.skip(llama_cpp_ref.why_not)
+    return built

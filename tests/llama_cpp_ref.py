@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,8 @@ why_not = ""
 def reference() -> ctypes.CDLL | None:
     """The compiled reference quantizers, built once into .cache (None where impossible: see why_not)."""
     global why_not
-    lib = CACHE / "libggml_quants_ref.so"
+    # Named for the stubs it was built with: a changed stub builds a new library.
+    lib = CACHE / f"libggml_quants_ref-{hashlib.sha256(STUBS.encode()).hexdigest()[:8]}.so"
     try:
         if not lib.exists():
             _build(lib)
@@ -72,22 +74,39 @@ STUBS = """
 void ggml_abort(const char * file, int line, const char * fmt, ...) { fprintf(stderr, "%s:%d\\n", file, line); abort(); }
 const char * ggml_type_name(enum ggml_type type) { (void) type; abort(); }
 size_t ggml_type_size(enum ggml_type type) { (void) type; abort(); }
-size_t ggml_row_size(enum ggml_type type, int64_t ne) { (void) type; (void) ne; abort(); }
+size_t ggml_row_size(enum ggml_type type, int64_t ne) {  /* quantize_<type> with an importance matrix */
+    switch (type) {
+        case GGML_TYPE_Q4_0: case GGML_TYPE_IQ4_NL: return ne / 32 * 18;
+        case GGML_TYPE_Q4_1: return ne / 32 * 20;
+        case GGML_TYPE_Q5_0: return ne / 32 * 22;
+        case GGML_TYPE_Q5_1: return ne / 32 * 24;
+        case GGML_TYPE_Q8_0: return ne / 32 * 34;
+        case GGML_TYPE_Q2_K: return ne / 256 * 84;
+        case GGML_TYPE_Q3_K: return ne / 256 * 110;
+        case GGML_TYPE_Q4_K: return ne / 256 * 144;
+        case GGML_TYPE_Q5_K: return ne / 256 * 176;
+        case GGML_TYPE_Q6_K: return ne / 256 * 210;
+        case GGML_TYPE_IQ4_XS: return ne / 256 * 136;
+        default: abort();
+    }
+}
 """
 
 
-def quantize_ref(lib: ctypes.CDLL, name: str, rows: np.ndarray) -> np.ndarray:
-    """llama.cpp's quantization of float32 ``rows`` (whole blocks) as ``ggml_quantize_chunk`` does it
-    without an importance matrix: ``quantize_row_<name>_ref``, or for the IQ4 types
-    ``quantize_<name>``; their block bytes."""
+def quantize_ref(lib: ctypes.CDLL, name: str, rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's quantization of float32 ``rows`` (whole blocks) as ``ggml_quantize_chunk`` does it:
+    without an importance matrix ``quantize_row_<name>_ref``, or for the IQ4 types
+    ``quantize_<name>``; with one (a value per column), ``quantize_<name>``; their block bytes."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     block, size = GGML_QUANT_SIZES[T[name.upper()]]
     out = np.empty(rows.size // block * size, dtype=np.uint8)
-    if name.startswith("iq4"):
+    if name.startswith("iq4") or importance is not None:
+        weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
         fn = getattr(lib, f"quantize_{name}")
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         fn.restype = ctypes.c_size_t
-        fn(rows.ctypes.data, out.ctypes.data, rows.shape[0], rows.shape[-1], None)
+        fn(rows.ctypes.data, out.ctypes.data, rows.shape[0], rows.shape[-1],
+           None if weights is None else weights.ctypes.data)
     else:
         fn = getattr(lib, f"quantize_row_{name}_ref")
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]

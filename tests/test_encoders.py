@@ -15,11 +15,13 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-import llama_cpp_ref
-from llama_cpp_ref import quantize_ref, reference
+from llama_cpp_ref import quantize_ref
 from loaders.quant.formats import ENCODE_PIECE, FORMATS
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs"]
 
 
 def rows() -> dict[str, np.ndarray]:
@@ -43,15 +45,7 @@ def rows() -> dict[str, np.ndarray]:
     }
 
 
-@pytest.fixture(scope="module")
-def lib():
-    built = reference()
-    if built is None:
-        pytest.skip(llama_cpp_ref.why_not)
-    return built
-
-
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs"])
+@pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("case", list(rows()))
 def test_encoder_bytes_equal_llama_cpp_reference(lib, name, case):
     # Each type's encoder as the registry gives it to the GGUF writer.
@@ -61,6 +55,50 @@ def test_encoder_bytes_equal_llama_cpp_reference(lib, name, case):
         got = FORMATS[T[name.upper()]].encode(x).reshape(expected.shape)
     differ = np.flatnonzero((got != expected).any(axis=1))
     assert differ.size == 0, f"{differ.size} of {len(expected)} blocks differ, first {differ[:5]}"
+
+
+def importances() -> dict[str, np.ndarray]:
+    """Importance matrices (a value per column of a 256-column row) that probe the weighted searches."""
+    rng = np.random.default_rng(5)
+    return {
+        "mean squares": rng.standard_normal((64, 256)).var(axis=0) * rng.pareto(1.0, 256),
+        "some columns unused": (rng.random(256) < 0.5) * rng.random(256) * 4,
+        "all zero": np.zeros(256),
+        "uniform": np.ones(256),
+        "huge": rng.random(256) * 1e6,
+        "tiny": rng.random(256) * 1e-8,
+    }
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("case", list(rows()))
+def test_weighted_encoder_bytes_equal_llama_cpp_with_an_importance_matrix(lib, name, case):
+    # quantize_<type>(..., imatrix): llama.cpp's weighted searches (_impl), not its reference path.
+    x = rows()[case].astype(np.float32)
+    importance = importances()["mean squares"].astype(np.float32)
+    expected = quantize_ref(lib, name, x, importance)
+    with np.errstate(all="ignore"):
+        got = FORMATS[T[name.upper()]].encode(x, importance).reshape(expected.shape)
+    differ = np.flatnonzero((got != expected).any(axis=1))
+    assert differ.size == 0, f"{differ.size} of {len(expected)} blocks differ, first {differ[:5]}"
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_every_importance_matrix_gives_llama_cpp_bytes_and_one_changes_them(lib, name):
+    x = rows()["normal"].astype(np.float32)
+    fmt = FORMATS[T[name.upper()]]
+    for case, importance in importances().items():
+        importance = importance.astype(np.float32)
+        expected = quantize_ref(lib, name, x, importance)
+        assert np.array_equal(fmt.encode(x, importance).reshape(expected.shape), expected), case
+    # Q8_0 has no search to weight: llama.cpp ignores the matrix for it, and so do we.
+    weighted = fmt.encode(x, importances()["mean squares"].astype(np.float32))
+    assert np.array_equal(weighted, fmt.encode(x)) == (name == "q8_0")
+
+
+def test_an_importance_matrix_of_the_wrong_width_is_refused():
+    with pytest.raises(ValueError, match="128 columns for rows of 256"):
+        FORMATS[T.Q4_K].encode(np.ones((2, 256), np.float32), np.ones(128, np.float32))
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q6_K, T.IQ4_XS])
@@ -78,17 +116,22 @@ def test_a_tensor_of_many_pieces_encodes_as_one_call_of_the_reference(lib, name)
     assert x.size > 8 * ENCODE_PIECE
     expected = quantize_ref(lib, name, x)
     assert np.array_equal(fmt.encode(x).reshape(expected.shape), expected)
-
+    # With an importance matrix the pieces carry their search weights along.
+    importance = np.random.default_rng(8).random(x.shape[-1]).astype(np.float32)
+    expected = quantize_ref(lib, name, x[:12], importance)
+    assert np.array_equal(fmt.encode(x[:12], importance).reshape(expected.shape), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs"])
-def test_encoders_on_the_gpu_give_the_reference_bytes(lib, name):
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
+def test_encoders_on_the_gpu_give_the_reference_bytes(lib, name, weighted):
     # The same torch code on CUDA: its divisions, square roots and sums must round as the CPU's do.
     x = np.concatenate([rows()[case] for case in ("normal", "zeros", "ties (quarter steps)", "huge", "tiny", "outliers")])
     x = x.astype(np.float32)
-    expected = quantize_ref(lib, name, x)
-    got = FORMATS[T[name.upper()]].encode(torch.from_numpy(x).cuda()).cpu().numpy()
+    importance = importances()["mean squares"].astype(np.float32) if weighted else None
+    expected = quantize_ref(lib, name, x, importance)
+    got = FORMATS[T[name.upper()]].encode(torch.from_numpy(x).cuda(), importance).cpu().numpy()
     assert np.array_equal(got.reshape(expected.shape), expected)
 
 

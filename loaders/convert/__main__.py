@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                                             "ComfyUI's is comfy/text_encoders/qwen25_tokenizer")
     parser.add_argument("--mmproj", metavar="PATH", help="also write a Qwen2.5-VL text encoder's vision tower as "
                                                        "llama.cpp's mmproj (F16, or BF16 from a bf16 checkpoint)")
+    parser.add_argument("--imatrix", metavar="FILE", help="an importance matrix (llama.cpp's GGUF imatrix format; for a "
+                                                        "diffusion model, one collected in ComfyUI by 'Collect "
+                                                        "Importance Matrix (GGUF)') to weight the quantizers' search")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--device", default=None, help="encode on this torch device, e.g. cuda (the same bytes as the CPU)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each tensor's type")
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         vision = open_mmproj_checkpoint(a.input) if a.mmproj else None  # refused before anything is written
         print(f"{os.path.basename(a.input)}: {ckpt.variant} {ckpt.kind.replace('_', ' ')}, {ckpt.layers} blocks "
               f"-> {output} ({a.type})", file=sys.stderr)
-        convert(ckpt, output, a.type, a.overwrite, bar, device)
+        convert(ckpt, output, a.type, a.overwrite, bar, device, a.imatrix)
         if vision is not None:
             convert(vision, a.mmproj, vision.half.name, a.overwrite, Bar(), device)
     except ValueError as e:  # GGUFError, or an unknown --type or --device

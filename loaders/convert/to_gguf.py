@@ -24,6 +24,7 @@ from ..gguf.errors import GGUFError
 from ..gguf.writer import Planned, encode, stored_shape, write_tensors
 from ..quant.formats import FORMATS
 from .checkpoint import Checkpoint
+from .imatrix import importance_for, read_importance
 from .recipes import IMAGE_ARCHS, LEVELS, Level, float_recipe, image_recipe, llm_recipe
 
 log = logging.getLogger("qwen_image_gguf.convert")
@@ -100,11 +101,11 @@ def _checked(ckpt: Checkpoint, p: Planned) -> np.ndarray:
     return a
 
 
-def _encoded(ckpt: Checkpoint, p: Planned, device: str | None) -> np.ndarray:
+def _encoded(ckpt: Checkpoint, p: Planned, device: str | None, importance: np.ndarray | None) -> np.ndarray:
     """The tensor's stored form, refused where a block type's 16-bit scales cannot hold its values
     (they would decode to infinity or NaN)."""
     a = _checked(ckpt, p)
-    data = encode(a, p.qtype, device)
+    data = encode(a, p.qtype, device, importance)
     if p.qtype in FORMATS:
         decoded = FORMATS[p.qtype].dequantize(torch.from_numpy(data).reshape(-1), p.shape, torch.float32)
         if not bool(torch.isfinite(decoded).all()):
@@ -114,9 +115,11 @@ def _encoded(ckpt: Checkpoint, p: Planned, device: str | None) -> np.ndarray:
 
 
 def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: bool = False,
-            progress: Progress | None = None, device: str | None = None) -> Converted:
+            progress: Progress | None = None, device: str | None = None,
+            imatrix: str | os.PathLike | None = None) -> Converted:
     """Write ``ckpt`` as a GGUF of ``level`` (a name of ``recipes.LEVELS``) to ``output``, encoding
-    block types on ``device`` (default the CPU; a GPU gives the same bytes)."""
+    block types on ``device`` (default the CPU; a GPU gives the same bytes), their searches weighted
+    by the importance matrix file ``imatrix`` where it has the tensor (llama.cpp's ``--imatrix``)."""
     level_ = level_of(level)
     output = os.fspath(output)
     folder = os.path.dirname(os.path.abspath(output))
@@ -128,6 +131,7 @@ def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: 
         raise GGUFError(output, f"its folder {folder} does not exist")
     metadata = {"general.file_type": int(level_.file_type), "general.quantization_version": 2, **ckpt.metadata}
     tensors = plan(ckpt, level_, metadata)
+    weighted = _importance(imatrix, tensors) if imatrix is not None else {}
     total = sum(p.nbytes for p in tensors)
     free = shutil.disk_usage(folder).free
     if total + HEADER_ROOM > free:
@@ -147,7 +151,8 @@ def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: 
             progress(written, total, p.name)
 
     try:
-        write_tensors(temporary, tensors, lambda p: _encoded(ckpt, p, device), ckpt.arch, metadata, done)
+        write_tensors(temporary, tensors, lambda p: _encoded(ckpt, p, device, weighted.get(p.name)), ckpt.arch,
+                      metadata, done)
         os.chmod(temporary, 0o666 & ~_umask())
         if os.path.exists(output) and not overwrite:  # made while we wrote
             raise GGUFError(output, "already exists; choose another name or allow overwriting")
@@ -165,6 +170,21 @@ def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: 
     log.info("%s: %s %s written as %s (%.2f GB): %s", os.path.basename(ckpt.path), ckpt.variant,
              ckpt.kind.replace("_", " "), os.path.basename(output), result.nbytes / 1e9, result.summary())
     return result
+
+
+def _importance(path: str | os.PathLike, tensors: list[Planned]) -> dict[str, np.ndarray]:
+    """The importance of each planned block-type tensor the matrix at ``path`` has, refused where it
+    has none of them (a matrix of another model)."""
+    importance = read_importance(path)
+    quantized = [p for p in tensors if p.qtype in FORMATS and FORMATS[p.qtype].weighting is not None]
+    found = {p.name: v for p in quantized
+             if (v := importance_for(importance, p.name, p.shape[-1], os.fspath(path))) is not None}
+    if quantized and not found:
+        raise GGUFError(path, f"has none of the {len(quantized)} weights to quantize (its first: "
+                              f"{next(iter(importance))}; the model's: {quantized[0].name}): it was collected "
+                              "from another model")
+    log.info("%s: importance for %d of %d quantized tensors", os.path.basename(path), len(found), len(quantized))
+    return found
 
 
 def _umask() -> int:

@@ -42,17 +42,19 @@ def stored_shape(name: str, shape: tuple[int, ...], metadata: dict[str, Any]) ->
     return (shape[0], int(np.prod(shape[1:])))
 
 
-def encode(array: np.ndarray, qtype: T, device: str | None = None) -> np.ndarray:
+def encode(array: np.ndarray, qtype: T, device: str | None = None, importance: np.ndarray | None = None
+           ) -> np.ndarray:
     """A float array as what GGUFWriter stores for ``qtype``: F32/F16 values, or the blocks' bytes
     with the array's leading axes and one run of blocks per row (a block type's computed on
-    ``device`` when one is given: the same bytes)."""
+    ``device`` when one is given: the same bytes; searched with ``importance``, an importance
+    matrix's values for the row, where the type weighs one)."""
     if qtype == T.F32:
         return np.ascontiguousarray(array, dtype=np.float32)
     if qtype == T.F16:
         return np.ascontiguousarray(array, dtype=np.float16)
     rows = array.reshape(-1, array.shape[-1]) if array.ndim else array.reshape(1, 1)
     if qtype in FORMATS:
-        data = FORMATS[qtype].encode(torch.from_numpy(rows).to(device) if device else rows)
+        data = FORMATS[qtype].encode(torch.from_numpy(rows).to(device) if device else rows, importance)
         data = data.cpu().numpy() if isinstance(data, torch.Tensor) else data
     else:  # BF16
         data = quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype)

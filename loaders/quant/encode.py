@@ -3,12 +3,13 @@ type's), in torch: the same code runs on the CPU and on a GPU.
 
 The ``gguf`` package quantizes F16/BF16 and the 32-element types but no K-quant or IQ4 type, and
 real Qwen-Image files are mostly K-quants. The encoders here follow llama.cpp's reference quantizers
-operation for operation in float32, as ``ggml_quantize_chunk`` calls them without an importance
-matrix (``quantize_row_*_ref``; ``quantize_iq4_nl`` / ``quantize_iq4_xs``), so their bytes are
+operation for operation in float32, as ``ggml_quantize_chunk`` calls them, so their bytes are
 llama.cpp's: Q2_K to Q6_K, IQ4_NL, IQ4_XS, Q8_0, and Q4_0, Q4_1, Q5_0, Q5_1, where the ``gguf``
-package's differ on all-zero blocks.
-Each encoder takes a float32 tensor of rows of whole blocks and returns the blocks' bytes (uint8,
-one row per block) on the same device.
+package's differ on all-zero blocks. Without an importance matrix that is ``quantize_row_*_ref``
+(``quantize_iq4_nl`` / ``quantize_iq4_xs``); with one, the weighted searches of its
+``quantize_row_*_impl``, whose weights ``search_weights`` forms by each type's ``Weighting``.
+Each encoder takes a float32 tensor of rows of whole blocks, and optionally each element's search
+weight, and returns the blocks' bytes (uint8, one row per block) on the same device.
 
 Matching llama.cpp bit for bit takes its arithmetic as written: every sum accumulated element after
 element (torch's own reductions reorder), every product and sum rounded to float32 on its own, and
@@ -22,6 +23,7 @@ only operations rounded once are used (add, multiply, divide, square root, compa
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -35,6 +37,30 @@ F32 = np.float32  # constants are computed as float32 scalars, as C's float lite
 GROUP_MAX_EPS = float(F32(1e-15))
 # The IQ4 types' 16 code values (llama.cpp's kvalues_iq4nl), in increasing order.
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How a type's llama.cpp quantizer turns an importance matrix (one value per column) into the
+    weights of its search: importance × sqrt(sigma2 + x²), with sigma2 ``factor`` × the mean square
+    of the ``span`` elements around x (0: its whole row); ``raw``: the importance alone."""
+    span: int = 0
+    factor: float = 1.0
+    raw: bool = False
+
+
+def search_weights(rows: torch.Tensor, importance: torch.Tensor, rule: Weighting) -> torch.Tensor:
+    """Each element's search weight (``rows``: float32 (n, row length); ``importance``: the row
+    length's values), as llama.cpp computes them in float32."""
+    if rule.raw:
+        return importance.expand_as(rows)
+    if rule.span:
+        spans = rows.reshape(-1, rule.span)
+        sigma2 = _div(_seq_sum(spans * spans) * rule.factor, float(rule.span))
+        sigma2 = sigma2.reshape(len(rows), -1).repeat_interleave(rule.span, dim=-1)
+    else:
+        sigma2 = _div(_seq_sum(rows * rows) * rule.factor, float(rows.shape[-1]))[:, None]
+    return importance * _sqrt(sigma2 + rows * rows)
 
 
 def _at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -159,20 +185,34 @@ def _blocks32(head: torch.Tensor, q: torch.Tensor, fifth_bit: bool) -> torch.Ten
     return torch.cat([head, qh, qs] if fifth_bit else [head, qs], dim=-1)
 
 
-def q4_0(x: torch.Tensor) -> torch.Tensor:
-    return _blocks32(*_symmetric(x, 8), fifth_bit=False)
+def q4_0(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    return _blocks32(*(_symmetric(x, 8) if w is None else _weighted_symmetric(x, 8, w)), fifth_bit=False)
 
 
-def q5_0(x: torch.Tensor) -> torch.Tensor:
-    return _blocks32(*_symmetric(x, 16), fifth_bit=True)
+def q5_0(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    return _blocks32(*(_symmetric(x, 16) if w is None else _weighted_symmetric(x, 16, w)), fifth_bit=True)
 
 
-def q4_1(x: torch.Tensor) -> torch.Tensor:
-    return _blocks32(*_affine(x, 15), fifth_bit=False)
+def q4_1(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    return _blocks32(*(_affine(x, 15) if w is None else _weighted_affine(x, 15, w)), fifth_bit=False)
 
 
-def q5_1(x: torch.Tensor) -> torch.Tensor:
-    return _blocks32(*_affine(x, 31), fifth_bit=True)
+def q5_1(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    return _blocks32(*(_affine(x, 31) if w is None else _weighted_affine(x, 31, w)), fifth_bit=True)
+
+
+def _weighted_symmetric(x: torch.Tensor, half: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q5_0 with search weights (llama.cpp's ``quantize_row_q4_0_impl``): the signed scale
+    of ``make_qx_quants``' search, its codes kept as found."""
+    codes, d = _qx(x.reshape(-1, 32), half, w.reshape(-1, 32))
+    return _bytes_of(d, torch.float16), codes.to(torch.int64)
+
+
+def _weighted_affine(x: torch.Tensor, levels: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_1 / Q5_1 with search weights (llama.cpp's ``quantize_row_q4_1_impl``): scale and minimum of
+    ``make_qkx3_quants``' search, its codes kept as found."""
+    codes, d, neg_min = _qkx2(x.reshape(-1, 32), w.reshape(-1, 32), levels, -0.9, 0.05, 36)
+    return torch.cat([_bytes_of(d, torch.float16), _bytes_of(-neg_min, torch.float16)], dim=-1), codes.to(torch.int64)
 
 
 def q8_0(x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +237,9 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: floa
     def loss(diff):
         return diff.abs() if mad else diff * diff
 
-    lo = torch.clamp(x.amin(dim=-1), max=0.0)
+    # C's running minimum keeps the first of equal values (the sign of a zero reaches Q4_1's bytes).
+    lo = _at(x, x.argmin(dim=-1))
+    lo = torch.where(lo > 0, 0.0, lo)
     hi = x.amax(dim=-1)
     flat = hi == lo
     hi = torch.where(flat, lo + 1.0, hi)  # flat rows end as zeros; this only keeps their arithmetic finite
@@ -240,14 +282,85 @@ def _scale_codes(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | flo
     return torch.where(live[..., None], torch.clamp(q, lo, hi), codes)
 
 
-def _affine_k(x: torch.Tensor, levels: int, rmin: float, nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared part of Q4_K and Q5_K (llama.cpp's reference): 8 sub-blocks of 32 with a 6-bit scale
-    and min each under two f16 super-scales; returns the blocks' 16-byte heads and the codes."""
+def _byte(v: torch.Tensor) -> torch.Tensor:
+    """An integer-valued float kept in a C uint8 (a negative value wraps), as a float again."""
+    return (v.to(torch.int64) & 0xFF).float()
+
+
+def _refine(x: torch.Tensor, w: torch.Tensor, levels: torch.Tensor, active: torch.Tensor, lo: int | None, hi: int,
+            store: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """The refinement llama.cpp's ``make_q3_quants`` (``lo`` set) and ``make_qp_quants`` (``lo``
+    None: codes only capped above, kept as bytes by ``store``) share: each element's code in turn
+    moved to the one best fitting the others' scale while that lowers the weighted error, up to five
+    passes, the rows of ``active`` only. Returns the codes and their sums Σwxl and Σwl²."""
+    wx = w * x
+    sumlx, suml2 = _seq_sum(wx * levels), _seq_sum(w * levels * levels)
+    levels = store(levels) if store else levels.clone()
+    for _ in range(5):
+        changed = torch.zeros_like(active)
+        for i in range(x.shape[-1]):
+            li = levels[:, i]
+            slx = sumlx - wx[:, i] * li
+            sl2 = suml2 - w[:, i] * li * li
+            # make_qp_quants also needs the others' Σwl² positive before trying.
+            fits = active & (slx > 0) & (sl2 > 0 if lo is None else True)
+            new = torch.clamp(torch.round(_div(x[:, i] * sl2, torch.where(fits, slx, 1.0))), lo, hi)
+            slx = slx + wx[:, i] * new
+            sl2 = sl2 + w[:, i] * new * new
+            take = fits & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            levels[:, i] = torch.where(take, store(new) if store else new, li)
+            sumlx, suml2 = torch.where(take, slx, sumlx), torch.where(take, sl2, suml2)
+            changed |= take
+        active = active & changed
+        if not bool(active.any()):
+            break
+    return levels, sumlx, suml2
+
+
+def _qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's ``make_qp_quants`` on each row of non-negative ``x`` (weights ``w``): the scale and
+    the codes (0..nmax, integers) that fit the row best in weighted squared error, from the best of
+    nine scales near max / nmax, then each code revisited in turn, up to five passes, while a change
+    lowers the error."""
+    peak = x.amax(dim=-1)
+    zero = peak < GROUP_MAX_EPS
+    peak = torch.where(zero, 1.0, peak)
+
+    def error(scale, levels):
+        diff = x - scale[:, None] * levels
+        return _seq_sum(w * diff * diff)
+
+    iscale = _div(float(nmax), peak)
+    best = error(_div(1.0, iscale), _byte(torch.round(iscale[:, None] * x)))  # uncapped, as C keeps it
+    for step in (*range(-4, 0), *range(1, 5)):
+        cand = _div(float(F32(0.1) * F32(step) + F32(nmax)), peak)
+        err = error(_div(1.0, cand), torch.clamp(torch.round(cand[:, None] * x), max=nmax))
+        better = err < best
+        best, iscale = torch.where(better, err, best), torch.where(better, cand, iscale)
+    levels = torch.clamp(torch.round(iscale[:, None] * x), max=nmax)
+    levels, sumlx, suml2 = _refine(x, w, levels, ~zero, None, nmax, _byte)
+    scale = _safe_div(sumlx, suml2, suml2 > 0, 0.0)
+    return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0.0, levels).to(torch.int64)
+
+
+def _affine_k(x: torch.Tensor, levels: int, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared part of Q4_K and Q5_K: 8 sub-blocks of 32 with a 6-bit scale and min each under two
+    f16 super-scales, as llama.cpp's reference finds them (``w`` None) or its ``_impl`` with search
+    weights ``w``; returns the blocks' 16-byte heads and the codes."""
     sub = x.reshape(-1, 32)
+    if w is not None:
+        w = w.reshape(-1, 32)
+        codes, scales, mins = _qkx2(sub, w, levels, -0.9, 0.05, 36)
+        sw = _seq_sum(w).reshape(-1, 8)
+        d, sc = _qp(scales.reshape(-1, 8), sw, 63)
+        dmin, mn = _qp(mins.reshape(-1, 8), sw, 63)
+        # Q5_K caps the codes at 63 again; _qp never exceeds it.
+        return _k_blocks(x, levels, codes, sc, mn, d.to(torch.float16), dmin.to(torch.float16))
     # Weights of the search: the sub-block's RMS plus each value's magnitude.
     av = _sqrt(_div(_seq_sum(sub * sub), 32.0))
+    rmin, nstep = (-1.0, 20) if levels == 15 else (-0.5, 15)
     codes, scales, mins = _qkx2(sub, av[:, None] + sub.abs(), levels, rmin, 0.1, nstep)
-    codes, scales, mins = codes.reshape(-1, 8, 32), scales.reshape(-1, 8), mins.reshape(-1, 8)
+    scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
     max_scale, max_min = _running_max(scales), _running_max(mins)
     inv_scale = _safe_div(torch.full_like(max_scale, 63.0), max_scale, max_scale > 0, 0.0)
     inv_min = _safe_div(torch.full_like(max_min, 63.0), max_min, max_min > 0, 0.0)
@@ -256,9 +369,16 @@ def _affine_k(x: torch.Tensor, levels: int, rmin: float, nstep: int) -> tuple[to
     mn = torch.clamp(torch.round(inv_min[:, None] * mins).to(torch.int64) & 0xFF, max=63)
     d = _div(max_scale, 63.0).to(torch.float16)
     dmin = _div(max_min, 63.0).to(torch.float16)
+    return _k_blocks(x, levels, codes, sc, mn, d, dmin)
+
+
+def _k_blocks(x: torch.Tensor, levels: int, codes: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor,
+              d: torch.Tensor, dmin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K heads and codes from the search's codes, the 6-bit scales and mins and the f16
+    super-scales: each code recomputed from its sub-block's rounded scale and min."""
     step = d.float()[:, None] * sc.float()
     offset = (dmin.float()[:, None] * mn.float())[..., None]
-    codes = _scale_codes(x.reshape(-1, 8, 32), step, offset, 0, levels, codes)
+    codes = _scale_codes(x.reshape(-1, 8, 32), step, offset, 0, levels, codes.reshape(-1, 8, 32))
     head = torch.cat([_bytes_of(d, torch.float16), _bytes_of(dmin, torch.float16), _pack_k_scales(sc, mn)], dim=-1)
     return head, codes.to(torch.int64)
 
@@ -276,12 +396,21 @@ def _pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(-1, 64).to(torch.uint8)
 
 
-def q2_k(x: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's ``quantize_row_q2_K_ref``: 16 sub-blocks of 16, 4-bit scale and min each."""
+def q2_k(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """llama.cpp's ``quantize_row_q2_K_ref`` (``quantize_row_q2_K_impl`` with search weights ``w``):
+    16 sub-blocks of 16, 4-bit scale and min each."""
     x = x.reshape(-1, QK_K)
     sub = x.reshape(-1, 16)
+    if w is not None:
+        w = w.reshape(-1, 16)
+        codes, scales, mins = _qkx2(sub, w, 3, -0.9, 0.05, 36)
+        sw = _seq_sum(w).reshape(-1, 16)
+        dm, ls = _qp(scales.reshape(-1, 16), sw, 15)
+        mm, lm = _qp(mins.reshape(-1, 16), sw, 15)
+        byte = (ls | (lm << 4)) & 0xFF
+        return _q2_k_blocks(x, codes, byte, dm.to(torch.float16), mm.to(torch.float16))
     codes, scales, mins = _qkx2(sub, sub.abs(), 3, -0.5, 0.1, 15, mad=True)
-    codes, scales, mins = codes.reshape(-1, 16, 16), scales.reshape(-1, 16), mins.reshape(-1, 16)
+    scales, mins = scales.reshape(-1, 16), mins.reshape(-1, 16)
     max_scale, max_min = _running_max(scales), _running_max(mins)
     live_s, live_m = max_scale > 0, max_min > 0
     # Rounded to an int and stored into a byte as C does (no clamp: a negative value wraps).
@@ -292,9 +421,16 @@ def q2_k(x: torch.Tensor) -> torch.Tensor:
     byte = (sc.to(torch.int64) & 0xFF) | ((mn.to(torch.int64) << 4) & 0xFF)
     d = torch.where(live_s, _div(max_scale, 15.0), 0.0).to(torch.float16)
     dmin = torch.where(live_m, _div(max_min, 15.0), 0.0).to(torch.float16)
+    return _q2_k_blocks(x, codes, byte, d, dmin)
+
+
+def _q2_k_blocks(x: torch.Tensor, codes: torch.Tensor, byte: torch.Tensor, d: torch.Tensor,
+                 dmin: torch.Tensor) -> torch.Tensor:
+    """Q2_K's bytes from the search's codes, the scale/min bytes and the two f16 super-scales: each
+    code recomputed from its sub-block's rounded scale and min."""
     step = d.float()[:, None] * (byte & 0xF).float()
     offset = (dmin.float()[:, None] * (byte >> 4).float())[..., None]
-    codes = _scale_codes(x.reshape(-1, 16, 16), step, offset, 0, 3, codes)
+    codes = _scale_codes(x.reshape(-1, 16, 16), step, offset, 0, 3, codes.reshape(-1, 16, 16))
     return torch.cat([byte.to(torch.uint8), _pack_2bit(codes), _bytes_of(d, torch.float16),
                       _bytes_of(dmin, torch.float16)], dim=-1)
 
@@ -307,27 +443,7 @@ def _q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     zero = peak.abs() < GROUP_MAX_EPS
     iscale = _div(float(-nmax), torch.where(zero, 1.0, peak))
     levels = torch.clamp(torch.round(iscale[:, None] * x), -nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sumlx, suml2 = _seq_sum(wx * levels), _seq_sum(w * levels * levels)
-    active = ~zero
-    for _ in range(5):
-        changed = torch.zeros_like(active)
-        for i in range(x.shape[-1]):
-            li = levels[:, i]
-            slx = sumlx - wx[:, i] * li
-            sl2 = suml2 - w[:, i] * li * li
-            fits = active & (slx > 0)
-            new = torch.clamp(torch.round(_div(x[:, i] * sl2, torch.where(fits, slx, 1.0))), -nmax, nmax - 1)
-            slx = slx + wx[:, i] * new
-            sl2 = sl2 + w[:, i] * new * new
-            take = fits & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            levels[:, i] = torch.where(take, new, li)
-            sumlx, suml2 = torch.where(take, slx, sumlx), torch.where(take, sl2, suml2)
-            changed |= take
-        active &= changed
-        if not bool(active.any()):
-            break
+    levels, sumlx, suml2 = _refine(x, x * x, levels, ~zero, -nmax, nmax - 1)
     scale = _safe_div(sumlx, suml2, suml2 > 0, 0.0)
     codes = torch.where(zero[:, None], 0.0, levels + float(nmax))
     return codes, torch.where(zero, 0.0, scale)
@@ -342,20 +458,33 @@ def _sub_blocks_of_16(x: torch.Tensor, search, nmax: int):
     return x, codes.reshape(-1, 16, 16), scales, _peak(scales)
 
 
-def q3_k(x: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's ``quantize_row_q3_K_ref``: 16 sub-blocks of 16, 6-bit signed scales under one f16."""
+def q3_k(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """llama.cpp's ``quantize_row_q3_K_ref`` (``quantize_row_q3_K_impl`` with search weights ``w``):
+    16 sub-blocks of 16, 6-bit signed scales under one f16."""
+    if w is not None:
+        w = w.reshape(-1, 16)
+        x, codes, scales, _ = _sub_blocks_of_16(x, functools.partial(_qx, w=w), 4)
+        # The scales are searched like values, weighted by their sub-blocks' total weight.
+        sc, d = _qx(scales, 32, _seq_sum(w).reshape(-1, 16))
+        return _q3_k_blocks(x, codes, sc.to(torch.int64), d.to(torch.float16))
     x, codes, scales, peak = _sub_blocks_of_16(x, _q3, 4)
     live_block = peak != 0
     iscale = _div(-32.0, torch.where(live_block, peak, 1.0))
     # Rounded to an int, kept as an int8 (wrapping, as C's cast does), clamped to -32..31, then +32.
     sc = torch.round(iscale[:, None] * scales).to(torch.int64)
     sc = torch.clamp(((sc + 128) & 0xFF) - 128, -32, 31) + 32
-    sc = torch.where(live_block[:, None], sc, 32)
     d = torch.where(live_block, _div(1.0, iscale), 0.0).to(torch.float16)
+    # A block of zeros stores zero scale bytes (its d is 0, so its codes stay the search's).
+    return _q3_k_blocks(x, codes, torch.where(live_block[:, None], sc, 0), d)
+
+
+def _q3_k_blocks(x: torch.Tensor, codes: torch.Tensor, sc: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q3_K's bytes from the search's codes (0..7), the scales (0..63, 32 meaning zero) and the f16
+    super-scale: each code recomputed from its sub-block's rounded scale."""
     # Low nibbles of scales j and j + 8 in byte j; the top two bits of scale 4k + m in byte 8 + m.
     low = (sc[:, :8] & 0xF) | ((sc[:, 8:] & 0xF) << 4)
     top = _bits((sc >> 4).reshape(-1, 4, 4), 1, width=2)
-    packed = torch.where(live_block[:, None], torch.cat([low, top], dim=-1), 0).to(torch.uint8)
+    packed = torch.cat([low, top], dim=-1).to(torch.uint8)
     step = d.float()[:, None] * (sc - 32).float()
     codes = _scale_codes(x.reshape(-1, 16, 16), step, 0.0, -4, 3, codes - 4.0) + 4.0
     codes = codes.to(torch.int64).reshape(-1, QK_K)
@@ -365,25 +494,25 @@ def q3_k(x: torch.Tensor) -> torch.Tensor:
                      dim=-1)
 
 
-def q4_k(x: torch.Tensor) -> torch.Tensor:
-    head, q = _affine_k(x, 15, -1.0, 20)
+def q4_k(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    head, q = _affine_k(x, 15, w)
     return torch.cat([head, _nibble_pack(q)], dim=-1)
 
 
-def q5_k(x: torch.Tensor) -> torch.Tensor:
-    head, q = _affine_k(x, 31, -0.5, 15)
+def q5_k(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    head, q = _affine_k(x, 31, w)
     qh = _bits((q >> 4) & 1, 1).to(torch.uint8)  # (n, 32): bit j of qh byte i is sub-block j
     return torch.cat([head, qh, _nibble_pack(q)], dim=-1)
 
 
-def _qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """llama.cpp's ``make_qx_quants`` (weights x², no importance) on each row of ``x``: codes in
+def _qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's ``make_qx_quants`` on each row of ``x`` (weights ``w``, default x²): codes in
     0..2*nmax-1 and the signed scale, searched over 18 scales around the one fitting the row's
     largest magnitude."""
     peak = _peak(x)
     zero = peak.abs() < GROUP_MAX_EPS
     peak = torch.where(zero, 1.0, peak)
-    w = x * x
+    w = x * x if w is None else w
 
     def fit(iscale):
         levels = torch.clamp(torch.round(iscale[:, None] * x), -nmax, nmax - 1)
@@ -402,9 +531,11 @@ def _qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, torch.where(zero, 0.0, scale)
 
 
-def q6_k(x: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's ``quantize_row_q6_K_ref``: 16 sub-blocks of 16, 8-bit signed scales under one f16."""
-    x, codes, scales, peak = _sub_blocks_of_16(x, _qx, 32)
+def q6_k(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """llama.cpp's ``quantize_row_q6_K_ref`` (``quantize_row_q6_K_impl`` with search weights ``w``):
+    16 sub-blocks of 16, 8-bit signed scales under one f16."""
+    search = _qx if w is None else functools.partial(_qx, w=w.reshape(-1, 16))
+    x, codes, scales, peak = _sub_blocks_of_16(x, search, 32)
     empty = peak.abs() < GROUP_MAX_EPS
     iscale = _div(-128.0, torch.where(empty, 1.0, peak))
     d = torch.where(empty, 0.0, _div(1.0, iscale)).to(torch.float16)
@@ -436,13 +567,13 @@ def _iq4_index(v: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.where(v <= table[0], 0, torch.where(v >= table[15], 15, inside))
 
 
-def _iq4_scales(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _iq4_scales(x: torch.Tensor, table: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """The scale of each row of 32 that llama.cpp's ``quantize_row_iq4_nl_impl`` searches for (weights
-    x², no importance; 0 for an all-zero row)."""
+    ``w``, default x²; 0 for an all-zero row)."""
     peak = _peak(x)
     zero = peak.abs() < GROUP_MAX_EPS
     peak = torch.where(zero, 1.0, peak)
-    w = x * x
+    w = x * x if w is None else w.reshape(-1, 32)
 
     def fit(inverse):
         q = table[_iq4_index(inverse[:, None] * x, table)]
@@ -466,20 +597,22 @@ def _iq4_pack(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, 0] | (c[:, 1] << 4)).reshape(len(codes), -1).to(torch.uint8)
 
 
-def iq4_nl(x: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's ``quantize_iq4_nl`` (no importance matrix): one f16 scale per 32."""
+def iq4_nl(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """llama.cpp's ``quantize_iq4_nl`` (search weights ``w``: with an importance matrix): one f16
+    scale per 32."""
     table = _iq4_table(x.device)
     x = x.reshape(-1, 32)
-    d = _iq4_scales(x, table)
+    d = _iq4_scales(x, table, w)
     codes = _iq4_index(_recip(d)[:, None] * x, table)
     return torch.cat([_bytes_of(d, torch.float16), _iq4_pack(codes)], dim=-1)
 
 
-def iq4_xs(x: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's ``quantize_iq4_xs`` (no importance matrix): 6-bit scales of 32 under one f16."""
+def iq4_xs(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """llama.cpp's ``quantize_iq4_xs`` (search weights ``w``: with an importance matrix): 6-bit
+    scales of 32 under one f16."""
     table = _iq4_table(x.device)
     x = x.reshape(-1, QK_K)
-    scales = _iq4_scales(x.reshape(-1, 32), table).reshape(-1, 8)
+    scales = _iq4_scales(x.reshape(-1, 32), table, w).reshape(-1, 8)
     peak = _peak(scales)
     peak = torch.where(peak == 0, 0.0, peak)  # the running maximum starts from +0.0
     d = _div(-peak, 32.0)

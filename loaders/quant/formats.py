@@ -85,9 +85,11 @@ class Format:
     fused: ClassVar[bool] = False
     # Whether its kernels read the IQ4 code table.
     table: ClassVar[bool] = False
-    # float32 blocks -> their bytes, one row per block, on the blocks' device (None: this package
-    # cannot write it).
-    encoder: ClassVar[Callable[[torch.Tensor], torch.Tensor] | None] = None
+    # float32 blocks (and, with ``weighting``, each element's search weight) -> their bytes, one row
+    # per block, on the blocks' device (None: this package cannot write it).
+    encoder: ClassVar[Callable[..., torch.Tensor] | None] = None
+    # How llama.cpp weights its search by an importance matrix (None: the type ignores one).
+    weighting: ClassVar[encode.Weighting | None] = None
 
     @classmethod
     def tile_for(cls, device_name: str | None) -> Tile:
@@ -124,9 +126,12 @@ class BlockFormat(Format):
         raise NotImplementedError
 
     @classmethod
-    def encode(cls, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def encode(cls, x: np.ndarray | torch.Tensor, importance: np.ndarray | torch.Tensor | None = None
+               ) -> np.ndarray | torch.Tensor:
         """A float array as this type's blocks, shaped (rows, bytes per row) as GGUFWriter expects: a
-        numpy array encoded on the CPU, a tensor on its own device (the same bytes on either)."""
+        numpy array encoded on the CPU, a tensor on its own device (the same bytes on either).
+        ``importance``: an importance matrix's values for the row's columns (llama.cpp's weighted
+        search; a type without one ignores it)."""
         if cls.encoder is None:
             raise NotImplementedError(f"this package cannot encode {cls.name}")
         if x.shape[-1] % cls.block_size:
@@ -136,12 +141,18 @@ class BlockFormat(Format):
         # Non-finite values are encoded as llama.cpp would (damaged-file fixtures rely on it); a
         # converter refuses them with the name of its input first.
         blocks = rows.reshape(-1, cls.block_size)
+        inputs = [blocks]  # and each element's search weight, where an importance matrix is used
+        if importance is not None and cls.weighting is not None:
+            importance = torch.as_tensor(importance).to(rows.device, torch.float32).reshape(-1)
+            if importance.shape[0] != rows.shape[-1]:
+                raise ValueError(f"an importance matrix of {importance.shape[0]} columns for rows of {rows.shape[-1]}")
+            inputs.append(encode.search_weights(rows, importance, cls.weighting).reshape(-1, cls.block_size))
         step = max(1, ENCODE_PIECE // cls.block_size)
         if blocks.device.type != "cpu" or len(blocks) <= step:
-            data = cls.encoder(blocks)
+            data = cls.encoder(*inputs)
         else:
             threads = torch.get_num_threads()
-            data = torch.cat(list(_encode_pool().map(cls.encoder, blocks.split(step))))
+            data = torch.cat(list(_encode_pool().map(cls.encoder, *(t.split(step) for t in inputs))))
             # A worker's setting is also the count torch gives threads it meets later: put back.
             torch.set_num_threads(threads)
         data = data.reshape(rows.shape[0], -1)
@@ -171,6 +182,7 @@ FORMATS: dict[T, type[BlockFormat]] = {}
 
 class Q4_0(BlockFormat, qtype=T.Q4_0):
     tile, fused, encoder = Tile(2, 64), True, encode.q4_0
+    weighting = encode.Weighting()
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -181,6 +193,7 @@ class Q4_0(BlockFormat, qtype=T.Q4_0):
 
 class Q4_1(BlockFormat, qtype=T.Q4_1):
     tile, fused, encoder = Tile(2, 64), True, encode.q4_1
+    weighting = encode.Weighting()
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -197,6 +210,7 @@ def _q5_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
 
 class Q5_0(BlockFormat, qtype=T.Q5_0):
     tile, gpu_tiles, fused, encoder = Tile(2, 64), {"H200": Tile(2, 256, 2)}, True, encode.q5_0
+    weighting = encode.Weighting()
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -207,6 +221,7 @@ class Q5_0(BlockFormat, qtype=T.Q5_0):
 
 class Q5_1(BlockFormat, qtype=T.Q5_1):
     tile, gpu_tiles, fused, encoder = Tile(2, 64), {"H200": Tile(2, 64, 2)}, True, encode.q5_1
+    weighting = encode.Weighting()
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -226,6 +241,7 @@ class Q8_0(BlockFormat, qtype=T.Q8_0):
 
 class Q2_K(BlockFormat, qtype=T.Q2_K):
     tile, gpu_tiles, fused, encoder = Tile(16, 8), {"H200": Tile(16, 8, 2)}, True, encode.q2_k
+    weighting = encode.Weighting(span=QK_K)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -240,6 +256,7 @@ class Q2_K(BlockFormat, qtype=T.Q2_K):
 
 class Q3_K(BlockFormat, qtype=T.Q3_K):
     tile, gpu_tiles, fused, encoder = Tile(16, 16), {"H200": Tile(16, 8, 2)}, True, encode.q3_k
+    weighting = encode.Weighting(span=QK_K, factor=2.0)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -259,6 +276,7 @@ class Q3_K(BlockFormat, qtype=T.Q3_K):
 
 class Q4_K(BlockFormat, qtype=T.Q4_K):
     tile, fused, encoder = Tile(8, 16), True, encode.q4_k
+    weighting = encode.Weighting(span=QK_K, factor=2.0)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -270,6 +288,7 @@ class Q4_K(BlockFormat, qtype=T.Q4_K):
 
 class Q5_K(BlockFormat, qtype=T.Q5_K):
     tile, gpu_tiles, fused, encoder = Tile(8, 32), {"H200": Tile(8, 16, 2)}, True, encode.q5_k
+    weighting = encode.Weighting(span=QK_K, factor=2.0)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -284,6 +303,7 @@ class Q5_K(BlockFormat, qtype=T.Q5_K):
 class Q6_K(BlockFormat, qtype=T.Q6_K):
     # The kernels read 2-byte words.
     tile, fused, align, encoder = Tile(16, 16, 8), True, 2, encode.q6_k
+    weighting = encode.Weighting(raw=True)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -302,6 +322,7 @@ class IQ4_NL(BlockFormat, qtype=T.IQ4_NL):
     # Its dequant kernel reads 2-byte words at 95% of the copy bandwidth, and its fused kernel ran
     # 0.88-0.96x of dequant + cuBLAS on every shape the fused rule picks: it takes the dequant path.
     tile, fused, table, align, encoder = Tile(2, 64, 2), False, True, 2, encode.iq4_nl
+    weighting = encode.Weighting(span=32, factor=2.0)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -312,6 +333,7 @@ class IQ4_NL(BlockFormat, qtype=T.IQ4_NL):
 class IQ4_XS(BlockFormat, qtype=T.IQ4_XS):
     # The kernels read d and the scales as one 8-byte load.
     tile, fused, table, align, encoder = Tile(16, 8, 2), True, True, 8, encode.iq4_xs
+    weighting = encode.Weighting(span=QK_K, factor=2.0)
 
     @classmethod
     def dequantize_blocks(cls, blocks):

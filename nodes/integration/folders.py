@@ -7,6 +7,8 @@ other loader sees.
 
 from __future__ import annotations
 
+import os
+
 import folder_paths
 
 from .compat import core_folders
@@ -19,9 +21,18 @@ GGUF_FOLDERS = {
 }
 
 
+# Importance matrices (llama.cpp's imatrix .gguf files) live in a folder of their own: beside the
+# diffusion models the GGUF loader would list them as models.
+IMATRIX = "imatrix"
+
+
 def register() -> None:
     for key, (core, extensions) in GGUF_FOLDERS.items():
         folder_paths.folder_names_and_paths[key] = (core_folders(core), extensions)
+    if IMATRIX not in folder_paths.folder_names_and_paths:  # extra_model_paths.yaml may have added it
+        folder_paths.folder_names_and_paths[IMATRIX] = ([os.path.join(folder_paths.models_dir, IMATRIX)], {".gguf"})
+    else:
+        folder_paths.folder_names_and_paths[IMATRIX][1].add(".gguf")
 
 
 def listing_key(folder: str) -> str:

@@ -1,0 +1,77 @@
+"""The nodes collecting an importance matrix while a MODEL samples and saving it for the GGUF saver
+(and ``python -m loaders.convert --imatrix``)."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..loaders.convert.imatrix import ImportanceCollector
+from ..loaders.gguf.errors import GGUFError
+from .integration.folders import IMATRIX
+from .integration.importance import collecting
+
+Importance = io.Custom("QWEN_GGUF_IMPORTANCE")
+CATEGORY = "advanced/model_merging/qwen-image gguf"
+
+
+class CollectImportance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QwenImageGGUFCollectImportance",
+            display_name="Collect Importance Matrix (GGUF)",
+            category=CATEGORY,
+            description="Sample with the MODEL this outputs (any sampler, a few prompts) and every Linear layer's "
+                        "input activations are summed into an importance matrix. Save it with 'Save Importance "
+                        "Matrix (GGUF)' and pick it in 'Save model as GGUF': the quantizers then favour the "
+                        "weights that meet large activations (llama.cpp's --imatrix). Queueing more prompts adds "
+                        "to the same matrix.",
+            inputs=[io.Model.Input("model")],
+            outputs=[io.Model.Output(display_name="model"), Importance.Output(display_name="importance")],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        collector = ImportanceCollector()
+        return io.NodeOutput(collecting(model, collector), collector)
+
+
+class SaveImportance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QwenImageGGUFSaveImportance",
+            display_name="Save Importance Matrix (GGUF)",
+            category=CATEGORY,
+            description="Saves what 'Collect Importance Matrix (GGUF)' gathered as models/imatrix/NAME.imatrix.gguf "
+                        "(llama.cpp's format). Connect the sampler's LATENT so it saves after sampling.",
+            inputs=[
+                Importance.Input("importance"),
+                io.Latent.Input("samples", tooltip="The sampler's output: the matrix is saved once it has run."),
+                io.String.Input("filename", default="qwen-image",
+                                tooltip="The file's name in models/imatrix; .imatrix.gguf is added."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace a file of the same name this matrix did not write. A file it "
+                                         "wrote itself is always updated as more prompts are queued."),
+            ],
+            outputs=[io.String.Output(display_name="file")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, importance: ImportanceCollector, samples, filename: str, overwrite: bool = False) -> io.NodeOutput:
+        name = os.path.basename(filename.strip()).removesuffix(".gguf").removesuffix(".imatrix")
+        if not name:
+            raise ValueError("the file name is empty")
+        folder = folder_paths.get_folder_paths(IMATRIX)[0]
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{name}.imatrix.gguf")
+        if os.path.exists(path) and not overwrite and path not in importance.saved:
+            raise GGUFError(path, "already exists; choose another name or allow overwriting")
+        weights = importance.save(path, ["ComfyUI prompts"])
+        importance.saved.add(path)
+        text = f"{os.path.basename(path)}: {weights} weights, {importance.calls} model calls"
+        return io.NodeOutput(os.path.basename(path), ui={"text": [text]})
