@@ -68,7 +68,7 @@ def run(cfg):
         sample(collecting, cfg["collect_size"], cfg["collect_steps"], 100 + seed)
     collect_s = time.perf_counter() - start
     imatrix = os.path.join(cfg["work"], "random.imatrix.gguf")
-    collector.save(imatrix, ["random conditioning"])
+    collector.save(imatrix, "random conditioning")
     del collecting
     held_out = [1000 + i for i in range(cfg["held_out"])]
     reference = {seed: sample(native, cfg["size"], cfg["steps"], seed) for seed in held_out}

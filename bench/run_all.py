@@ -52,6 +52,8 @@ def runs(quick: bool) -> list[tuple[str, list[str]]]:
         ("open_gguf", ["open_gguf.py"]),
         ("layer_host", ["layer_host.py"]),
         ("load_time", ["load_time.py"]),
+        ("quantize", ["quantize.py", "--sample", "1"]),
+        ("imatrix", ["imatrix.py", "--prompts", "3", "--collect-steps", "4", "--held-out", "2", "--steps", "8"]),
         ("sizes", ["qwen_step.py", "--steps", "3", "--sizes", "512,1024,1328,2048", "--low-vram", "",
                    "--models", "native bf16;ours, on the fly;ours, cached;ours, fp8 compute;ours, fp8 on the fly"]),
         ("presets", ["presets.py", "--images", "3", *(arg for r in preset_runs for arg in ("--runs", r))]),

@@ -9,7 +9,6 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..loaders.convert.imatrix import ImportanceCollector
-from ..loaders.gguf.errors import GGUFError
 from .integration.folders import IMATRIX
 from .integration.importance import collecting
 
@@ -46,32 +45,31 @@ class SaveImportance(io.ComfyNode):
             node_id="QwenImageGGUFSaveImportance",
             display_name="Save Importance Matrix (GGUF)",
             category=CATEGORY,
-            description="Saves what 'Collect Importance Matrix (GGUF)' gathered as models/imatrix/NAME.imatrix.gguf "
-                        "(llama.cpp's format). Connect the sampler's LATENT so it saves after sampling.",
+            description="Saves what 'Collect Importance Matrix (GGUF)' gathered into models/imatrix/NAME.imatrix.gguf "
+                        "(llama.cpp's format), added to what the file already holds: queue prompts one after "
+                        "another, across restarts too, and the file gathers them all. Connect the sampler's "
+                        "LATENT so it saves after sampling.",
             inputs=[
                 Importance.Input("importance"),
                 io.Latent.Input("samples", tooltip="The sampler's output: the matrix is saved once it has run."),
                 io.String.Input("filename", default="qwen-image",
                                 tooltip="The file's name in models/imatrix; .imatrix.gguf is added."),
-                io.Boolean.Input("overwrite", default=False,
-                                 tooltip="Replace a file of the same name this matrix did not write. A file it "
-                                         "wrote itself is always updated as more prompts are queued."),
+                io.Boolean.Input("replace", default=False,
+                                 tooltip="Start the file afresh from this collection instead of adding to what it "
+                                         "holds (needed when it holds another model's matrix)."),
             ],
             outputs=[io.String.Output(display_name="file")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, importance: ImportanceCollector, samples, filename: str, overwrite: bool = False) -> io.NodeOutput:
+    def execute(cls, importance: ImportanceCollector, samples, filename: str, replace: bool = False) -> io.NodeOutput:
         name = os.path.basename(filename.strip()).removesuffix(".gguf").removesuffix(".imatrix")
         if not name:
             raise ValueError("the file name is empty")
         folder = folder_paths.get_folder_paths(IMATRIX)[0]
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{name}.imatrix.gguf")
-        if os.path.exists(path) and not overwrite and path not in importance.saved:
-            raise GGUFError(path, "already exists; choose another name or allow overwriting")
-        weights = importance.save(path, ["ComfyUI prompts"])
-        importance.saved.add(path)
-        text = f"{os.path.basename(path)}: {weights} weights, {importance.calls} model calls"
+        saved = importance.save(path, "ComfyUI prompts", replace)
+        text = f"{os.path.basename(path)}: {len(saved.sums)} weights, {saved.calls} model calls in all"
         return io.NodeOutput(os.path.basename(path), ui={"text": [text]})

@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as T, GGUFReader, quants
 from safetensors.torch import load_file, save_file
 
-from comfy_env import requires_comfyui, run_prompts
+from comfy_env import PACKAGE_NAME, REPO, requires_comfyui, run_prompts, run_script
 from test_convert import expected
 from test_comfy_unet import assert_close, gguf_loader, native_loader, sampling_graph, short_error
 from tiny_models import (LORA_TARGETS, QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights,
@@ -168,3 +168,10 @@ def test_comfyuis_fp8_model_is_saved_as_it_holds_its_weights(saved):
         want = quants.dequantize(encode(merged, T.Q8_0), T.Q8_0).reshape(merged.shape)
         step = np.abs(merged).max() / 127
         assert np.abs(files["native-fp8-lora"][key] - want).max() <= step, key
+
+
+def test_the_saver_writes_to_diffusion_models_not_comfyuis_legacy_unet_folder(tmp_path):
+    # ComfyUI lists models/unet first by default; a folder a user put first is theirs to keep.
+    r = run_script(tmp_path, tmp_path / "models", REPO / "tests" / "comfy_scripts" / "save_folder.py",
+                   package=PACKAGE_NAME)
+    assert r["default"] == r["modern"] and r["user"] == "/data/my-models"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from comfy_env import requires_comfyui, run_prompts
 from test_comfy_unet import gguf_loader, native_loader, sampling_graph, short_error
 from tiny_models import QWEN_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model
-from loaders.convert.imatrix import read_importance
+from loaders.convert.imatrix import read_importance, read_sums
 from loaders.quant.formats import FORMATS
 
 pytestmark = requires_comfyui
@@ -25,7 +25,7 @@ def collected(loader: dict, latent: str, name: str) -> dict:
     graph = sampling_graph(loader, latent, 256, patches=(COLLECT,))
     graph["imsave"] = {"class_type": "QwenImageGGUFSaveImportance",
                        "inputs": {"importance": ["patch0", 1], "samples": ["sampler", 0], "filename": name,
-                                  "overwrite": False}}
+                                  "replace": False}}
     return graph
 
 
@@ -52,12 +52,17 @@ def runs(tmp_path_factory):
     ])
     for result in first:
         assert result["success"], short_error(result["error"])
-    # A new process: the saver's list of matrices is read when ComfyUI describes its nodes.
-    second = run_prompts(work, root, [save("weighted", "ours.imatrix.gguf"), save("plain", None)])
+    after_first = read_sums(root / "imatrix" / "ours.imatrix.gguf")
+    # A new process: the saver's list of matrices is read when ComfyUI describes its nodes; a new
+    # collector saving under the same name adds to the file (the same prompt again: the same means).
+    second = run_prompts(work, root, [save("weighted", "ours.imatrix.gguf"), save("plain", None),
+                                      collected(gguf_loader("qwen-tiny-Q4_K_M.gguf"), str(work / "again.safetensors"),
+                                                "ours")])
     for result in second:
         assert result["success"], short_error(result["error"])
     dm = root / "diffusion_models"
-    return {"ours": read_importance(root / "imatrix" / "ours.imatrix.gguf"),
+    return {"ours": read_importance(root / "imatrix" / "ours.imatrix.gguf"), "after_first": after_first,
+            "after_second": read_sums(root / "imatrix" / "ours.imatrix.gguf"),
             "native": read_importance(root / "imatrix" / "native.imatrix.gguf"),
             "model": {t.name: t for t in GGUFReader(str(dm / "qwen-tiny-Q4_K_M.gguf")).tensors},
             "weighted": {t.name: t for t in GGUFReader(str(dm / "weighted-Q4_K_S.gguf")).tensors},
@@ -92,3 +97,10 @@ def test_the_saver_quantizes_with_the_matrix_at_the_same_size(runs):
     assert len(differ) > len(searched) // 2, (len(differ), len(searched))
     unweighted = [n for n, t in weighted.items() if n not in searched]
     assert all(np.array_equal(np.asarray(weighted[n].data), np.asarray(plain[n].data)) for n in unweighted)
+
+
+def test_a_new_collector_adds_to_the_file_of_its_name(runs):
+    first, second = runs["after_first"], runs["after_second"]
+    assert first.calls > 0 and second.calls == 2 * first.calls
+    assert all(second.counts[n] == 2 * first.counts[n] for n in first.counts)
+

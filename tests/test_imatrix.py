@@ -47,7 +47,7 @@ def test_collected_sums_are_saved_and_read_back_as_mean_squares(tmp_path):
     collector.add("blocks.1.w.weight", torch.from_numpy(c))
     collector.calls = 2
     path = tmp_path / "m.imatrix.gguf"
-    assert collector.save(path, ["prompts.txt"]) == 2
+    assert len(collector.save(path, "prompts.txt").sums) == 2
     got = read_importance(path)
     rows = np.concatenate([a.reshape(-1, 16), b])
     np.testing.assert_allclose(got["blocks.0.w.weight"], (rows.astype(np.float64) ** 2).mean(0), rtol=1e-5)
@@ -62,10 +62,41 @@ def test_collected_sums_are_saved_and_read_back_as_mean_squares(tmp_path):
 def test_a_collector_refuses_inputs_of_another_width_and_an_empty_save(tmp_path):
     collector = ImportanceCollector()
     with pytest.raises(GGUFError, match="no activations"):
-        collector.save(tmp_path / "e.gguf", [])
+        collector.save(tmp_path / "e.gguf", "none")
     collector.add("w", torch.ones(2, 8))
     with pytest.raises(ValueError, match="4 channels after 8"):
         collector.add("w", torch.ones(2, 4))
+
+
+def test_saving_adds_to_the_file_once_per_collector_unless_replacing(tmp_path):
+    rng = np.random.default_rng(4)
+    a, b, c = (rng.standard_normal((n, 8)).astype(np.float32) for n in (3, 5, 7))
+    path = tmp_path / "m.imatrix.gguf"
+    first = ImportanceCollector()
+    first.add("w", torch.from_numpy(a))
+    first.calls = 1
+    first.save(path, "one")
+    first.add("w", torch.from_numpy(b))  # more prompts through the same collector: saved again, not twice
+    first.calls = 2
+    first.save(path, "one")
+    second = ImportanceCollector()  # a new collector (a restart, a collector ComfyUI let go of)
+    second.add("w", torch.from_numpy(c))
+    second.add("v", torch.from_numpy(a[:, :4]))
+    second.calls = 1
+    saved = second.save(path, "two")
+    assert saved.calls == 3 and saved.datasets == ["one", "two"]
+    rows = np.concatenate([a, b, c]).astype(np.float64)
+    np.testing.assert_allclose(read_importance(path)["w"], (rows ** 2).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(read_importance(path)["v"], (a[:, :4].astype(np.float64) ** 2).mean(0), rtol=1e-5)
+    fresh = ImportanceCollector()
+    fresh.add("w", torch.from_numpy(c))
+    assert fresh.save(path, "three", replace=True).calls == 0
+    assert list(read_importance(path)) == ["w"]
+    np.testing.assert_allclose(read_importance(path)["w"], (c.astype(np.float64) ** 2).mean(0), rtol=1e-5)
+    other = ImportanceCollector()
+    other.add("w", torch.ones(2, 16))
+    with pytest.raises(GGUFError, match="m.imatrix.gguf: holds w with 8 channels where this model's has 16"):
+        other.save(path, "four")
 
 
 def test_llama_cpps_imatrix_layout_is_read_and_others_are_refused(tmp_path):
@@ -87,6 +118,10 @@ def test_llama_cpps_imatrix_layout_is_read_and_others_are_refused(tmp_path):
     llama_cpp_imatrix(negative, {"blk.0.attn_q.weight": (-sums, 4.0)})
     with pytest.raises(GGUFError, match="negative.gguf: blk.0.attn_q.weight holds negative or non-finite"):
         read_importance(negative)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(GGUFError, match="empty.gguf: is empty"):
+        read_importance(empty)
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(path.read_bytes()[:100])
     with pytest.raises(GGUFError, match="cut.gguf: is damaged"):
@@ -139,7 +174,8 @@ def test_an_importance_matrix_of_another_model_is_refused(tmp_path):
     assert not list(tmp_path.glob("*.gguf.part")) and not (tmp_path / "n.gguf").exists()
 
 
-@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.IQ4_XS])
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL,
+                                   T.IQ4_XS])
 def test_an_importance_matrix_lowers_the_error_of_the_layers_output(qtype):
     # What the matrix is for: the error of W x on the activations it was collected from, not of W.
     rng = np.random.default_rng(2)

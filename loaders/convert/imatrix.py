@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +22,16 @@ from ..gguf.errors import GGUFError
 SUMS, COUNTS = ".in_sum2", ".counts"
 
 
+@dataclass
+class Sums:
+    """What an imatrix file holds: per weight the sums of squares and how many rows were summed, the
+    model calls (``imatrix.chunk_count``) and the datasets named."""
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+    calls: int = 0
+    datasets: list[str] = field(default_factory=list)
+
+
 class ImportanceCollector:
     """Sums of squared activations per input channel of the weights it is shown inputs of, kept in
     float32 on the inputs' device (as llama.cpp keeps them)."""
@@ -29,7 +40,8 @@ class ImportanceCollector:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.calls = 0
-        self.saved: set[str] = set()  # the files it wrote (which it may update)
+        # Per file it saved to, what the file held before (added to at every save, never twice).
+        self._bases: dict[str, Sums] = {}
 
     def add(self, name: str, x: torch.Tensor) -> None:
         """Count ``x`` (any leading shape, channels last) as inputs of the weight ``name``."""
@@ -43,43 +55,65 @@ class ImportanceCollector:
         else:
             self.sums[name], self.counts[name] = square, rows.shape[0]
 
-    def save(self, path: str | os.PathLike, datasets: list[str]) -> int:
-        """Write the sums as llama.cpp's GGUF imatrix (under a temporary name, renamed when complete);
-        returns the number of weights."""
+    def save(self, path: str | os.PathLike, dataset: str, replace: bool = False) -> Sums:
+        """Write the sums as llama.cpp's GGUF imatrix (under a temporary name, renamed when complete),
+        added to what an existing file at ``path`` held when this collector first saved there (as
+        llama-imatrix's --in-file adds), unless ``replace``; returns what was written."""
         if not self.sums:
             raise GGUFError(path, "no activations were collected: run a sampler on the collector's MODEL first")
         path = os.fspath(path)
-        temporary = path + ".part"
-        writer = GGUFWriter(temporary, arch="imatrix")
-        writer.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry none
-        try:
-            writer.add_type("imatrix")
-            writer.add_array("imatrix.datasets", datasets or ["prompts"])
-            writer.add_uint32("imatrix.chunk_count", self.calls)
-            writer.add_uint32("imatrix.chunk_size", 1)
-            for name in sorted(self.sums):
-                writer.add_tensor(name + SUMS, self.sums[name].cpu().numpy().reshape(1, -1))
-                writer.add_tensor(name + COUNTS, np.array([[self.counts[name]]], dtype=np.float32))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-        return len(self.sums)
+        key = os.path.abspath(path)
+        if key not in self._bases:
+            self._bases[key] = read_sums(path) if os.path.exists(path) and not replace else Sums()
+        base = self._bases[key]
+        total = Sums(dict(base.sums), dict(base.counts), base.calls + self.calls,
+                     base.datasets + [dataset] * (dataset not in base.datasets))
+        for name, sums in self.sums.items():
+            mine = sums.cpu().numpy()
+            if name in total.sums:
+                if total.sums[name].shape != mine.shape:
+                    raise GGUFError(path, f"holds {name} with {total.sums[name].shape[0]} channels where this model's "
+                                          f"has {mine.shape[0]}: it was collected from another model; choose "
+                                          "another name or replace it")
+                mine = total.sums[name] + mine
+            total.sums[name] = mine
+            total.counts[name] = total.counts.get(name, 0.0) + self.counts[name]
+        _write(path, total)
+        return total
 
 
-def read_importance(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Each weight's importance (``in_sum2 / counts``: one value per input channel) from a GGUF
-    imatrix file; weights never reached (count 0) are left out."""
+def _write(path: str, data: Sums) -> None:
+    temporary = path + ".part"
+    writer = GGUFWriter(temporary, arch="imatrix")
+    writer.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry none
+    try:
+        writer.add_type("imatrix")
+        writer.add_array("imatrix.datasets", data.datasets)
+        writer.add_uint32("imatrix.chunk_count", data.calls)
+        writer.add_uint32("imatrix.chunk_size", 1)
+        for name in sorted(data.sums):
+            writer.add_tensor(name + SUMS, data.sums[name].astype(np.float32).reshape(1, -1))
+            writer.add_tensor(name + COUNTS, np.array([[data.counts[name]]], dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def read_sums(path: str | os.PathLike) -> Sums:
+    """The sums and counts of a GGUF imatrix file, checked."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
         raise GGUFError(path, f"cannot be read ({e.strerror or e})") from None
+    if len(magic) < 4:
+        raise GGUFError(path, "is empty")
     if magic != b"GGUF":
         raise GGUFError(path, "is not a GGUF imatrix (llama.cpp's legacy .dat format is not read: convert it with "
                               "llama-imatrix --in-file FILE -o FILE.gguf)")
@@ -87,11 +121,11 @@ def read_importance(path: str | os.PathLike) -> dict[str, np.ndarray]:
         reader = GGUFReader(path)
     except (ValueError, OSError) as e:
         raise GGUFError(path, f"is damaged ({e})") from None
-    field = reader.get_field("general.type")
-    if field is None or field.contents() != "imatrix":
+    field_ = reader.get_field("general.type")
+    if field_ is None or field_.contents() != "imatrix":
         raise GGUFError(path, "is a GGUF file but not an importance matrix (general.type is not \"imatrix\")")
     tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
-    out = {}
+    data = Sums()
     for key, sums in tensors.items():
         if not key.endswith(SUMS):
             continue
@@ -102,10 +136,21 @@ def read_importance(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if counts.size != 1:  # one count per expert matrix: no model we convert has experts
             raise GGUFError(path, f"{name} holds {counts.size} matrices; only single-matrix weights are supported")
         count = float(counts.reshape(-1)[0])
-        if not (np.isfinite(sums).all() and (sums >= 0).all() and np.isfinite(count)):
+        if not (np.isfinite(sums).all() and (sums >= 0).all() and np.isfinite(count) and count >= 0):
             raise GGUFError(path, f"{name} holds negative or non-finite sums of squares: the file is damaged")
-        if count > 0:
-            out[name] = sums.reshape(-1) / np.float32(count)
+        data.sums[name], data.counts[name] = sums.reshape(-1), count
+    if (calls := reader.get_field("imatrix.chunk_count")) is not None:
+        data.calls = int(calls.contents())
+    if (datasets := reader.get_field("imatrix.datasets")) is not None:
+        data.datasets = list(datasets.contents())
+    return data
+
+
+def read_importance(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Each weight's importance (``in_sum2 / counts``: one value per input channel) from a GGUF
+    imatrix file; weights never reached (count 0) are left out."""
+    data = read_sums(path)
+    out = {name: sums / np.float32(data.counts[name]) for name, sums in data.sums.items() if data.counts[name] > 0}
     if not out:
         raise GGUFError(path, "holds no collected weights")
     return out

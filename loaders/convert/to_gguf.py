@@ -177,9 +177,13 @@ def _importance(path: str | os.PathLike, tensors: list[Planned]) -> dict[str, np
     has none of them (a matrix of another model)."""
     importance = read_importance(path)
     quantized = [p for p in tensors if p.qtype in FORMATS and FORMATS[p.qtype].weighting is not None]
+    if not quantized:
+        log.warning("%s: no tensor of this type searches for its codes; the importance matrix is not used",
+                    os.path.basename(path))
+        return {}
     found = {p.name: v for p in quantized
              if (v := importance_for(importance, p.name, p.shape[-1], os.fspath(path))) is not None}
-    if quantized and not found:
+    if not found:
         raise GGUFError(path, f"has none of the {len(quantized)} weights to quantize (its first: "
                               f"{next(iter(importance))}; the model's: {quantized[0].name}): it was collected "
                               "from another model")
