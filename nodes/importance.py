@@ -26,8 +26,8 @@ class CollectImportance(io.ComfyNode):
             description="Sample with the MODEL this outputs (any sampler, a few prompts) and every Linear layer's "
                         "input activations are summed into an importance matrix. Save it with 'Save Importance "
                         "Matrix (GGUF)' and pick it in 'Save model as GGUF': the quantizers then favour the "
-                        "weights that meet large activations (llama.cpp's --imatrix). Queueing more prompts adds "
-                        "to the same matrix.",
+                        "weights that meet large activations (llama.cpp's --imatrix). Each save adds to the file "
+                        "of its name, so prompts queued one after another gather in one file.",
             inputs=[io.Model.Input("model")],
             outputs=[io.Model.Output(display_name="model"), Importance.Output(display_name="importance")],
         )
