@@ -41,7 +41,7 @@ class SaveGGUF(io.ComfyNode):
                                default=NO_MATRIX, optional=True,
                                tooltip="An importance matrix from models/imatrix ('Collect Importance Matrix "
                                        "(GGUF)' makes one): the quantizers favour the weights that meet large "
-                                       "activations. The file's size is the same."),
+                                       "activations, in the same types and sizes."),
             ],
             outputs=[io.String.Output(display_name="file")],
             is_output_node=True,

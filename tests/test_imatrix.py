@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T, GGUFReader, GGUFWriter, quants
+from gguf import GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWriter, quants
 
 from comfy_env import REPO
 from llama_cpp_ref import quantize_ref
@@ -156,7 +156,16 @@ def test_a_model_converted_with_an_importance_matrix_has_llama_cpps_weighted_byt
         assert np.array_equal(np.asarray(stored[name].data).reshape(want.shape), want), name
         weighted += use is not None
     assert weighted >= 10 and out.types == plain.types
-    assert out.nbytes == plain.nbytes  # the same types: the same size, only better chosen codes
+    # What llama-quantize records of the matrix it used, with the same keys and types.
+    fields = GGUFReader(out.path).fields
+    assert fields["quantize.imatrix.file"].contents() == "q.imatrix.gguf"
+    assert fields["quantize.imatrix.dataset"].contents() == "calibration.txt"
+    assert fields["quantize.imatrix.entries_count"].contents() == len(importance) - 1
+    assert fields["quantize.imatrix.chunks_count"].contents() == 10
+    assert fields["quantize.imatrix.chunks_count"].types == [GGUFValueType.UINT32]
+    assert not any(k.startswith("quantize.") for k in GGUFReader(plain.path).fields)
+    # The same types: the same tensor bytes, only better chosen codes (the header grows by the record).
+    assert sum(int(t.n_bytes) for t in stored.values()) == sum(int(t.n_bytes) for t in GGUFReader(plain.path).tensors)
 
 
 def test_an_importance_matrix_of_another_model_is_refused(tmp_path):

@@ -149,11 +149,22 @@ def read_sums(path: str | os.PathLike) -> Sums:
 def read_importance(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Each weight's importance (``in_sum2 / counts``: one value per input channel) from a GGUF
     imatrix file; weights never reached (count 0) are left out."""
-    data = read_sums(path)
+    return means(read_sums(path), path)
+
+
+def means(data: Sums, path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The importance of each weight of ``data`` (read from ``path``) that was reached."""
     out = {name: sums / np.float32(data.counts[name]) for name, sums in data.sums.items() if data.counts[name] > 0}
     if not out:
         raise GGUFError(path, "holds no collected weights")
     return out
+
+
+def provenance(data: Sums, path: str | os.PathLike, entries: int) -> dict[str, str | int]:
+    """The metadata llama-quantize writes into a file quantized with an importance matrix."""
+    return {"quantize.imatrix.file": os.path.basename(os.fspath(path)),
+            **({"quantize.imatrix.dataset": data.datasets[0]} if data.datasets else {}),
+            "quantize.imatrix.entries_count": entries, "quantize.imatrix.chunks_count": data.calls}
 
 
 def importance_for(importance: Mapping[str, np.ndarray], name: str, row: int, path: str) -> np.ndarray | None:

@@ -24,7 +24,7 @@ from ..gguf.errors import GGUFError
 from ..gguf.writer import Planned, encode, stored_shape, write_tensors
 from ..quant.formats import FORMATS
 from .checkpoint import Checkpoint
-from .imatrix import importance_for, read_importance
+from .imatrix import importance_for, means, provenance, read_sums
 from .recipes import IMAGE_ARCHS, LEVELS, Level, float_recipe, image_recipe, llm_recipe
 
 log = logging.getLogger("qwen_image_gguf.convert")
@@ -131,7 +131,7 @@ def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: 
         raise GGUFError(output, f"its folder {folder} does not exist")
     metadata = {"general.file_type": int(level_.file_type), "general.quantization_version": 2, **ckpt.metadata}
     tensors = plan(ckpt, level_, metadata)
-    weighted = _importance(imatrix, tensors) if imatrix is not None else {}
+    weighted = _importance(imatrix, tensors, metadata) if imatrix is not None else {}
     total = sum(p.nbytes for p in tensors)
     free = shutil.disk_usage(folder).free
     if total + HEADER_ROOM > free:
@@ -172,10 +172,11 @@ def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: 
     return result
 
 
-def _importance(path: str | os.PathLike, tensors: list[Planned]) -> dict[str, np.ndarray]:
+def _importance(path: str | os.PathLike, tensors: list[Planned], metadata: dict) -> dict[str, np.ndarray]:
     """The importance of each planned block-type tensor the matrix at ``path`` has, refused where it
-    has none of them (a matrix of another model)."""
-    importance = read_importance(path)
+    has none of them (a matrix of another model); ``metadata`` gets llama-quantize's record of it."""
+    data = read_sums(path)
+    importance = means(data, path)
     quantized = [p for p in tensors if p.qtype in FORMATS and FORMATS[p.qtype].weighting is not None]
     if not quantized:
         log.warning("%s: no tensor of this type searches for its codes; the importance matrix is not used",
@@ -188,6 +189,7 @@ def _importance(path: str | os.PathLike, tensors: list[Planned]) -> dict[str, np
                               f"{next(iter(importance))}; the model's: {quantized[0].name}): it was collected "
                               "from another model")
     log.info("%s: importance for %d of %d quantized tensors", os.path.basename(path), len(found), len(quantized))
+    metadata.update(provenance(data, path, len(importance)))
     return found
 
 
