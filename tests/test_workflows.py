@@ -553,7 +553,24 @@ def test_the_save_node_can_be_placed_from_the_front_end(browser):
         " title: n.title}; window.app.graph.remove(n); return out")
     assert found["title"] == "Save model as GGUF (Qwen-Image / Z-Image)", found
     assert found["inputs"] == ["MODEL"], found
-    assert found["widgets"] == [["type", "Q4_K_M"], ["filename", "qwen-image-custom"], ["overwrite", False]], found
+    assert found["widgets"] == [["type", "Q4_K_M"], ["filename", "qwen-image-custom"], ["overwrite", False],
+                                ["importance_matrix", "none"]], found
+    assert not visible_dialogs(browser), visible_dialogs(browser)
+
+
+def test_the_importance_matrix_nodes_can_be_placed_and_linked_from_the_front_end(browser):
+    # The collector's matrix output links to the saver's input: their custom type matches in the page.
+    found = browser.execute_script(
+        "const c = LiteGraph.createNode('QwenImageGGUFCollectImportance'); window.app.graph.add(c);"
+        "const s = LiteGraph.createNode('QwenImageGGUFSaveImportance'); window.app.graph.add(s);"
+        "const link = c.connect(1, s, 0);"
+        "const out = {collect: [c.title, c.inputs.map(i => i.type), c.outputs.map(o => o.type)],"
+        " save: [s.title, s.inputs.filter(i => !i.widget).map(i => i.type), s.widgets.map(w => [w.name, w.value])],"
+        " linked: !!link}; window.app.graph.remove(c); window.app.graph.remove(s); return out")
+    assert found["collect"] == ["Collect Importance Matrix (GGUF)", ["MODEL"], ["MODEL", "QWEN_GGUF_IMPORTANCE"]], found
+    assert found["save"] == ["Save Importance Matrix (GGUF)", ["QWEN_GGUF_IMPORTANCE", "LATENT"],
+                             [["filename", "qwen-image"], ["replace", False]]], found
+    assert found["linked"], found
     assert not visible_dialogs(browser), visible_dialogs(browser)
 
 
