@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..loaders.convert.recipes import LEVELS
 from ..loaders.convert.to_gguf import convert
 from .integration.export import model_checkpoint
-from .integration.folders import IMATRIX
+from .integration.folders import IMATRIX, output_folder
 
 NO_MATRIX = "none"
 
@@ -66,11 +66,3 @@ def output_path(filename: str, level: str) -> str:
         raise ValueError("the file name is empty")
     return os.path.join(output_folder(), f"{name}-{level}.gguf")
 
-
-def output_folder() -> str:
-    """The first diffusion_models folder, except ComfyUI's legacy models/unet, which it lists first
-    by default: files go to models/diffusion_models as the node says."""
-    folders = folder_paths.get_folder_paths("diffusion_models")
-    legacy = os.path.join(folder_paths.models_dir, "unet")
-    modern = os.path.join(folder_paths.models_dir, "diffusion_models")
-    return modern if os.path.normpath(folders[0]) == os.path.normpath(legacy) and modern in folders else folders[0]

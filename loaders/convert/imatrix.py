@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType as T, GGUFReader
 
 from ..gguf.errors import GGUFError
+from ..gguf.writer import write_encoded
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 
@@ -84,20 +85,15 @@ class ImportanceCollector:
 
 def _write(path: str, data: Sums) -> None:
     temporary = path + ".part"
-    writer = GGUFWriter(temporary, arch="imatrix")
-    writer.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry none
+    metadata = {"general.type": "imatrix", "imatrix.datasets": data.datasets, "imatrix.chunk_count": data.calls,
+                "imatrix.chunk_size": 1}
+    tensors = {}
+    for name in sorted(data.sums):
+        tensors[name + SUMS] = (data.sums[name].astype(np.float32).reshape(1, -1), T.F32)
+        tensors[name + COUNTS] = (np.array([[data.counts[name]]], dtype=np.float32), T.F32)
     try:
-        writer.add_type("imatrix")
-        writer.add_array("imatrix.datasets", data.datasets)
-        writer.add_uint32("imatrix.chunk_count", data.calls)
-        writer.add_uint32("imatrix.chunk_size", 1)
-        for name in sorted(data.sums):
-            writer.add_tensor(name + SUMS, data.sums[name].astype(np.float32).reshape(1, -1))
-            writer.add_tensor(name + COUNTS, np.array([[data.counts[name]]], dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        # No architecture key: llama.cpp's imatrix files carry none.
+        write_encoded(temporary, tensors, None, metadata)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -40,3 +40,13 @@ def listing_key(folder: str) -> str:
     have one (it lists .gguf files too), else the core key (LoRAs)."""
     key = f"{folder}_gguf"
     return key if key in GGUF_FOLDERS else folder
+
+
+def output_folder() -> str:
+    """Where saved diffusion models go: the first diffusion_models folder, except ComfyUI's legacy
+    models/unet, which it lists first by default (files go to models/diffusion_models, as the saver
+    says)."""
+    folders = folder_paths.get_folder_paths("diffusion_models")
+    legacy = os.path.join(folder_paths.models_dir, "unet")
+    modern = os.path.join(folder_paths.models_dir, "diffusion_models")
+    return modern if os.path.normpath(folders[0]) == os.path.normpath(legacy) and modern in folders else folders[0]

@@ -7,11 +7,11 @@ from script_helpers import loaded_module
 
 
 def run(cfg):
-    save_gguf = loaded_module(cfg, cfg["package"]).nodes.save_gguf
+    folders = loaded_module(cfg, cfg["package"]).nodes.integration.folders
     models = folder_paths.models_dir
     unet, modern = os.path.join(models, "unet"), os.path.join(models, "diffusion_models")
     extensions = folder_paths.folder_names_and_paths["diffusion_models"][1]
     folder_paths.folder_names_and_paths["diffusion_models"] = ([unet, modern], extensions)
-    default = save_gguf.output_folder()
+    default = folders.output_folder()
     folder_paths.folder_names_and_paths["diffusion_models"] = (["/data/my-models", unet, modern], extensions)
-    return {"default": default, "modern": modern, "user": save_gguf.output_folder()}
+    return {"default": default, "modern": modern, "user": folders.output_folder()}
