@@ -148,6 +148,10 @@ def test_greedy_generation_matches_transformers(models, tmp_path, gguf):
                    gguf=str(models / "text_encoders" / gguf), prompt=CHAT, max_length=12)
     assert r["prompt_ids"][0] == 151644, "the chat text is taken as it is (no template around it)"
     assert r["stop_tokens"] == [151643, 151645]
+    # A model with its own output head keeps its quantized token table on the CPU when it is moved
+    # (it only serves lookups); a tied one moves it with the layers (it is the output head too).
+    assert r["layer_after_move"] == "meta"
+    assert (r["table_parameter"], r["table_after_move"]) == ((True, "meta") if "Qwen3" in gguf else (False, "cpu"))
     te = open_text_encoder(str(models / "text_encoders" / gguf))
     c = te.config
     qwen3 = te.family == "qwen3"

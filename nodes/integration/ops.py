@@ -184,9 +184,11 @@ def tied_logits(embedding: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight.to(x.dtype))
 
 
-def file_ops(load_device: torch.device, compute_dtype: torch.dtype, fp8_rows: bool = False) -> type:
+def file_ops(load_device: torch.device, compute_dtype: torch.dtype, fp8_rows: bool = False,
+             table_on_host: bool = False) -> type:
     """The operations class for one model: GGUFOps with its layers' plans bound for ``load_device``
-    (its Linear layers' for fp8 on the fly where ``fp8_rows``)."""
+    (its Linear layers' for fp8 on the fly where ``fp8_rows``; its quantized token tables kept on the
+    CPU where ``table_on_host``)."""
     class Ops(GGUFOps):
         class Linear(GGUFOps.Linear):
             pass
@@ -196,6 +198,7 @@ def file_ops(load_device: torch.device, compute_dtype: torch.dtype, fp8_rows: bo
     for cls in (Ops.Linear, Ops.Embedding):
         cls.load_device, cls.compute_dtype = torch.device(load_device), compute_dtype
     Ops.Linear.fp8_rows = fp8_rows
+    Ops.Embedding.on_host = table_on_host
     return Ops
 
 
@@ -256,6 +259,16 @@ class GGUFOps(comfy.ops.manual_cast):
             self.padding_idx, self.max_norm, self.norm_type = padding_idx, max_norm, norm_type
             self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
             self.weight, self.bias = None, None
+
+        # Set per model by ``file_ops``: a quantized table stays where the file's tensors are (not a
+        # parameter, so ComfyUI's loaders do not move it). A language model with its own output head
+        # reads only a prompt's rows of it, which the CPU gathers and dequantizes in microseconds.
+        on_host = False
+
+        def _load_from_state_dict(self, *args) -> None:
+            super()._load_from_state_dict(*args)
+            if self.on_host and self.quantized():
+                object.__setattr__(self, "weight", self._parameters.pop("weight").data)
 
         def forward_comfy_cast_weights(self, input, out_dtype=None):
             if not self.quantized():

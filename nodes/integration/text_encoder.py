@@ -188,7 +188,8 @@ def build_clip(te: TextEncoder) -> comfy.sd.CLIP:
     load_device = comfy.model_management.text_encoder_device()
     dtype = compute_dtype(load_device)
     model_options = {
-        "custom_operations": file_ops(load_device, dtype),
+        # Where the file has its own output head the token table serves only lookups: it stays on the CPU.
+        "custom_operations": file_ops(load_device, dtype, table_on_host=te.config["lm_head"]),
         "dtype": dtype,
         # Built where the file's tensors are: they go in after the CLIP is built, and ComfyUI's classic
         # loader (no dynamic VRAM) would otherwise put a large encoder on a roomy GPU (with --gpu-only,

@@ -11,5 +11,11 @@ def run(cfg):
     tokens = clip.tokenize(cfg["prompt"])
     prompt_ids = [t[0] for t in next(iter(tokens.values()))[0]]
     generated = clip.generate(tokens, do_sample=False, max_length=cfg["max_length"])
-    return {"prompt_ids": prompt_ids, "generated": generated,
-            "stop_tokens": te.config["stop_tokens"]}
+    # Where the token table goes when the model is moved (as ComfyUI's loaders move it to the GPU).
+    family = pkg.nodes.integration.text_encoder.ENCODER_FAMILIES[te.family]
+    model = getattr(clip.cond_stage_model, family.name).transformer.model
+    clip.cond_stage_model.to("meta")
+    return {"prompt_ids": prompt_ids, "generated": generated, "stop_tokens": te.config["stop_tokens"],
+            "table_parameter": "weight" in model.embed_tokens._parameters,
+            "table_after_move": model.embed_tokens.weight.device.type,
+            "layer_after_move": model.layers[0].mlp.up_proj.weight.device.type}
