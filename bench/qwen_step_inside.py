@@ -37,6 +37,14 @@ class PeakVRAM:
         self.thread.join()
 
 
+def gpu_in_use_gb() -> float:
+    """GPU memory in use by all processes now (GiB): what a variant starts from (what earlier ones left)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
+
+
 def random_weights(cfg, pkg):
     """Our weights (quantized blocks, the Q4_K_M mix) and the same values in bf16 for the native models."""
     sys.path.insert(0, cfg["repo"])
@@ -214,6 +222,7 @@ def run(cfg):
         mm.unload_all_models()
         gc.collect()  # the last variant's patchers, so that its VRAM is free again
         mm.soft_empty_cache()
+        before_load = gpu_in_use_gb()
         start = time.perf_counter()
         models = {n: ModelSamplingAuraFlow().patch_aura(m, 3.1)[0] for n, m in variants[name]().items()}
         mm.load_models_gpu(list(models.values())[:1])
@@ -227,7 +236,8 @@ def run(cfg):
                 error = None if reference is None else float((final - reference).norm() / reference.norm())
                 rows.append({"model": n, "size": size, "s_per_step": s, "round_medians": per_round,
                              "first_step_s": first, "load_s": load_s, "peak_vram_gb": peak,
-                             "latent_rel_error": error})
+                             "latent_rel_error": error, "vram_before_load_gb": before_load,
+                             "torch_reserved_gb": torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0})
                 print("step timing:", rows[-1], flush=True)
         if cfg.get("profile"):
             profiles[name] = host_profile(next(iter(models.values())), cfg["sizes"][0])
