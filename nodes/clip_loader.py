@@ -40,11 +40,11 @@ class ClipLoaderGGUF(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, clip_name: str, mmproj_name: str = NONE) -> bool | str:
-        # In place of ComfyUI's bare "value not in list": a missing file named with where to get it.
-        for name in (clip_name, mmproj_name):
-            if name != NONE and (reason := validate(FOLDER, name, substitute=False)) is not True:
-                return reason
-        return True
+        # In place of ComfyUI's bare "value not in list": each missing file named with where to get it.
+        # ComfyUI shows the one message at both inputs, so each file's says which input it is.
+        missing = [f"{key}: {reason}" for key, name in (("clip_name", clip_name), ("mmproj_name", mmproj_name))
+                   if name != NONE and (reason := validate(FOLDER, name, substitute=False)) is not True]
+        return "; ".join(missing) or True
 
     @classmethod
     def execute(cls, clip_name: str, mmproj_name: str = NONE) -> io.NodeOutput:

@@ -83,8 +83,11 @@ def test_mmproj_of_another_model_size(files):
 
 
 def test_files_swapped(files):
-    expect(files, "mmproj-F16.gguf", None, "mmproj-F16.gguf", "mmproj vision projector", "language model")
-    expect(files, "qwen25vl.gguf", "qwen3.gguf", "qwen3.gguf", "Qwen3 language model", "mmproj", "qwen25vl.gguf")
+    # Swapped within the node that takes both: the message says which input each file goes in.
+    expect(files, "mmproj-F16.gguf", None, "mmproj-F16.gguf", "mmproj vision projector", "language model",
+           "it goes in mmproj_name", "in clip_name")
+    expect(files, "qwen25vl.gguf", "qwen3.gguf", "qwen3.gguf", "Qwen3 language model", "mmproj", "qwen25vl.gguf",
+           "it goes in clip_name", "in mmproj_name")
 
 
 def test_diffusion_model_given(files):

@@ -235,7 +235,10 @@ def test_presets_in_template_browser(server):
         url = f"{server.url}/api/workflow_templates/{module}/{urllib.parse.quote(title)}.jpg"
         with urllib.request.urlopen(url, timeout=30) as r:
             assert r.status == 200 and r.read(3) == b"\xff\xd8\xff"
-    assert server.get("/qwen_gguf/models")["presets"] == ORDER
+    status = server.get("/qwen_gguf/models")
+    # The front end orders the presets under the key the package's status names (its folder's name,
+    # which ComfyUI-Manager may make lowercase).
+    assert status["presets"] == ORDER and status["package"] == module
 
 
 def shrink(api: dict, keep: set[str] = frozenset()) -> dict:
@@ -511,6 +514,12 @@ def test_a_missing_model_file_is_named_with_where_to_get_it(server):
     for loader in ("QwenImageGGUFUnetLoader", "QwenImageGGUFClipLoader", "QwenImageGGUFVAELoader"):
         assert loader in errors, answer
         assert "download it with the 'Download' button" in errors[loader] and "install.sh" in errors[loader], errors
+    # Both text-encoder files missing: the one message (ComfyUI shows it at each input) names both inputs.
+    api = load(WORKFLOWS / "api" / "Qwen-Image-2512 - 20 steps.json")
+    clip = next(node for node in api.values() if node["class_type"] == "QwenImageGGUFClipLoader")["inputs"]
+    answer = server.post("/prompt", {"prompt": api, "client_id": "missing"})
+    message = json.dumps(answer["node_errors"])
+    assert f"clip_name: {clip['clip_name']}" in message and f"mmproj_name: {clip['mmproj_name']}" in message, message
 
 
 def test_example_images_are_provided_at_start_up_and_a_users_own_kept(models, tmp_path):

@@ -12,6 +12,8 @@ from .reader import GGUFFile
 
 UNET_LOADER = "Load Qwen-Image UNet (GGUF)"
 CLIP_LOADER = "Load Qwen CLIP-VL (GGUF)"
+# The CLIP loader's input for each kind of file it takes (a pair, easily swapped).
+CLIP_INPUTS = {"text_encoder": "clip_name", "mmproj": "mmproj_name"}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..gguf.errors import GGUFError
-from ..gguf.file_kind import classify, wrong_kind_message
+from ..gguf.file_kind import CLIP_INPUTS, CLIP_LOADER, classify, wrong_kind_message
 from ..gguf.reader import GGUFFile
 from ..gguf.state_dict import check_tensors, quant_summary, tensor_from_file
 from ..quant.weight import cat_rows, dequantize, logical_shape
@@ -197,6 +197,10 @@ def _open(path: str, role: str, wanted: str, slot: str, beside: str | None = Non
                               f"Qwen2.5-VL for Qwen-Image and its edit models, Qwen3 for Z-Image")
     if kind.role != role:
         hint = f" (it was chosen as the {slot}{'' if beside is None else ', beside ' + beside})"
+        if kind.role in CLIP_INPUTS:
+            # The pair swapped in the very node that takes both: say which input each goes in.
+            raise GGUFError(path, f"this is {kind.description}, not {wanted}{hint}: in the '{CLIP_LOADER}' node "
+                                  f"it goes in {CLIP_INPUTS[kind.role]}, and {wanted} in {CLIP_INPUTS[role]}")
         raise GGUFError(path, wrong_kind_message(kind, wanted) + hint)
     return gguf
 
