@@ -208,9 +208,10 @@ app.registerExtension({
     api.getWorkflowTemplates = async () => {
       const templates = await list();
       try {
-        const key = Object.keys(templates).find((k) => k.includes("QwenImage-GGUF"));
-        if (key) {
-          const order = (await getStatus()).presets;
+        const status = await getStatus();
+        const key = status.package;
+        if (key in templates) {
+          const order = status.presets;
           const rank = (n) => (order.indexOf(n) < 0 ? order.length : order.indexOf(n));
           templates[key] = [...templates[key]].sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
         }

@@ -141,7 +141,9 @@ def status() -> dict:
                       "installed": chosen == f.name, "partial": partial_bytes(f, _directory(f)),
                       "substitute": chosen if chosen != f.name else None,
                       "job": job.as_dict() if job else None})
-    return {"files": files, "presets": preset_order()}
+    # The package's folder under custom_nodes (not resolved: a symlink's name) is its key in ComfyUI's
+    # /workflow_templates, whatever the install named it (ComfyUI-Manager uses the lowercase registry id).
+    return {"files": files, "presets": preset_order(), "package": Path(__file__).parents[2].name}
 
 
 def preset_order() -> list[str]:
