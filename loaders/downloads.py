@@ -429,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
+    # The manifest lists no size for some files (the Lightning LoRAs): the disk check cannot count them.
+    unsized = ", ".join(f.name for f in to_fetch if not f.size)
     if not args.check:
-        print(f"==> Model files still to download: {human_bytes(missing)}; free disk: {human_bytes(free)}")
+        extra = f" and files of unlisted size ({unsized})" if unsized else ""
+        print(f"==> Model files still to download: {human_bytes(missing)}{extra}; free disk: {human_bytes(free)}")
     if missing > free:
         print(f"install.sh: not enough disk space: {human_bytes(missing)} needed in {models_dir} but only "
               f"{human_bytes(free)} free; free some space or choose fewer --models", file=sys.stderr)

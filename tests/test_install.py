@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -293,6 +294,8 @@ def test_quant_for_every_set_falls_back_to_the_same_bits(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "z-image-turbo: diffusion model Q4_K (z-image-turbo has no Q4_K_M" in r.stdout
     assert "z_image_turbo-Q4_K.gguf" in r.stdout and "qwen-image-edit-2511-Q4_K_M.gguf" in r.stdout
+    # The manifest lists no size for the Lightning LoRAs: the disk line says they are left out of it.
+    assert re.search(r"still to download: .* and files of unlisted size \(.*Lightning-4steps", r.stdout), r.stdout
 
 
 def test_quant_no_set_offers_lists_what_each_offers(tmp_path):

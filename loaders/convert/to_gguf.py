@@ -114,6 +114,10 @@ def _encoded(ckpt: Checkpoint, p: Planned, device: str | None, importance: np.nd
     return data
 
 
+# Where an output file is there already (the saver node and the command line both write through here).
+_EXISTS = "already exists; choose another name or allow overwriting (the node's overwrite, the command line's --overwrite)"
+
+
 def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: bool = False,
             progress: Progress | None = None, device: str | None = None,
             imatrix: str | os.PathLike | None = None) -> Converted:
@@ -126,7 +130,7 @@ def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: 
     if os.path.isdir(output):
         raise GGUFError(None, f"{output} is a folder: give the name of the .gguf file to write")
     if os.path.exists(output) and not overwrite:
-        raise GGUFError(output, "already exists; choose another name or allow overwriting")
+        raise GGUFError(output, _EXISTS)
     if not os.path.isdir(folder):
         raise GGUFError(output, f"its folder {folder} does not exist")
     metadata = {"general.file_type": int(level_.file_type), "general.quantization_version": 2, **ckpt.metadata}
@@ -155,7 +159,7 @@ def convert(ckpt: Checkpoint, output: str | os.PathLike, level: str, overwrite: 
                       metadata, done)
         os.chmod(temporary, 0o666 & ~_umask())
         if os.path.exists(output) and not overwrite:  # made while we wrote
-            raise GGUFError(output, "already exists; choose another name or allow overwriting")
+            raise GGUFError(output, _EXISTS)
         os.replace(temporary, output)
     except OSError as e:
         # numpy reports a short write without an errno: a full disk too.
