@@ -66,17 +66,20 @@ Environment: HF_ENDPOINT (a Hugging Face mirror), HF_TOKEN, QWEN_GGUF_REPO_URL (
 EOF
 }
 
+# An option's value: present, and not the next option (a forgotten value).
+value() { [[ -n "${2:-}" && "$2" != --* ]] || fail "$1 needs $3 (see: bash install.sh --help)"; }
+
 while (( $# )); do
   case "$1" in
-    --workspace) WORKSPACE="${2:?--workspace needs a directory}"; shift 2 ;;
-    --comfyui) COMFYUI="${2:?--comfyui needs a directory}"; shift 2 ;;
-    --python) PYTHON="${2:?--python needs a path}"; shift 2 ;;
-    --models) MODELS="${2:?--models needs a list}"; shift 2 ;;
-    --quant) QUANT="${2:?--quant needs a quant name}"; shift 2 ;;
-    --vram) VRAM_GB="${2:?--vram needs a number of GB}"; shift 2 ;;
-    --manifest) MANIFEST="${2:?--manifest needs a file}"; shift 2 ;;
-    --listen) LISTEN="${2:?--listen needs an address}"; shift 2 ;;
-    --port) PORT="${2:?--port needs a number}"; shift 2 ;;
+    --workspace) value "$1" "${2:-}" "a directory"; WORKSPACE="$2"; shift 2 ;;
+    --comfyui) value "$1" "${2:-}" "a directory"; COMFYUI="$2"; shift 2 ;;
+    --python) value "$1" "${2:-}" "a path"; PYTHON="$2"; shift 2 ;;
+    --models) value "$1" "${2:-}" "a list of model sets, or all"; MODELS="$2"; shift 2 ;;
+    --quant) value "$1" "${2:-}" "a quant name (e.g. Q4_K_M)"; QUANT="$2"; shift 2 ;;
+    --vram) value "$1" "${2:-}" "a number of GB"; VRAM_GB="$2"; shift 2 ;;
+    --manifest) value "$1" "${2:-}" "a file"; MANIFEST="$2"; shift 2 ;;
+    --listen) value "$1" "${2:-}" "an address"; LISTEN="$2"; shift 2 ;;
+    --port) value "$1" "${2:-}" "a number"; PORT="$2"; shift 2 ;;
     --no-start) START=0; shift ;;
     --skip-gpu-check) SKIP_GPU_CHECK=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -85,6 +88,11 @@ while (( $# )); do
     *) fail "unknown option '$1' (see: bash install.sh --help)" ;;
   esac
 done
+# Checked before anything is cloned or downloaded (ComfyUI would refuse them only at the end).
+if ! [[ "$PORT" =~ ^[0-9]{1,5}$ ]] || (( 10#$PORT < 1 || 10#$PORT > 65535 )); then
+  fail "--port needs a number from 1 to 65535, not '$PORT'"
+fi
+[[ -z "$VRAM_GB" || "$VRAM_GB" =~ ^[0-9]+([.][0-9]+)?$ ]] || fail "--vram needs a number of GB, not '$VRAM_GB'"
 
 # --- piped from curl: get a git clone of the package and run its own installer ---------------------
 if [[ -z "$SCRIPT_DIR" || ! -f "$SCRIPT_DIR/loaders/downloads.py" ]]; then

@@ -213,6 +213,21 @@ def test_piped_help(tmp_path):
     assert r.returncode == 0 and "--quant" in r.stdout and "sed:" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--port", "abc"], "--port needs a number from 1 to 65535, not 'abc'"),
+    (["--port", "65536"], "--port needs a number from 1 to 65535"),
+    (["--vram", "lots"], "--vram needs a number of GB, not 'lots'"),
+    (["--models"], "--models needs a list of model sets"),
+    (["--models", "--quant", "Q4_0"], "--models needs a list of model sets"),  # the value forgotten
+])
+def test_a_bad_option_value_is_refused_at_once(tmp_path, args, said):
+    home = tmp_path / "home"
+    home.mkdir()
+    r = piped([*args, "--skip-gpu-check"], {"HOME": str(home)}, tmp_path)
+    assert r.returncode != 0 and said in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not any(home.iterdir()), "refused before anything is made"
+
+
 def test_piped_dry_run_changes_nothing(tmp_path, checkout):
     home = tmp_path / "home"
     home.mkdir()
