@@ -520,6 +520,12 @@ def test_a_missing_model_file_is_named_with_where_to_get_it(server):
     answer = server.post("/prompt", {"prompt": api, "client_id": "missing"})
     message = json.dumps(answer["node_errors"])
     assert f"clip_name: {clip['clip_name']}" in message and f"mmproj_name: {clip['mmproj_name']}" in message, message
+    # A file of the user's own (not in the manifest): the message names the folders it was looked for in.
+    unet = next(node for node in api.values() if node["class_type"] == "QwenImageGGUFUnetLoader")["inputs"]
+    unet["unet_name"] = "my-finetune-Q4_K_M.gguf"
+    message = json.dumps(server.post("/prompt", {"prompt": api, "client_id": "missing"})["node_errors"])
+    assert "my-finetune-Q4_K_M.gguf is not in ComfyUI's model folders for this input" in message, message
+    assert "diffusion_models" in message, message
 
 
 def test_example_images_are_provided_at_start_up_and_a_users_own_kept(models, tmp_path):

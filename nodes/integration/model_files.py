@@ -53,16 +53,17 @@ def full_path(folder_key: str, name: str) -> str:
     """The path a loader opens, logging a substitution; a clear error when the file is missing."""
     chosen = resolve(folder_key, name)
     if chosen is None:
-        raise FileNotFoundError(missing_message(name))
+        raise FileNotFoundError(missing_message(name, folder_key))
     if chosen != name:
         log.info("%s is not installed; using %s, another quant of the same model", name, chosen)
     return folder_paths.get_full_path_or_raise(folder_key, chosen)
 
 
-def missing_message(name: str) -> str:
+def missing_message(name: str, folder_key: str) -> str:
     f = MANIFEST.files.get(name)
     if f is None:
-        return f"{name} is not in ComfyUI's model folders"
+        folders = ", ".join(folder_paths.get_folder_paths(folder_key))
+        return f"{name} is not in ComfyUI's model folders for this input ({folders})"
     return (f"{name} is not in models/{f.folder}: download it with the 'Download' button of the Qwen-Image GGUF "
             f"panel (it opens when a workflow names a missing file), or with install.sh")
 
@@ -74,7 +75,7 @@ def validate(folder_key: str, name: str, substitute: bool = True) -> bool | str:
         found = resolve(folder_key, name) is not None
     else:
         found = name in folder_paths.get_filename_list(folder_key)
-    return True if found else missing_message(name)
+    return True if found else missing_message(name, folder_key)
 
 
 def provide_example_inputs() -> None:
