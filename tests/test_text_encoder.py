@@ -90,6 +90,11 @@ def test_files_swapped(files):
            "it goes in clip_name", "in mmproj_name")
 
 
+def test_mmproj_beside_a_text_only_model(files):
+    expect(files, "qwen3.gguf", "mmproj-F16.gguf", "mmproj-F16.gguf", "qwen3.gguf", "takes no vision tower",
+           "set mmproj_name to none")
+
+
 def test_diffusion_model_given(files):
     expect(files, "qwen-image.gguf", None, "qwen-image.gguf", "Qwen-Image diffusion model", "UNet")
 

@@ -223,6 +223,9 @@ def open_text_encoder(llm_path: str, mmproj_path: str | None = None) -> TextEnco
                                                            f"layers and width {config['hidden_size']}")
     vision = None
     summary = quant_summary(gguf)
+    if mmproj_path and FAMILY_OF_ARCH[arch] != "qwen25vl":
+        raise GGUFError(mmproj_path, f"{os.path.basename(llm_path)} is a {arch} language model, which takes no "
+                                     "vision tower (Z-Image encodes text only): set mmproj_name to none")
     if mmproj_path:
         vision, vision_sd = open_mmproj(mmproj_path, llm_path, config["hidden_size"])
         sd.update(vision_sd)
