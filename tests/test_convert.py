@@ -254,6 +254,9 @@ def test_every_input_dtype_converts(tmp_path, dtype):
         assert run.returncode == 0, run.stderr
         assert "Qwen-Image diffusion model" in run.stderr and "written as out.gguf" in run.stderr
         assert "[##############################]" in run.stderr  # the progress bar reached its end
+        # Not a terminal (captured, as in a log): whole lines, at most one per tenth of the way.
+        bars = [line for line in run.stderr.splitlines() if line.startswith("[")]
+        assert "\r" not in run.stderr and 2 <= len(bars) <= 11, run.stderr
     else:
         convert(open_checkpoint(source), out, "Q4_K_M")
     check_read_back(out, values, "Q4_K_M", QWEN_IMAGE["layers"], T.BF16 if dtype == "bf16" else T.F16)

@@ -17,17 +17,26 @@ from .to_gguf import convert
 
 
 class Bar:
-    """A one-line progress bar on standard error."""
+    """A one-line progress bar on standard error; where that is not a terminal (a log file), a line
+    at every tenth of the way instead."""
 
     def __init__(self):
         self.start, self.open = time.perf_counter(), False
+        self.terminal, self.tenths = sys.stderr.isatty(), -1
 
     def __call__(self, done: int, total: int, name: str) -> None:
         width = 30
         filled = int(width * done / total) if total else width
         rate = done / max(time.perf_counter() - self.start, 1e-9) / 1e6
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done / 1e9:6.2f}/{total / 1e9:.2f} GB "
-                         f"{rate:5.0f} MB/s {name[-40:]:<40}")
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done / 1e9:6.2f}/{total / 1e9:.2f} GB "
+                f"{rate:5.0f} MB/s {name[-40:]:<40}")
+        if not self.terminal:
+            tenths = 10 * done // total if total else 10
+            if tenths != self.tenths:
+                self.tenths = tenths
+                sys.stderr.write(line.rstrip() + "\n")
+            return
+        sys.stderr.write("\r" + line)
         self.open = done != total
         sys.stderr.write("" if self.open else "\n")
         sys.stderr.flush()

@@ -173,8 +173,9 @@ def register_routes() -> None:
         name = await _requested_name(request)
         f = MANIFEST.files.get(name) if isinstance(name, str) else None
         if f is None:
-            return web.json_response({"error": f"{name!r} is not a file of this package's model manifest"},
-                                     status=400)
+            error = (f"{name!r} is not a file of this package's model manifest" if isinstance(name, str) else
+                     'the body must be JSON {"name": FILE}, FILE a file of this package\'s model manifest')
+            return web.json_response({"error": error}, status=400)
         return web.json_response(DOWNLOADS.start(f).as_dict())
 
     @routes.post("/qwen_gguf/cancel")
