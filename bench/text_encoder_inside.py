@@ -130,7 +130,7 @@ def byte_checks(pkg):
         for name, m in clip.cond_stage_model.named_modules():
             if not isinstance(m, pkg.nodes.integration.ops.FileWeights) or not m.quantized():
                 continue
-            file_bytes = m.weight.to("cuda")
+            file_bytes = m.stored().to("cuda")
             held = m.__dict__.get("_v_weight")
             if held is not None:
                 resident += 1

@@ -151,7 +151,8 @@ def test_greedy_generation_matches_transformers(models, tmp_path, gguf):
     # A model with its own output head keeps its quantized token table on the CPU when it is moved
     # (it only serves lookups); a tied one moves it with the layers (it is the output head too).
     assert r["layer_after_move"] == "meta"
-    assert (r["table_parameter"], r["table_after_move"]) == ((True, "meta") if "Qwen3" in gguf else (False, "cpu"))
+    assert (r["table_parameter"], r["loaders_see_table"], r["table_after_move"]) == \
+        ((True, True, "meta") if "Qwen3" in gguf else (False, False, "cpu"))
     te = open_text_encoder(str(models / "text_encoders" / gguf))
     c = te.config
     qwen3 = te.family == "qwen3"

@@ -72,13 +72,17 @@ class FileWeights:
             elif name == "weight" or self.expects_bias:
                 missing_keys.append(key)
 
+    def stored(self) -> torch.Tensor | None:
+        """The layer's weight as held (see Embedding: a token table may be held apart from ``weight``)."""
+        return self.weight
+
     def quantized(self) -> bool:
         """Whether the weight is (still) quantized bytes, not a float weight such as a merged LoRA."""
-        return self.plan is not None and self.weight.dtype == torch.uint8
+        return self.plan is not None and self.stored().dtype == torch.uint8
 
     def quantized_weight(self) -> GGMLTensor:
         """The weight's bytes as a quantized tensor that knows its format (for checks and tests)."""
-        return wrap(self.weight.detach(), self.plan.fmt, self.plan.shape)
+        return wrap(self.stored().detach(), self.plan.fmt, self.plan.shape)
 
     def convert_weight(self, weight, inplace=False, **kwargs):
         """The float weight for ComfyUI's patching, which casts the stored weight to a float dtype
@@ -176,7 +180,7 @@ def cached_factor_count(model: torch.nn.Module) -> int:
 def tied_logits(embedding: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` times the token table of ``embedding`` (one of ours) transposed: a language model's output
     where its head is tied to its token embeddings."""
-    weight = embedding.weight.to(x.device)
+    weight = embedding.stored().to(x.device)
     if isinstance(embedding, FileWeights) and embedding.quantized():
         # The table's plan runs it as a Linear layer would: for the one row of a generated token, the
         # fused kernel reads the quantized blocks instead of dequantizing the whole table.
@@ -260,22 +264,30 @@ class GGUFOps(comfy.ops.manual_cast):
             self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
             self.weight, self.bias = None, None
 
-        # Set per model by ``file_ops``: a quantized table stays where the file's tensors are (not a
-        # parameter, so ComfyUI's loaders do not move it). A language model with its own output head
-        # reads only a prompt's rows of it, which the CPU gathers and dequantizes in microseconds.
+        # Set per model by ``file_ops``: a quantized table stays where the file's tensors are. A language
+        # model with its own output head reads only a prompt's rows of it, which the CPU gathers and
+        # dequantizes in microseconds. It is held as ``table``, ``weight`` left None: ComfyUI's loaders
+        # move every module's ``weight`` to the GPU, the dynamic one as a float weight for a module of
+        # no parameter bytes (through convert_weight / set_weight).
         on_host = False
+        table: torch.Tensor | None = None
 
         def _load_from_state_dict(self, *args) -> None:
             super()._load_from_state_dict(*args)
             if self.on_host and self.quantized():
-                object.__setattr__(self, "weight", self._parameters.pop("weight").data)
+                self.table = self._parameters.pop("weight").data
+                self.weight = None
+
+        def stored(self) -> torch.Tensor | None:
+            return self.weight if self.table is None else self.table
 
         def forward_comfy_cast_weights(self, input, out_dtype=None):
             if not self.quantized():
                 return super().forward_comfy_cast_weights(input, out_dtype=out_dtype)
             # Rows are whole quant blocks: gather the tokens' rows where the table lives and
             # dequantize just those, instead of a float copy of the whole table.
-            ids = input.reshape(-1).to(self.weight.device)
-            values = dequantize_bytes(self.weight[ids], self.plan.fmt, (ids.numel(), self.embedding_dim),
+            table = self.stored()
+            ids = input.reshape(-1).to(table.device)
+            values = dequantize_bytes(table[ids], self.plan.fmt, (ids.numel(), self.embedding_dim),
                                       out_dtype or self.compute_dtype)
             return values.to(input.device).reshape(*input.shape, self.embedding_dim)
