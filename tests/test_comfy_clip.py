@@ -32,7 +32,8 @@ def models(tmp_path_factory):
     save_numpy(twin, str(te / "qwen25vl-tiny.safetensors"))
     write_llm(te / "Qwen2.5-VL-tiny-notok.gguf", "qwen2", QWEN25VL, None, None)
     write_llm(te / "Qwen3-tiny-Q4_K_M.gguf", "qwen3", QWEN3, tokenizer, te / "qwen3-tiny.safetensors")
-    write_llm(te / "Qwen2.5-VL-tiny-head.gguf", "qwen2vl", QWEN25VL, tokenizer, te / "head.st", head=True)
+    write_llm(te / "Qwen2.5-VL-tiny-head.gguf", "qwen2vl", QWEN25VL, tokenizer, te / "qwen25vl-head.safetensors",
+              head=True)
     for name in ("llm.st", "vision.st"):
         (te / name).unlink()
     return root
@@ -163,7 +164,8 @@ def test_greedy_generation_matches_transformers(models, tmp_path, gguf):
                           head_dim=c["head_dim"], rope_theta=c["rope_theta"], rms_norm_eps=c["rms_norm_eps"],
                           tie_word_embeddings=not c["lm_head"], attn_implementation="eager")
     causal = (transformers.Qwen3ForCausalLM if qwen3 else transformers.Qwen2ForCausalLM)(config).eval()
-    twin = load_file(str(models / "text_encoders" / ("qwen3-tiny.safetensors" if qwen3 else "head.st")))
+    twin = load_file(str(models / "text_encoders" /
+                         ("qwen3-tiny.safetensors" if qwen3 else "qwen25vl-head.safetensors")))
     missing, unexpected = causal.load_state_dict(twin, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"} and (qwen3 or not missing), (missing, unexpected)
     with torch.no_grad():

@@ -78,6 +78,22 @@ def test_text_encoder_under_dynamic_vram_matches_native(te_models, tmp_path):  #
             assert ((got - ref).norm() / ref.norm()).item() < 1e-2, (images, i)
 
 
+def test_text_encoder_with_its_own_head_under_dynamic_vram_matches_native(te_models, tmp_path):  # noqa: F811
+    # Its token table stays on the CPU (held apart from the module's weight, which the dynamic loader
+    # would otherwise force onto the GPU as a float table): the lookups read it there.
+    llm = "Qwen2.5-VL-tiny-head.gguf"
+    cases = [("ours_0", gguf_clip(llm)), ("ours_1", gguf_clip(llm)),
+             ("native", native_clip(te_models, llm, "qwen25vl-head.safetensors", "qwen25vl"))]
+    results = run_prompts(tmp_path, te_models, [encode_graph(loader, str(tmp_path / f"{name}.st"))
+                                                for name, loader in cases], args=[])
+    assert all(r["success"] for r in results), results
+    cond = {name: load_file(str(tmp_path / f"{name}.st"))["cond"].float() for name, _ in cases}
+    ref = cond["native"]
+    for name in ("ours_0", "ours_1"):
+        assert cond[name].shape == ref.shape and torch.isfinite(cond[name]).all()
+        assert ((cond[name] - ref).norm() / ref.norm()).item() < 1e-2, name
+
+
 @pytest.mark.parametrize("args", [["--disable-dynamic-vram"], ["--gpu-only"]])
 def test_text_encoder_under_the_classic_loader_runs_from_the_gpu(te_models, tmp_path, args):  # noqa: F811
     # Without the dynamic VRAM loader ComfyUI places a large text encoder on a roomy GPU (with
