@@ -45,6 +45,11 @@ def gpu_in_use_gb() -> float:
     return (total - free) / 2**30
 
 
+def reserved_gb() -> float:
+    """What torch's caching allocator holds now (GiB), in use or not: part of the whole GPU's figure."""
+    return torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+
+
 def random_weights(cfg, pkg):
     """Our weights (quantized blocks, the Q4_K_M mix) and the same values in bf16 for the native models."""
     sys.path.insert(0, cfg["repo"])
@@ -237,7 +242,7 @@ def run(cfg):
                 rows.append({"model": n, "size": size, "s_per_step": s, "round_medians": per_round,
                              "first_step_s": first, "load_s": load_s, "peak_vram_gb": peak,
                              "latent_rel_error": error, "vram_before_load_gb": before_load,
-                             "torch_reserved_gb": torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0})
+                             "torch_reserved_gb": reserved_gb()})
                 print("step timing:", rows[-1], flush=True)
         if cfg.get("profile"):
             profiles[name] = host_profile(next(iter(models.values())), cfg["sizes"][0])
