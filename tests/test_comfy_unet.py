@@ -320,3 +320,16 @@ def test_broken_tensor_sets_named_before_the_model_is_built(models, tmp_path):  
     m = short_error(short["error"])
     assert not short["success"] and "qwen-short.gguf" in m and \
         "transformer_blocks.2.img_mlp.net.0.proj.weight is [1023, 256], expected [1024, 256]" in m, m
+
+
+def test_files_are_checked_against_every_tensor_under_the_dynamic_loader(models, tmp_path):
+    # Under ComfyUI's dynamic VRAM loader its Linear layers create no weight until loaded: the model the
+    # files are checked against must still show them, or every load on a GPU would warn that the file's
+    # Linear weights go unused and no missing or misshaped Linear weight would be caught.
+    from comfy_env import PACKAGE_NAME, REPO, run_script
+    names = ["qwen-tiny-Q4_K_M.gguf", "qwen-edit-2511-tiny.gguf", "z-image-tiny-Q4_K.gguf"]
+    r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "expected_shapes.py", package=PACKAGE_NAME,
+                   ggufs=names, root=str(models))
+    for name in names:
+        assert r[name]["linear_weights"] > 10, r[name]
+        assert not r[name]["missing"] and not r[name]["unexpected"] and not r[name]["misshaped"], (name, r[name])

@@ -23,6 +23,9 @@ or, where there is none, the feature it disables. What we use and why:
 - ``get_key_weight``, ``ModelPatcher.backup`` and ``comfy.lora.calculate_weight``: how ComfyUI's
   patcher reads a weight, keeps it while patched and merges its patches, used the same way to save a
   MODEL with its LoRAs merged (``stored_weight``, ``merge_patches``).
+- ``comfy.ops.disable_weight_init``'s Linear and Embedding create no weight under the dynamic VRAM
+  loader unless their class has its own state-dict loading: ``shape_ops`` subclasses them so that a
+  model built on the meta device shows every tensor a file must hold (``check()`` says if not).
 - ``BaseModel.manual_cast_dtype`` and ``CastWeightBiasOp.comfy_cast_weights``: how the NaN guard
   redoes a step in fp32. Without them the guard only reports. ``executor.class_obj``: the model an
   APPLY_MODEL wrapper wraps.
@@ -49,6 +52,7 @@ from typing import Iterator
 
 import torch
 
+import comfy.memory_management
 import comfy.model_patcher
 import comfy.ops
 import folder_paths
@@ -90,7 +94,7 @@ def check() -> None:
     (ComfyUI moved what it reads) says so and takes the slower path instead of failing the load."""
     Features.dynamic_marks = Features.low_rank_lora = Features.fp32_redo = True
     for look in (_check_cast, _check_dynamic_marks, _check_lora, _check_merge_hooks, _check_fp32_redo,
-                 _check_builders):
+                 _check_builders, _check_shape_ops):
         try:
             look()
         except Exception as e:  # noqa: BLE001  (any change of ComfyUI's: said, never fatal)
@@ -168,6 +172,18 @@ def _check_builders() -> None:
     if "self.vae_dtype" not in source or "self.first_stage_model" not in source:
         log.warning("ComfyUI's VAE no longer holds vae_dtype / first_stage_model: the VAE's fp32 redo of a "
                     "non-finite decode will fail; this package needs an update")
+
+
+def _check_shape_ops() -> None:
+    saved = comfy.memory_management.aimdo_enabled
+    comfy.memory_management.aimdo_enabled = True  # the case that matters, whatever this machine runs
+    try:
+        made = _ShapeOps.Linear(2, 2, device="meta").weight is not None
+    finally:
+        comfy.memory_management.aimdo_enabled = saved
+    if not made:
+        log.warning("ComfyUI's Linear no longer creates its weight for a class with its own loading: GGUF diffusion "
+                    "models are checked for missing or misshaped tensors only in part; this package needs an update")
 
 
 class _FreesCopiesToo:
@@ -288,6 +304,25 @@ def computing_in_fp32(model) -> Iterator[None]:
         model.manual_cast_dtype = saved[0]
         for m, value in zip(layers, saved[1]):
             m.comfy_cast_weights = value
+
+
+class _ShapeOps(comfy.ops.disable_weight_init):
+    """ComfyUI's layers with every weight created where the model is built: under its dynamic VRAM
+    loader its Linear and Embedding create theirs only when a state dict is loaded, unless the class
+    brings its own loading (as these do, ComfyUI's unchanged)."""
+
+    class Linear(comfy.ops.disable_weight_init.Linear):
+        def _load_from_state_dict(self, *args, **kwargs):
+            return super()._load_from_state_dict(*args, **kwargs)
+
+    class Embedding(comfy.ops.disable_weight_init.Embedding):
+        def _load_from_state_dict(self, *args, **kwargs):
+            return super()._load_from_state_dict(*args, **kwargs)
+
+
+def shape_ops() -> type:
+    """Operations for a model built on the meta device to read its tensors' names and shapes."""
+    return _ShapeOps
 
 
 def wrapped_model(executor):

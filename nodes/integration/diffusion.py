@@ -9,7 +9,6 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
-import comfy.ops
 import comfy.patcher_extension
 import comfy.supported_models
 
@@ -56,7 +55,7 @@ def expected_tensors(dm: DiffusionModel) -> dict[str, tuple[int, ...]]:
     """The tensors ComfyUI's own model of this config holds (built on the meta device: no memory)."""
     model_config = MODEL_CONFIGS[dm.family](dict(dm.unet_config))
     model_config.set_inference_dtype(torch.bfloat16, None)
-    model_config.custom_operations = comfy.ops.disable_weight_init
+    model_config.custom_operations = compat.shape_ops()
     model = model_config.get_model({}, "", device=torch.device("meta"))
     # Zero-element entries are markers (Edit-2511's __index_timestep_zero__), not weights: the loader
     # reads them into the config.
