@@ -181,35 +181,58 @@ def test_fused_matmul_equals_dequantize_then_matmul(name, rows):
             assert (got[0].double() - expected).abs().max() / expected.abs().max() < 1e-2
 
 
-@needs_kernel_device
-@pytest.mark.parametrize("name", sorted(F16_FIELDS))
-def test_fp8_rows_decoded_from_blocks_are_the_fp8_modes_bytes(name):
-    # The fp8-on-the-fly mode's weight: the bytes quantize_rows makes of the dequantized weight (the fp8
-    # compute mode's), the rows' scales given. 37 rows of 9 blocks: no multiple of a program's blocks.
-    from loaders.quant.fp8 import FP8, quantize_rows, split
-    from loaders.quant.kernels.fp8_rows import decode_fp8_rows
+def fp8_test_weight(name: str, edges: dict[int, int], seed: int):
+    """37 rows of 9 random blocks of type ``name`` on the kernels' device (no multiple of a program's
+    blocks), with the rows of ``edges`` given that f16 scale throughout; the format, the bytes
+    ``[rows, bytes]`` and the torch path's fp32 weight."""
     qtype = GGMLQuantizationType[name]
     block_size, _ = GGML_QUANT_SIZES[qtype]
     rows, cols = 37, block_size * 9
-    blocks = random_blocks(qtype, rows * 9, seed=13).reshape(rows, 9, -1)
-    # The rounding's edges: a row of zeros (scales +0) and one of signed zeros (scales -0); random
-    # values give many that round up into the next power of two. And a damaged row (an infinite
-    # scale): NaN throughout, as quantize_rows leaves it.
-    for row, half in ((3, 0x0000), (4, 0x8000), (5, 0x7C00)):
+    blocks = random_blocks(qtype, rows * 9, seed=seed).reshape(rows, 9, -1)
+    for row, half in edges.items():
         for off in F16_FIELDS[name]:
             blocks[row, :, off:off + 2] = np.array([half], dtype=np.uint16).view(np.uint8)
     blocks = torch.from_numpy(blocks.reshape(rows, -1)).to(KERNEL_DEVICE)
     cls = FORMATS[qtype]
     with torch._C.DisableTorchFunctionSubclass():
         w = cls.dequantize_blocks(blocks.reshape(-1, cls.type_size)).reshape(rows, cols).float()
+    return cls, blocks, w
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("name", sorted(F16_FIELDS))
+def test_fp8_rows_decoded_from_blocks_are_the_fp8_modes_bytes(name):
+    # The fp8-on-the-fly mode's weight: the bytes quantize_rows makes of the dequantized weight (the fp8
+    # compute mode's), the rows' scales given.
+    from loaders.quant.fp8 import FP8, quantize_rows, split
+    from loaders.quant.kernels.fp8_rows import decode_fp8_rows
+    # The rounding's edges: a row of zeros (scales +0) and one of signed zeros (scales -0); random
+    # values give many that round up into the next power of two. And a damaged row (an infinite
+    # scale): NaN throughout, as quantize_rows leaves it.
+    cls, blocks, w = fp8_test_weight(name, {3: 0x0000, 4: 0x8000, 5: 0x7C00}, seed=13)
     assert not w[3].any() and not w[4].any() and not w[5].isfinite().all()
-    want_values, scales = split(quantize_rows(w), (rows, cols))
-    got = decode_fp8_rows(blocks, cls, (rows, cols), scales.clone())
-    assert got.dtype == FP8 and got.shape == (rows, cols)
+    want_values, scales = split(quantize_rows(w), w.shape)
+    got = decode_fp8_rows(blocks, cls, w.shape, scales.clone())
+    assert got.dtype == FP8 and got.shape == w.shape
     # A NaN's sign is not defined: NaN where the reference has NaN, every other byte the same.
     nan = want_values.float().isnan()
     assert nan[5].all() and torch.equal(got.float().isnan(), nan)
     assert torch.equal(got.view(torch.uint8)[~nan], want_values.view(torch.uint8)[~nan])
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("name", sorted(F16_FIELDS))
+def test_fp8_row_scales_found_a_few_rows_at_a_time_are_quantize_rows(name):
+    # fp8 on the fly's scales, from the dequant kernel 16 rows at a time (37 rows: a short last slice),
+    # equal those of the whole weight in fp32, zero, signed-zero and damaged rows included.
+    from loaders.quant.fp8 import quantize_rows, row_scales, split
+    from loaders.quant.kernels.dequant import dequantize_cuda
+    cls, blocks, w = fp8_test_weight(name, {3: 0x0000, 20: 0x8000, 36: 0x7C00}, seed=17)
+    _, want = split(quantize_rows(w), w.shape)
+    got = row_scales(blocks.reshape(-1), w.shape,
+                     lambda raw, shape: dequantize_cuda(raw, cls, shape, torch.float32), chunk=16 * w.shape[1])
+    assert not got[36].isfinite() and got[3] == got[20] == want[3]
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -218,9 +241,10 @@ def test_fp8_rows_decoded_from_blocks_are_the_fp8_modes_bytes(name):
 def test_triton_kernels_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "test_triton_kernel_equals_torch_path_bit_for_bit or test_fused_matmul or fp8_rows"],
+                        "-k", "test_triton_kernel_equals_torch_path_bit_for_bit or test_fused_matmul or fp8_rows"
+                        " or fp8_row_scales"],
                        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
-    expected = len(F16_FIELDS) * (len(TILE_TABLES) + len(INTERPRETED_FUSED_ROWS) + 1)
+    expected = len(F16_FIELDS) * (len(TILE_TABLES) + len(INTERPRETED_FUSED_ROWS) + 2)
     assert r.returncode == 0 and f"{expected} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 

@@ -11,7 +11,7 @@ quantized per row (per token) at run time, so one outlier token does not flatten
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -28,6 +28,8 @@ FP8_MAX = 448.0
 FAST_ACCUM_MAX_IN = 4096
 # The smallest row maximum a scale is computed from, so an all-zero row gets a finite scale (and stays zero).
 MIN_AMAX = 1e-12
+# Elements of a weight dequantized at once to find its rows' scales (``row_scales``): 64 MB of fp32.
+SCALE_CHUNK = 1 << 24
 
 
 def can_hold(shape) -> bool:
@@ -35,12 +37,29 @@ def can_hold(shape) -> bool:
     return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 16 == 0
 
 
+def _scales(amax: torch.Tensor) -> torch.Tensor:
+    return amax.clamp(min=MIN_AMAX) / FP8_MAX
+
+
 def quantize_rows(w: torch.Tensor) -> torch.Tensor:
     """The FP8-rows bytes of the float weight ``w`` ([out, in]), computed on ``w``'s device."""
     w = w.float()
-    scale = w.abs().amax(dim=1).clamp(min=MIN_AMAX) / FP8_MAX
+    scale = _scales(w.abs().amax(dim=1))
     q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return torch.cat([q.view(torch.uint8).reshape(-1), scale.view(torch.uint8)])
+
+
+def row_scales(raw: torch.Tensor, shape, dequantize: Callable[[torch.Tensor, torch.Size], torch.Tensor],
+               chunk: int = SCALE_CHUNK) -> torch.Tensor:
+    """``quantize_rows``' scales of the ``[out, in]`` weight held as the contiguous bytes ``raw`` of its
+    rows (whole quant blocks each), ``dequantize(bytes, shape)`` giving rows in float32: a few rows at
+    a time (16 or more, so each slice keeps the bytes' alignment), never the whole weight in fp32,
+    which would leave torch's cache holding blocks of 4 bytes per element of the largest layer."""
+    n, k = shape
+    rows = raw.reshape(n, -1)
+    step = max(16, chunk // k // 16 * 16)
+    return _scales(torch.cat([dequantize(rows[i:i + step], torch.Size((min(step, n - i), k))).abs().amax(dim=1)
+                              for i in range(0, n, step)]))
 
 
 def split(raw: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:

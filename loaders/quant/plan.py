@@ -28,7 +28,7 @@ import torch
 
 from ..compat import triton_kernels
 from .formats import Format
-from .fp8 import FP8_MAX, MIN_AMAX, FP8Rows, FP8Weight, SharedInput, can_hold, fast_path, fp8_linear, operands
+from .fp8 import FP8Rows, FP8Weight, SharedInput, can_hold, fast_path, fp8_linear, operands, row_scales
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,9 @@ class FP8StreamPlan(KernelPlan):
     def row_scales(self, raw: torch.Tensor) -> torch.Tensor:
         """The rows' scales, as ``fp8.quantize_rows`` takes them, worked out and kept (outside any
         traced graph: a compiled model computes them once too, then recompiles with them kept)."""
-        self.scales = self.dequantize(raw, torch.float32).abs().amax(dim=1).clamp(min=MIN_AMAX) / FP8_MAX
+        from .kernels.dequant import dequantize_cuda
+        self.scales = row_scales(raw, self.shape, lambda rows, shape: dequantize_cuda(rows, self.fmt, shape,
+                                                                                     torch.float32))
         self.path = fast_path(raw.device)
         return self.scales
 
