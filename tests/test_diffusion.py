@@ -111,6 +111,28 @@ def test_z_image_config_and_original_names(tmp_path):
     for key in dm.state_dict:
         assert torch.equal(dequantize(do.state_dict[key], torch.float32), dequantize(dm.state_dict[key], torch.float32))
 
+    # Damaged original names (found by fuzzing): each gets a message naming the file and the tensors.
+    base = "layers.0.attention."
+    bad = {"no_k": ({k: v for k, v in original.items() if k != base + "to_k.weight"}, "to_k.weight missing beside"),
+           "lone_bias": ({**original, base + "to_q.bias": np.zeros(256, np.float32)}, "to_k.bias, "),
+           "narrow_k": ({**original, base + "to_k.weight": original[base + "to_k.weight"][:, :128]}, "differ past")}
+    for name, (tensors, fragment) in bad.items():
+        write_model(tmp_path / f"{name}.gguf", tensors, uniform_recipe(T.Q8_0), arch="lumina2")
+        with pytest.raises(GGUFError) as info:
+            open_diffusion_model(str(tmp_path / f"{name}.gguf"))
+        assert f"{name}.gguf" in str(info.value) and fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("key", ["img_in.weight", "transformer_blocks.0.attn.norm_q.weight"])
+def test_a_tensor_of_the_wrong_rank_is_named(tmp_path, qwen_weights, key):
+    # Found by fuzzing: a 1-D img_in (or a 2-D norm) reached the config's indexing.
+    value = qwen_weights[key]
+    damaged = {**qwen_weights, key: value.reshape(-1) if value.ndim == 2 else value.reshape(2, -1)}
+    write_model(tmp_path / "bad.gguf", damaged, uniform_recipe(T.Q8_0))
+    with pytest.raises(GGUFError) as info:
+        open_diffusion_model(str(tmp_path / "bad.gguf"))
+    assert "bad.gguf" in str(info.value) and f"tensor '{key}' has shape" in str(info.value), str(info.value)
+
 
 @pytest.mark.parametrize("arch, tensors, fragment", [
     ("qwen2vl", {"token_embd.weight": (8, 256), "blk.0.attn_q.weight": (256, 256)}, "Qwen2.5-VL language model"),

@@ -120,6 +120,17 @@ def test_absurd_dimensions(tmp_path):
     expect_error(write(tmp_path, content), "'a'", "absurd dimensions")
     content = raw_gguf([("a", [32] * 7, T.F32, 0)], bytes(64))
     expect_error(write(tmp_path, content), "'a'", "7 dimensions")
+    # No elements (a 0 among the dimensions), yet beyond any shape torch can make (found by fuzzing).
+    for dims, qtype in (([0, 1 << 40, 1 << 40, 1 << 40], T.F32), ([256, 0, 1 << 40, 1 << 40], T.Q6_K)):
+        expect_error(write(tmp_path, raw_gguf([("a", dims, qtype, 0)], b"")), "'a'", "absurd dimensions")
+
+
+def test_marker_of_no_elements_loads_whatever_its_type(tmp_path, caplog):
+    # Edit-2511's zero-element marker, its type id damaged into one gguf-py alone reads: nothing to decode.
+    f = GGUFFile(write(tmp_path, raw_gguf([("__index_timestep_zero__", [0], T.IQ2_XXS, 0)], b"")))
+    with caplog.at_level(logging.WARNING):
+        sd = load_state_dict(f)
+    assert sd["__index_timestep_zero__"].numel() == 0 and "dequantizer" not in caplog.text
 
 
 def test_unknown_quant_type(tmp_path):
@@ -234,6 +245,15 @@ def test_recorded_original_shape_of_the_wrong_kind(tmp_path, orig):
     with pytest.raises(GGUFError) as info:
         load_state_dict(GGUFFile(path))
     assert "m.gguf" in str(info.value) and "original shape" in str(info.value)
+
+
+def test_recorded_original_shape_of_a_tensor_of_no_elements_beyond_any_tensor(tmp_path):
+    # [0, 2**64 - 1] holds the tensor's 0 elements, but torch cannot make the shape (found by fuzzing).
+    orig = kv("comfy.gguf.orig_shape.m", 9, struct.pack("<IQ2Q", 10, 2, 0, 2 ** 64 - 1))
+    path = write(tmp_path, raw_gguf([("m", [0], T.F32, 0)], b"", kv=orig, n_kv=1))
+    with pytest.raises(GGUFError) as info:
+        load_state_dict(GGUFFile(path))
+    assert "model.gguf" in str(info.value) and "original shape" in str(info.value)
 
 
 def test_five_dimensional_tensor_says_what_it_is_and_what_to_do(tmp_path):

@@ -28,6 +28,12 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 CONVERTER_DIMS = 5  # beyond GGUF's limit, but what some converters write for 3-D convolution kernels
 MAX_ELEMENTS = 1 << 40
+
+
+def absurd(dims) -> bool:
+    """Whether a shape is beyond any real tensor: more than MAX_ELEMENTS elements, counting its other
+    dimensions where one is 0 (a shape of no elements must still be one torch can make)."""
+    return float(np.prod([float(d) for d in dims if d])) > MAX_ELEMENTS
 MAX_NESTING = 4  # arrays of arrays: llama.cpp writes none nested deeper than one level
 
 # GGUF metadata value types -> struct codes (STRING = 8 and ARRAY = 9 are handled apart).
@@ -244,7 +250,7 @@ class GGUFFile:
         raw_type = cur.take("I")
         offset = cur.take("Q")
         n = int(np.prod(dims, dtype=np.float64))
-        if n > MAX_ELEMENTS or any(d > MAX_ELEMENTS for d in dims):
+        if absurd(dims):
             raise GGUFError(self.path, f"tensor {name!r}: absurd dimensions {dims} (corrupt header)")
         try:
             qtype = GGMLQuantizationType(raw_type)

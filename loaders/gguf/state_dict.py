@@ -15,7 +15,7 @@ import torch
 from gguf import quants
 
 from .errors import GGUFError
-from .reader import GGUFFile, TensorInfo
+from .reader import GGUFFile, TensorInfo, absurd
 from ..quant.formats import FLOAT_TYPES, FORMATS
 from ..quant.weight import GGMLTensor, dequantize, logical_shape
 
@@ -37,7 +37,7 @@ def logical_shape_of(gguf: GGUFFile, info: TensorInfo) -> tuple[int, ...]:
         raise GGUFError(gguf.path, f"tensor {info.name!r}: its recorded original shape ({ORIG_SHAPE_KEY.format(info.name)}) "
                                    f"is not a list of up to 8 non-negative integers")
     shape = tuple(int(d) for d in values)
-    if int(np.prod(shape, dtype=np.float64)) != info.n_elements:
+    if absurd(shape) or int(np.prod(shape, dtype=np.float64)) != info.n_elements:
         raise GGUFError(gguf.path, f"tensor {info.name!r}: its recorded original shape {list(shape)} does not hold "
                                    f"its {info.n_elements:,} elements")
     return shape
@@ -53,7 +53,9 @@ def tensor_from_file(gguf: GGUFFile, info: TensorInfo, convert_dtype: torch.dtyp
         # Only matrices (Linear and embedding weights) run quantized; a quantized vector, pad token or
         # convolution kernel is small and lands in a plain parameter: converted once here.
         return quantized if len(shape) == 2 and shape[0] > 1 else dequantize(quantized, convert_dtype)
-    rows = info.n_elements // info.shape[-1] if info.shape[-1] else 0
+    if info.n_elements == 0:  # a marker (Edit-2511's): no values to decode, whatever its type says
+        return torch.empty(shape, dtype=convert_dtype)
+    rows = info.n_elements // info.shape[-1]
     try:
         values = quants.dequantize(raw.numpy().reshape(rows, -1), info.qtype)
     except NotImplementedError:
@@ -73,7 +75,7 @@ def load_state_dict(gguf: GGUFFile, rename: Callable[[str], str | None] = lambda
         if key is None:
             continue
         sd[key] = tensor_from_file(gguf, info, convert_dtype)
-        if info.qtype not in FLOAT_TYPES and info.qtype not in FORMATS:
+        if info.qtype not in FLOAT_TYPES and info.qtype not in FORMATS and info.n_elements:
             converted[info.qtype.name] = converted.get(info.qtype.name, 0) + 1
     if converted:
         kinds = ", ".join(f"{n} x{c}" for n, c in sorted(converted.items()))

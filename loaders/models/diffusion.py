@@ -30,7 +30,7 @@ class NameMap:
     name: str
     detect: Callable[[list[str]], bool]
     rename: Callable[[str], str]
-    fuse: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda sd: sd
+    fuse: Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor]] = lambda sd, path: sd
 
 
 def _strip(prefix: str) -> Callable[[str], str]:
@@ -57,8 +57,16 @@ def qkv_parts(names: list[str]) -> dict[str, list[str]]:
     return {f"{m.group(1)}qkv.{m.group(2)}": [f"{m.group(1)}to_{p}.{m.group(2)}" for p in "qkv"] for m in groups if m}
 
 
-def _fuse_qkv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _fuse_qkv(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     for fused, parts in qkv_parts(list(sd)).items():
+        lacking = [p for p in parts if p not in sd]
+        if lacking:
+            raise GGUFError(path, f"{', '.join(lacking)} missing beside {parts[0]}: the separate q, k and v "
+                                  "projections come in threes")
+        shapes = [tuple(logical_shape(sd[p])) for p in parts]
+        if len({s[1:] for s in shapes}) != 1:
+            raise GGUFError(path, f"the q, k and v projections {', '.join(parts)} have shapes {shapes}, which "
+                                  "differ past their rows: damaged tensors")
         sd[fused] = cat_rows([sd.pop(p) for p in parts])
     return sd
 
@@ -92,10 +100,14 @@ def _count_blocks(sd: dict, prefix: str) -> int:
     return len({m.group(1) for k in sd if (m := pattern.match(k))})
 
 
-def _shape(sd: dict, key: str, path: str) -> torch.Size:
+def _shape(sd: dict, key: str, path: str, dims: int) -> torch.Size:
+    """The shape of tensor ``key``, which must be there with ``dims`` dimensions."""
     if key not in sd:
         raise GGUFError(path, f"missing tensor {key!r}: not a complete model of this architecture")
-    return logical_shape(sd[key])
+    shape = logical_shape(sd[key])
+    if len(shape) != dims:
+        raise GGUFError(path, f"tensor {key!r} has shape {tuple(shape)}, where a {dims}-D one belongs: damaged tensors")
+    return shape
 
 
 def rope_axes(head_dim: int, first_fraction: int, real: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -124,9 +136,9 @@ def _rope(head_dim: int, first_fraction: int, real: tuple[int, int, int], path: 
 
 
 def qwen_image_config(sd: dict, path: str) -> tuple[dict, str]:
-    in_features = _shape(sd, "img_in.weight", path)
+    in_features = _shape(sd, "img_in.weight", path, 2)
     inner, in_channels = in_features[0], in_features[1]
-    head_dim = _shape(sd, "transformer_blocks.0.attn.norm_q.weight", path)[0]
+    head_dim = _shape(sd, "transformer_blocks.0.attn.norm_q.weight", path, 1)[0]
     _heads(inner, head_dim, path)
     patch = int(math.isqrt(in_channels // 16)) if in_channels % 16 == 0 else 0
     if not patch or patch * patch * 16 != in_channels:
@@ -136,11 +148,11 @@ def qwen_image_config(sd: dict, path: str) -> tuple[dict, str]:
         "image_model": "qwen_image",
         "patch_size": patch,
         "in_channels": in_channels,
-        "out_channels": _shape(sd, "proj_out.weight", path)[0] // (patch * patch),
+        "out_channels": _shape(sd, "proj_out.weight", path, 2)[0] // (patch * patch),
         "num_layers": _count_blocks(sd, "transformer_blocks."),
         "attention_head_dim": head_dim,
         "num_attention_heads": inner // head_dim,
-        "joint_attention_dim": _shape(sd, "txt_norm.weight", path)[0],
+        "joint_attention_dim": _shape(sd, "txt_norm.weight", path, 1)[0],
         "axes_dims_rope": _rope(head_dim, 8, (16, 56, 56), path),
     }
     variant = "Qwen-Image"
@@ -155,15 +167,15 @@ def qwen_image_config(sd: dict, path: str) -> tuple[dict, str]:
 
 
 def z_image_config(sd: dict, path: str) -> tuple[dict, str]:
-    dim, cap_feat_dim = _shape(sd, "cap_embedder.1.weight", path)
-    head_dim = _shape(sd, "layers.0.attention.q_norm.weight", path)[0]
-    qkv_rows = _shape(sd, "layers.0.attention.qkv.weight", path)[0]
+    dim, cap_feat_dim = _shape(sd, "cap_embedder.1.weight", path, 2)
+    head_dim = _shape(sd, "layers.0.attention.q_norm.weight", path, 1)[0]
+    qkv_rows = _shape(sd, "layers.0.attention.qkv.weight", path, 2)[0]
     n_heads = _heads(dim, head_dim, path)
     if qkv_rows % head_dim or qkv_rows // head_dim <= n_heads or (qkv_rows // head_dim - n_heads) % 2:
         raise GGUFError(path, f"the fused qkv projection's {qkv_rows} rows do not split into {n_heads} query heads "
                               f"and key/value heads of width {head_dim}: damaged tensors")
-    ffn_hidden = _shape(sd, "layers.0.feed_forward.w1.weight", path)[0]
-    patch_in = _shape(sd, "x_embedder.weight", path)[1]
+    ffn_hidden = _shape(sd, "layers.0.feed_forward.w1.weight", path, 2)[0]
+    patch_in = _shape(sd, "x_embedder.weight", path, 2)[1]
     config = {
         "image_model": "lumina2",
         "patch_size": 2,
@@ -187,14 +199,14 @@ def z_image_config(sd: dict, path: str) -> tuple[dict, str]:
     if "cap_pad_token" in sd:
         config["pad_tokens_multiple"] = 32
     if "siglip_embedder.0.weight" in sd:
-        config["siglip_feat_dim"] = _shape(sd, "siglip_embedder.0.weight", path)[0]
+        config["siglip_feat_dim"] = _shape(sd, "siglip_embedder.0.weight", path, 1)[0]
     return config, "Z-Image"
 
 
 def _is_z_image(sd: dict, path: str) -> bool:
     # Z-Image's timestep embedder ends in 256 features (z_image_modulation); Lumina 2's in the model width.
-    dim = _shape(sd, "cap_embedder.1.weight", path)[0]
-    t_out = _shape(sd, "t_embedder.mlp.2.weight", path)[0]
+    dim = _shape(sd, "cap_embedder.1.weight", path, 2)[0]
+    t_out = _shape(sd, "t_embedder.mlp.2.weight", path, 2)[0]
     return "x_pad_token" in sd or (t_out == 256 and dim != 256)
 
 
@@ -218,7 +230,7 @@ def open_diffusion_model(path: str) -> DiffusionModel:
         raise GGUFError(path, wrong_kind_message(kind, "a Qwen-Image or Z-Image diffusion model"))
     names = list(gguf.tensors)
     naming = next(m for m in NAME_MAPS if m.detect(names))
-    sd = naming.fuse(load_state_dict(gguf, naming.rename))
+    sd = naming.fuse(load_state_dict(gguf, naming.rename), path)
     family, config, variant = model_config(sd, path)
     sd.pop(INDEX_TIMESTEP_ZERO, None)
     return DiffusionModel(path, family, variant, config, sd, naming.name, quant_summary(gguf))
