@@ -169,6 +169,10 @@ def test_damaged_tokenizer_metadata_is_named(tmp_path, changes, fragment):
     ({"qwen2vl.attention.head_count": 0}, (), ("head_count is 0", "not a positive integer")),
     ({"qwen2vl.attention.head_count": 2 ** 31}, (), ("attention heads",)),
     ({"qwen2vl.attention.layer_norm_rms_epsilon": "1e-6"}, (), ("layer_norm_rms_epsilon is '1e-6'",)),
+    # Found by fuzzing: a damaged head count (heads of 16, not 64) or sections no longer cover the head.
+    ({"qwen2vl.attention.head_count": 16}, (), ("dimension_sections", "8 rotary pairs of its 16-wide")),
+    ({"qwen2vl.rope.dimension_sections": [8, 12, 13, 0]}, (), ("dimension_sections", "32 rotary pairs")),
+    ({"qwen2vl.rope.dimension_sections": "8,12,12"}, (), ("dimension_sections is '8,12,12'",)),
     ({}, ("blk.1.attn_v.weight",), ("missing model.layers.1.self_attn.v_proj.weight",)),
     ({}, ("blk.0.attn_k.weight",), ("missing tensor for 'model.layers.0.self_attn.k_proj.weight'",)),
 ])

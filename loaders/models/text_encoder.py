@@ -101,15 +101,20 @@ def _count(names, pattern: str) -> int:
 
 def _rope_sections(gguf: GGUFFile, arch: str, head_dim: int) -> list[int]:
     """M-RoPE sections (time, height, width) in rotary pairs: they cover half the head."""
-    sections = gguf.get(f"{arch}.rope.dimension_sections")
-    if isinstance(sections, np.ndarray) and sections.dtype.kind in "iu":
-        sections = [int(s) for s in sections if int(s) > 0]
-        if sum(sections) == head_dim // 2:
-            return sections
-    # Qwen2.5-VL's split ([16, 24, 24] for 128-wide heads) scaled to the head size.
-    first = head_dim // 8
-    rest = head_dim // 2 - first
-    return [first, rest // 2, rest - rest // 2]
+    key = f"{arch}.rope.dimension_sections"
+    sections = gguf.get(key)
+    if sections is None:
+        # Qwen2.5-VL's split ([16, 24, 24] for 128-wide heads) scaled to the head size.
+        first = head_dim // 8
+        rest = head_dim // 2 - first
+        return [first, rest // 2, rest - rest // 2]
+    values = [int(s) for s in sections] if isinstance(sections, np.ndarray) and sections.dtype.kind in "iu" else None
+    # Sections that do not cover the head are damage, of them or of the head count the head size came from.
+    if values is None or any(v < 0 for v in values) or sum(values) != head_dim // 2:
+        raise GGUFError(gguf.path, f"corrupt header: {key} is {sections!r}, not sections covering the "
+                                   f"{head_dim // 2} rotary pairs of its {head_dim}-wide attention heads (the "
+                                   "sections or the attention head count are damaged)")
+    return [v for v in values if v > 0]
 
 
 def _number(gguf: GGUFFile, key: str, kind: type, default, positive: bool = True):
