@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import mmap
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -269,3 +272,104 @@ def test_tensor_count_one_short_is_refused(tmp_path):
     content = raw_gguf([("a", [32], T.F32, 0), ("b", [32], T.F32, 128)], bytes(256))
     content = content[:8] + struct.pack("<Q", 1) + content[16:]
     expect_error(write(tmp_path, content), "past the end of its last listed tensor", "1 listed")
+
+
+# --- what real tools write, and what a damaged or unfinished file holds ------------------------------
+
+def test_scalar_of_no_dimensions_reads_as_one_element_as_gguf_py_writes_it(tmp_path):
+    path = tmp_path / "scalar.gguf"
+    w = GGUFWriter(str(path), arch="qwen_image")
+    w.add_tensor("s", np.array(2.5, dtype=np.float32))
+    w.add_tensor("v", np.arange(4, dtype=np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    assert GGUFReader(str(path)).tensors[0].n_elements == 1 and list(GGUFReader(str(path)).tensors[0].shape) == []
+    sd = load_state_dict(GGUFFile(path))
+    assert sd["s"].shape == () and sd["s"].item() == 2.5
+    expect_error(write(tmp_path, raw_gguf([("q", [], T.Q8_0, 0)], bytes(64))), "row length 1", "block size 32")
+
+
+def test_lengths_beyond_any_real_file_are_refused_before_being_read(tmp_path, monkeypatch):
+    huge_key = struct.pack("<Q", 1 << 20) + b"k" * 8
+    expect_error(write(tmp_path, raw_gguf([], b"", kv=huge_key, n_kv=1)), "metadata key of 1,048,576 bytes")
+    long_name = "t" * 5000
+    expect_error(write(tmp_path, raw_gguf([(long_name, [8], T.F32, 0)], bytes(32))), "tensor name of 5,000 bytes")
+    big_string = kv("general.name", 8, struct.pack("<Q", 1 << 30))
+    expect_error(write(tmp_path, raw_gguf([], b"", kv=big_string, n_kv=1)), "string of 1,073,741,824 bytes")
+    # A count the file could hold (it is 300 MB, sparse) but no tokenizer comes near.
+    path = write(tmp_path, raw_gguf([], b"", kv=kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 1 << 25)),
+                                    n_kv=1))
+    with open(path, "r+b") as f:
+        f.truncate(300 << 20)
+    expect_error(path, "metadata array of 33,554,432 strings or arrays")
+    # Whatever else makes reading the header run out of memory is a damaged header too.
+    monkeypatch.setattr("loaders.gguf.reader._Cursor.string", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    expect_error(write(tmp_path, raw_gguf([("a", [8], T.F32, 0)], bytes(32))), "more metadata than memory holds")
+
+
+def _sparse_gguf(path, n_values: int, tail: bytes = b""):
+    """A GGUF of one F32 tensor of ``n_values`` as a sparse file: zeros (no disk used) but for the
+    header and ``tail``, its last bytes."""
+    head = raw_gguf([("w", [n_values], T.F32, 0)], b"")
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + 4 * n_values - len(tail))
+        f.seek(0, 2)
+        f.write(tail)
+    return path
+
+
+def test_download_ending_in_reserved_zeros_is_refused(tmp_path):
+    """aria2c reserves a file's whole size before downloading: stopped early, the file has its full size
+    and ends in zeros, so the size check alone passes it."""
+    n = (64 << 20) // 4
+    assert GGUFFile(_sparse_gguf(tmp_path / "model.gguf", n, struct.pack("<f", 1.0) + bytes(60 << 10))).tensors
+    message = expect_error(_sparse_gguf(tmp_path / "model.gguf", n), "incomplete download", "last 64 KiB",
+                           "all zeros", "aria2c")
+    assert "control file" not in message
+    (tmp_path / "model.gguf.aria2").write_bytes(b"\0")
+    expect_error(tmp_path / "model.gguf", "aria2c's control file lies beside it")
+    # A small file is not judged by its zeros: a placeholder tensor may well be all zeros.
+    GGUFFile(_sparse_gguf(tmp_path / "small.gguf", (1 << 20) // 4))
+
+
+def test_part_of_a_split_model_says_to_merge(tmp_path):
+    entries = kv("split.no", 2, struct.pack("<H", 1)) + kv("split.count", 2, struct.pack("<H", 3))
+    expect_error(write(tmp_path, raw_gguf([("a", [8], T.F32, 0)], bytes(32), kv=entries, n_kv=2)),
+                 "part 2 of a model split into 3 files", "llama-gguf-split --merge")
+
+
+def _meminfo_bytes(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's overcommit accounting")
+def test_file_larger_than_memory_opens(tmp_path, caplog):
+    """A private writable map of a file larger than RAM + swap is refused under Linux's default
+    overcommit unless it reserves nothing: a BF16 Qwen-Image (41 GB) on a 32 GB machine."""
+    with open("/proc/sys/vm/overcommit_memory") as f:
+        if f.read().strip() != "0":
+            pytest.skip("the test needs Linux's default overcommit heuristic")
+    n = (_meminfo_bytes("MemTotal") + _meminfo_bytes("SwapTotal") + (2 << 30)) // 4
+    path = _sparse_gguf(tmp_path / "big.gguf", n, struct.pack("<f", 1.5))
+    with caplog.at_level(logging.INFO):
+        w = GGUFFile(path).raw("w")
+    assert w.numel() == 4 * n and w[-4:].view(torch.float32).item() == 1.5
+    assert "read-only" not in caplog.text  # mapped copy-on-write, as any file is
+
+
+def test_map_refused_private_is_read_only_and_reads_the_same(tmp_path, monkeypatch, recwarn, caplog):
+    data = np.arange(64, dtype=np.float32).tobytes()
+    path = write(tmp_path, raw_gguf([("w", [64], T.F32, 0)], data))
+    real = mmap.mmap
+
+    def refuse_private(fileno, length, **kwargs):
+        if "flags" in kwargs or kwargs.get("access") == mmap.ACCESS_COPY:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real(fileno, length, **kwargs)
+    monkeypatch.setattr(mmap, "mmap", refuse_private)
+    with caplog.at_level(logging.INFO):
+        sd = load_state_dict(GGUFFile(path))
+    assert torch.equal(sd["w"], torch.arange(64, dtype=torch.float32))
+    assert "model.gguf: mapped read-only" in caplog.text
+    assert not [w for w in recwarn.list if "not writable" in str(w.message)]

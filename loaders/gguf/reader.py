@@ -8,10 +8,14 @@ view of the map.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
+import platform
 import stat
 import struct
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -21,6 +25,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import GGUFError
 
+log = logging.getLogger(__name__)
+
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
@@ -28,6 +34,18 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 CONVERTER_DIMS = 5  # beyond GGUF's limit, but what some converters write for 3-D convolution kernels
 MAX_ELEMENTS = 1 << 40
+# GGUF's own limit on a key; llama.cpp's on a tensor name is 64 bytes, this leaves room for long prefixes.
+MAX_KEY = 65535
+MAX_TENSOR_NAME = 4096
+# A string value (a chat template runs to a few KB), and the strings or arrays of one array (a tokenizer
+# holds some 152k): beyond these a length is damage, and reading it would copy gigabytes first.
+MAX_STRING = 1 << 26
+MAX_ARRAY_ITEMS = 1 << 24
+# Trailing tensor bytes that are all zeros: what a downloader that reserves the file's whole size
+# first (aria2c) leaves where it stopped. Trained weights never hold this many zero bytes in a row; a
+# small file may (a placeholder tensor), and is no download worth resuming: only larger ones are checked.
+ZERO_TAIL = 1 << 16
+ZERO_TAIL_CHECKED_FROM = 1 << 26
 
 
 def absurd(dims) -> bool:
@@ -105,8 +123,11 @@ class _Cursor:
         self.pos += size
         return value
 
-    def string(self) -> str:
+    def string(self, limit: int = MAX_STRING, what: str = "string") -> str:
         n = self.take("Q")
+        if n > limit:
+            raise GGUFError(self.path, f"corrupt header: a {what} of {n:,} bytes at byte {self.pos - 8:,} "
+                                       f"(at most {limit:,} are read)")
         if self.pos + n > len(self.buf):
             raise GGUFError(self.path, f"truncated header: a {n:,}-byte string runs past the end of the "
                                        f"{len(self.buf):,}-byte file (incomplete download?)")
@@ -134,6 +155,9 @@ class _Cursor:
         if count * least > len(self.buf) - self.pos:
             raise GGUFError(self.path, f"corrupt or truncated header: a metadata array claims {count:,} elements, "
                                        f"more than the {len(self.buf) - self.pos:,} bytes left in the file hold")
+        if etype in (_STRING, _ARRAY) and count > MAX_ARRAY_ITEMS:
+            raise GGUFError(self.path, f"corrupt header: a metadata array of {count:,} strings or arrays at byte "
+                                       f"{self.pos - 12:,} (at most {MAX_ARRAY_ITEMS:,} are read)")
         if etype in _NUMPY:
             dtype = np.dtype(_NUMPY[etype]).newbyteorder("<")
             end = self.pos + count * dtype.itemsize
@@ -163,6 +187,28 @@ class _Cursor:
         return StringArray(buf, offsets, lengths)
 
 
+# Linux's MAP_NORESERVE (Python names it from 3.13 on; 0x4000 on the architectures listed).
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" and platform.machine() in (
+    "x86_64", "aarch64", "arm64", "i686", "armv7l", "riscv64", "s390x") else 0)
+
+
+def _map(f, path: str) -> mmap.mmap:
+    """The whole file mapped copy-on-write: torch wants a writable buffer, and a write must never reach
+    the file. Linux would count a private writable map against RAM + swap up front and refuse one
+    larger (a 41 GB BF16 file on a 32 GB machine) though nothing is written: NORESERVE skips that. Where
+    the system still refuses it (strict overcommit, a small Windows page file) the map is read-only:
+    nothing in this package writes into a file's tensors."""
+    try:
+        if hasattr(mmap, "MAP_PRIVATE"):
+            return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | _NORESERVE,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as e:
+        log.info("%s: mapped read-only, the system would not reserve memory for a private map (%s)",
+                 path, e.strerror or e)
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 def require_regular_file(path: str) -> None:
     """Only a regular file is opened: a FIFO would block forever, a directory says nothing clear."""
     try:
@@ -184,14 +230,17 @@ class GGUFFile:
                 size = os.fstat(f.fileno()).st_size
                 if size < 24:
                     raise GGUFError(self.path, f"not a GGUF file: only {size} bytes long")
-                # Copy-on-write: torch needs a writable buffer, and nothing is ever written back.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._map = _map(f, self.path)
         except OSError as e:
             raise GGUFError(self.path, f"cannot be read: {e.strerror or e}") from e
         self._buf = memoryview(self._map)
+        self._map_writable = not self._buf.readonly
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        self._parse()
+        try:
+            self._parse()
+        except MemoryError:
+            raise GGUFError(self.path, "corrupt header: it describes more metadata than memory holds") from None
 
     def _parse(self) -> None:
         cur = _Cursor(self.path, self._buf)
@@ -209,7 +258,7 @@ class GGUFFile:
         if n_tensors > 1_000_000 or n_kv > 1_000_000:
             raise GGUFError(self.path, f"corrupt header: claims {n_tensors:,} tensors and {n_kv:,} metadata keys")
         for _ in range(n_kv):
-            key = cur.string()
+            key = cur.string(MAX_KEY, "metadata key")
             if key in self.metadata:
                 raise GGUFError(self.path, f"corrupt header: metadata key {key!r} appears twice")
             self.metadata[key] = cur.value(cur.take("I"))
@@ -222,18 +271,27 @@ class GGUFFile:
             raise GGUFError(self.path, f"corrupt header: general.alignment {alignment} is not a power of two")
         data_start = -(-cur.pos // alignment) * alignment
         self.data_offset = data_start
+        self._check_split()
         self._check_layout(infos, data_start, alignment)
         self.tensors = {t.name: t for t in (
             TensorInfo(t.name, t.qtype, t.shape, t.offset + data_start, t.nbytes) for t in infos)}
+
+    def _check_split(self) -> None:
+        count, no = self.metadata.get("split.count"), self.metadata.get("split.no")
+        if isinstance(count, int) and count > 1:
+            part = f"part {no + 1}" if isinstance(no, int) else "a part"
+            raise GGUFError(self.path, f"is {part} of a model split into {count} files (llama-gguf-split): merge "
+                                       "them into one first, with llama-gguf-split --merge FIRST-PART OUTPUT.gguf")
 
     def _looks_like_safetensors(self) -> bool:
         head = bytes(self._buf[8:10])
         return head == b'{"'
 
     def _tensor_info(self, cur: _Cursor) -> TensorInfo:
-        name = cur.string()
+        name = cur.string(MAX_TENSOR_NAME, "tensor name")
         n_dims = cur.take("I")
-        if not 1 <= n_dims <= CONVERTER_DIMS:
+        # 0 dimensions is a scalar: gguf-py writes numpy scalars so, and llama.cpp reads one element.
+        if n_dims > CONVERTER_DIMS:
             raise GGUFError(self.path, f"tensor {name!r}: corrupt header, {n_dims} dimensions")
         dims = [cur.take("Q") for _ in range(n_dims)]
         if n_dims > MAX_DIMS:
@@ -258,8 +316,9 @@ class GGUFFile:
             raise GGUFError(self.path, f"tensor {name!r}: unknown quant type {raw_type} "
                                        "(written by a newer or patched llama.cpp?)") from None
         block_size, type_size = GGML_QUANT_SIZES[qtype]
-        if dims[0] % block_size:
-            raise GGUFError(self.path, f"tensor {name!r}: row length {dims[0]} is not a multiple of "
+        row = dims[0] if dims else 1
+        if row % block_size:
+            raise GGUFError(self.path, f"tensor {name!r}: row length {row} is not a multiple of "
                                        f"{qtype.name}'s block size {block_size}")
         return TensorInfo(name, qtype, tuple(reversed(dims)), offset, n // block_size * type_size)
 
@@ -292,6 +351,12 @@ class GGUFFile:
                 raise GGUFError(self.path, f"corrupt header: the file holds {size - end:,} bytes past the end of its "
                                            f"last listed tensor ({len(infos)} listed): the tensor table does not "
                                            "describe the data section")
+            if end - data_start >= ZERO_TAIL_CHECKED_FROM and not np.frombuffer(
+                    self._buf, np.uint8, ZERO_TAIL, end - ZERO_TAIL).any():
+                aria2 = " (and aria2c's control file lies beside it)" if os.path.exists(self.path + ".aria2") else ""
+                raise GGUFError(self.path, f"incomplete download: the last {ZERO_TAIL // 1024} KiB of its tensor data "
+                                           f"are all zeros{aria2}. A downloader that reserves a file's full size "
+                                           "first (aria2c) leaves zeros where it stopped; download it again")
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -315,7 +380,11 @@ class GGUFFile:
         t = self.tensors[name]
         if t.nbytes == 0:  # valid GGUF (Edit-2511's marker is F32 [0]); torch.frombuffer refuses count 0
             return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(self._map, dtype=torch.uint8, count=t.nbytes, offset=t.offset)
+        if self._map_writable:
+            return torch.frombuffer(self._map, dtype=torch.uint8, count=t.nbytes, offset=t.offset)
+        with warnings.catch_warnings():  # torch's warning that it could write into a read-only map
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(self._map, dtype=torch.uint8, count=t.nbytes, offset=t.offset)
 
     def __repr__(self) -> str:
         return f"GGUFFile({os.path.basename(self.path)!r}, {len(self.tensors)} tensors)"
