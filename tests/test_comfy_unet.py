@@ -32,8 +32,13 @@ def models(tmp_path_factory):
     write_model(dm / "qwen-edit-2511-tiny.gguf", qwen, qwen_image_recipe(T.Q8_0), extra_tensors=marker,
                 twin=str(dm / "qwen-edit-2511-tiny.safetensors"))
     zimg = random_weights(z_image_shapes(**Z_IMAGE), seed=1)
-    write_model(dm / "z-image-tiny-Q4_K.gguf", zimg, uniform_recipe(T.Q4_K), arch="lumina2",
-                twin=str(dm / "z-image-tiny.safetensors"))
+    chosen = write_model(dm / "z-image-tiny-Q4_K.gguf", zimg, uniform_recipe(T.Q4_K), arch="lumina2",
+                         twin=str(dm / "z-image-tiny.safetensors"))
+    # As stable-diffusion.cpp writes Z-Image (leejet's files): sd.cpp names, no architecture, and ggml's
+    # writer dropping the pad tokens' leading 1 ([1, d] stored as [d]); the same types as the file above.
+    squeezed = {k: v.reshape(-1) if k.endswith("pad_token") else v for k, v in zimg.items()}
+    write_model(dm / "z-image-tiny-sdcpp.gguf", squeezed, lambda name, shape: chosen[name], arch=None,
+                prefix="model.diffusion_model.")
     write_lora(root / "loras" / "tiny-lora.safetensors", qwen)
     scripts = REPO / "tests" / "comfy_scripts"
     for folder in ("controlnet", "vae"):
@@ -136,6 +141,7 @@ def latents(models, tmp_path_factory):
         "zimage": (gguf_loader("z-image-tiny-Q4_K.gguf"), 256, None),
         "zimage_native": (native_loader(models, "z-image-tiny-Q4_K.gguf", "z-image-tiny.safetensors", "z_image"),
                           256, None),
+        "zimage_sdcpp": (gguf_loader("z-image-tiny-sdcpp.gguf"), 256, None),
     }
     # The edit cases carry a reference latent, so the reference method (Edit-2511's marker) counts.
     prompts = [sampling_graph(loader, str(work / f"{name}.safetensors"), width, lora,
@@ -165,12 +171,15 @@ def latents(models, tmp_path_factory):
                          "latent_image": ["latent", 0], "denoise": 1.0}},
                      "pos": {"class_type": "TestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": 256}}})
     prompts[-1]["save"]["inputs"]["samples"] = ["sampler", 0]
+    # Text features of another width (another encoder's) than the model takes.
+    narrow = sampling_graph(gguf_loader("qwen-tiny-Q4_K_M.gguf"), str(work / "never_narrow.safetensors"), 128)
+    prompts.append(narrow)
     results = run_prompts(work, models, prompts)
     out = {}
     for name, result in zip(cases, results):
         assert result["success"], f"{name}: {short_error(result['error'])}"
         out[name] = load_file(str(work / f"{name}.safetensors"))["samples"]
-    out["wrong_kind"] = results[-1]
+    out["wrong_kind"], out["narrow_text"] = results[-2:]
     return out
 
 
@@ -220,6 +229,10 @@ def test_z_image_matches_native(latents):
     assert_close(latents["zimage"], latents["zimage_native"])
 
 
+def test_z_image_as_stable_diffusion_cpp_writes_it_matches_native(latents):
+    assert_close(latents["zimage_sdcpp"], latents["zimage_native"])
+
+
 @pytest.mark.parametrize("node", [n for n in CORE_NODE_CASES if n not in ("plain_8", "compiled")])
 def test_core_model_patch_nodes_match_native(latents, node):
     assert_close(latents[node], latents[node + "_native"])
@@ -237,6 +250,14 @@ def test_wrong_kind_file_gets_clear_error(latents):
     assert not result["success"]
     message = result["error"]["exception_message"]
     assert "Qwen2.5-VL-tiny-Q4_K_M.gguf" in message and "language model" in message and "CLIP-VL" in message
+
+
+def test_text_features_of_another_width_get_clear_error(latents):
+    result = latents["narrow_text"]
+    assert not result["success"]
+    message = result["error"]["exception_message"]
+    assert message.startswith("qwen-tiny-Q4_K_M.gguf: the prompt's conditioning is 128 wide"), message
+    assert "takes 256-wide text features" in message and "Qwen2.5-VL-7B" in message
 
 
 def test_model_management_lifecycle(models, tmp_path):

@@ -96,10 +96,25 @@ def quant_summary(gguf: GGUFFile) -> str:
     return ", ".join(f"{n} x{c}" for n, c in sorted(type_counts(gguf).items(), key=lambda kv: -kv[1]))
 
 
+def _leading_ones_dropped(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
 def check_tensors(path: str, sd: dict, expected: dict[str, tuple[int, ...]], what: str,
                   unexpected_is_fault: bool = True) -> list[str]:
     """Before a model is built: one GGUFError listing every missing and mis-shaped tensor (and, where
-    ``unexpected_is_fault``, every tensor the model has no place for). Returns the unexpected names."""
+    ``unexpected_is_fault``, every tensor the model has no place for). Returns the unexpected names.
+    A float tensor stored without its leading dimensions of size 1 gets them back in ``sd``: ggml's
+    own writer (stable-diffusion.cpp's files, llama-quantize's) keeps dimensions only up to the last
+    one above 1, so a [1, 3840] pad token comes back as [3840]."""
+    for k, shape in expected.items():
+        t = sd.get(k)
+        if (t is not None and not isinstance(t, GGMLTensor) and tuple(t.shape) != tuple(shape)
+                and _leading_ones_dropped(t.shape) == _leading_ones_dropped(shape)):
+            sd[k] = t.reshape(shape)
     unexpected = [k for k in sd if k not in expected]
     faults = [f"missing {k}" for k in expected if k not in sd]
     faults += [f"{k} is {list(logical_shape(sd[k]))}, expected {list(v)}" for k, v in expected.items()

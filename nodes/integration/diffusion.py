@@ -31,6 +31,14 @@ MODEL_CONFIGS = {
     "z_image": comfy.supported_models.ZImage,
 }
 
+# Per family: the config entry giving the width of the text features it takes, and the encoder
+# giving them at the published models' size.
+TEXT_FEATURES = {
+    "qwen_image": ("joint_attention_dim", "Qwen2.5-VL-7B"),
+    "z_image": ("cap_feat_dim", "Qwen3-4B"),
+}
+TEXT_WIDTH_KEY = "qwen_image_gguf_text_width"
+
 # Qwen-Image overflows in fp16 (black images), so fp16 is never offered whatever the device supports.
 COMPUTE_DTYPES = [torch.bfloat16, torch.float32]
 
@@ -89,6 +97,8 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
                                                                  offload_device=offload_device)
     model.load_model_weights(state_dict, "", assign=patcher.is_dynamic())
     patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, on_detach)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, TEXT_WIDTH_KEY,
+                                 text_width_check(dm))
     if copies is not None:
         attach_copies(model, copies)
         patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, on_load)
@@ -97,6 +107,22 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
              dm.path, dm.variant, dm.naming, dm.unet_config.get("num_layers", dm.unet_config.get("n_layers")),
              dtype, dm.summary)
     return patcher
+
+
+def text_width_check(dm: DiffusionModel):
+    """A wrapper of the model's forward refusing text features of another width than the model's:
+    those of another encoder (Qwen2.5-VL-3B's 2048 for Qwen-Image's 3584) would otherwise fail deep
+    in the first block with a shape error naming neither file."""
+    key, encoder = TEXT_FEATURES[dm.family]
+    width = dm.unet_config[key]
+
+    def check(executor, x, timestep, context, *args, **kwargs):
+        if context is not None and context.shape[-1] != width:
+            raise GGUFError(dm.path, f"the prompt's conditioning is {context.shape[-1]} wide, but this {dm.variant} "
+                                     f"model takes {width}-wide text features: encode the prompt with its own text "
+                                     f"encoder ({encoder}; another model or size of it gives other widths)")
+        return executor(x, timestep, context, *args, **kwargs)
+    return check
 
 
 def on_detach(patcher: comfy.model_patcher.ModelPatcher, unpatch_all: bool = True, *args) -> None:
