@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from gguf import GGMLQuantizationType as T
 from safetensors.numpy import load_file
 
 from loaders.gguf.errors import GGUFError
-from loaders.gguf.reader import GGUFFile
+from loaders.gguf.reader import GGUFFile, StringArray
 from loaders.quant.weight import GGMLTensor, dequantize
 from loaders.models.text_encoder import open_text_encoder
 from loaders.models.tokenizer import build_tokenizer
@@ -99,6 +101,15 @@ def test_diffusion_model_given(files):
     expect(files, "qwen-image.gguf", None, "qwen-image.gguf", "Qwen-Image diffusion model", "UNet")
 
 
+def test_mmproj_whose_full_attention_pattern_skips_every_block(tmp_path):
+    write_llm(tmp_path / "qwen25vl.gguf", "qwen2vl", dict(QWEN25VL, vocab=SMALL_VOCAB), None, None)
+    write_mmproj(tmp_path / "mmproj.gguf", VISION, QWEN25VL["hidden"], None,
+                 metadata={"clip.vision.n_wa_pattern": 2 ** 32 - 1})
+    with pytest.raises(GGUFError) as info:
+        open_text_encoder(str(tmp_path / "qwen25vl.gguf"), str(tmp_path / "mmproj.gguf"))
+    assert str(info.value).startswith("mmproj.gguf: corrupt header: clip.vision.n_wa_pattern is 4294967295")
+
+
 def test_truncated_mmproj(files, tmp_path):
     data = (files / "mmproj-F16.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
@@ -165,6 +176,44 @@ def test_damaged_tokenizer_metadata_is_named(tmp_path, changes, fragment):
     assert "tok.gguf" in str(info.value) and fragment in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize("key, fragment", [("tokenizer.ggml.tokens", "tokenizer.ggml.tokens is empty"),
+                                           ("tokenizer.ggml.merges", "260 tokens but tokenizer.ggml.merges is empty")])
+def test_empty_vocabulary_or_merges_are_named(tmp_path, key, fragment):
+    """Found by fuzzing: either would build a tokenizer that encodes every prompt to nothing or to bytes."""
+    tiny_tokenizer_file(tmp_path / "tok.gguf")
+    f = GGUFFile(tmp_path / "tok.gguf")
+    empty = np.empty(0, dtype=np.int64)
+    f.metadata[key] = StringArray(f._buf, empty, empty)  # as the reader reads an array of 0 strings
+    if key == "tokenizer.ggml.tokens":
+        del f.metadata["tokenizer.ggml.token_type"]
+    with pytest.raises(GGUFError) as info:
+        build_tokenizer(f)
+    assert "tok.gguf" in str(info.value) and fragment in str(info.value), str(info.value)
+
+
+def test_a_token_written_twice_is_named(tmp_path):
+    tokens = tiny_tokenizer_file(tmp_path / "tok.gguf")
+    tiny_tokenizer_file(tmp_path / "twice.gguf", **{"tokenizer.ggml.tokens": [*tokens[:-1], "<|im_start|>"]})
+    with pytest.raises(GGUFError) as info:
+        build_tokenizer(GGUFFile(tmp_path / "twice.gguf"))
+    assert f"tokens {len(tokens) - 2} and {len(tokens) - 1} are both '<|im_start|>'" in str(info.value)
+
+
+def test_many_added_tokens_build_at_once(tmp_path):
+    """A damaged token_type array can mark every token a control token: built one by one, 20k of them
+    took minutes (the library rebuilds its matcher per call); the ids are those of the tokens."""
+    meta = byte_level_tokenizer(["he", "Ġhe"], [(f"<|extra_{i}|>", 3 + i % 2) for i in range(20000)])
+    write_gguf(tmp_path / "many.gguf", {"token_embd.weight": np.zeros((8, 32), np.float32)},
+               lambda n, s: T.F32, arch="qwen2", metadata=meta)
+    start = time.monotonic()
+    tok = build_tokenizer(GGUFFile(tmp_path / "many.gguf"))
+    assert time.monotonic() - start < 20
+    tokens = meta["tokenizer.ggml.tokens"]
+    ids = tok.encode("he<|extra_7|>he<|extra_19998|>").ids
+    assert ids == [tokens.index("he"), tokens.index("<|extra_7|>"), tokens.index("he"), tokens.index("<|extra_19998|>")]
+    assert tok.decode(ids, skip_special_tokens=True) == "he<|extra_7|>he"
+
+
 @pytest.mark.parametrize("metadata, drop, fragments", [
     ({"qwen2vl.attention.head_count": 0}, (), ("head_count is 0", "not a positive integer")),
     ({"qwen2vl.attention.head_count": 2 ** 31}, (), ("attention heads",)),
@@ -173,6 +222,9 @@ def test_damaged_tokenizer_metadata_is_named(tmp_path, changes, fragment):
     ({"qwen2vl.attention.head_count": 16}, (), ("dimension_sections", "8 rotary pairs of its 16-wide")),
     ({"qwen2vl.rope.dimension_sections": [8, 12, 13, 0]}, (), ("dimension_sections", "32 rotary pairs")),
     ({"qwen2vl.rope.dimension_sections": "8,12,12"}, (), ("dimension_sections is '8,12,12'",)),
+    # Found by fuzzing: values that would run, into silently wrong conditioning.
+    ({"qwen2vl.attention.layer_norm_rms_epsilon": 1e30}, (), ("layer_norm_rms_epsilon is 1.0", "beyond any model's (at most 0.01)")),
+    ({"qwen2vl.rope.freq_base": 1.8e19}, (), ("freq_base is 1.8", "at most 1e+10")),
     ({}, ("blk.1.attn_v.weight",), ("missing model.layers.1.self_attn.v_proj.weight",)),
     ({}, ("blk.0.attn_k.weight",), ("missing tensor for 'model.layers.0.self_attn.k_proj.weight'",)),
 ])

@@ -157,7 +157,7 @@ def write_llm(path: Path, arch: str, spec: dict, tokenizer: Path | None, twin: P
 
 
 def write_mmproj(path: Path, spec: dict, out_width: int, twin: Path | None, qtype: T = T.F16, seed: int = 3,
-                 old_metadata: bool = False) -> None:
+                 old_metadata: bool = False, metadata: dict | None = None) -> None:
     weights = random_weights(vision_shapes(**spec, out=out_width), seed)
     gguf_weights = to_gguf_mmproj(weights)
     meta = {"clip.has_vision_encoder": True, "clip.projector_type": "qwen2.5vl_merger", "clip.use_silu": True,
@@ -172,6 +172,7 @@ def write_mmproj(path: Path, spec: dict, out_width: int, twin: Path | None, qtyp
     else:
         meta["general.type"] = "mmproj"
         meta["clip.vision.n_wa_pattern"] = 2
+    meta.update(metadata or {})
     recipe = uniform_recipe(qtype) if qtype not in (T.F16,) else (lambda n, s: T.F32 if len(s) == 1 else T.F16)
     chosen = write_gguf(path, gguf_weights, recipe, arch="clip", metadata=meta)
     if twin is not None:

@@ -117,8 +117,9 @@ def _rope_sections(gguf: GGUFFile, arch: str, head_dim: int) -> list[int]:
     return [v for v in values if v > 0]
 
 
-def _number(gguf: GGUFFile, key: str, kind: type, default, positive: bool = True):
-    """A hyperparameter from the header, checked for its type and sign (absent: ``default``)."""
+def _number(gguf: GGUFFile, key: str, kind: type, default, positive: bool = True, at_most: float | None = None):
+    """A hyperparameter from the header, checked for its type, sign and, where given, a bound no real
+    model comes near (absent: ``default``)."""
     value = gguf.get(key)
     if value is None:
         return default
@@ -126,6 +127,8 @@ def _number(gguf: GGUFFile, key: str, kind: type, default, positive: bool = True
     if not ok or (positive and not value > 0) or (kind is float and not math.isfinite(value)):
         raise GGUFError(gguf.path, f"corrupt header: {key} is {value!r}, not a {'positive ' if positive else ''}"
                                    f"{'number' if kind is float else 'integer'}")
+    if at_most is not None and value > at_most:
+        raise GGUFError(gguf.path, f"corrupt header: {key} is {value!r}, beyond any model's (at most {at_most:g})")
     return kind(value)
 
 
@@ -182,8 +185,10 @@ def llm_config(gguf: GGUFFile, sd: dict) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": k_rows // head_dim,
         "head_dim": head_dim,
-        "rms_norm_eps": _number(gguf, f"{arch}.attention.layer_norm_rms_epsilon", float, 1e-6),
-        "rope_theta": _number(gguf, f"{arch}.rope.freq_base", float, 1e6),
+        # Qwen's are 1e-6 and 1e6 (long-context variants 1e7): far past these a value is damage, and
+        # the model would still run, into silently wrong conditioning.
+        "rms_norm_eps": _number(gguf, f"{arch}.attention.layer_norm_rms_epsilon", float, 1e-6, at_most=1e-2),
+        "rope_theta": _number(gguf, f"{arch}.rope.freq_base", float, 1e6, at_most=1e10),
         "qkv_bias": "model.layers.0.self_attn.q_proj.bias" in sd,
         "qk_norm": "model.layers.0.self_attn.q_norm.weight" in sd,
         # Without its own output head a model generates text through its token table (tied weights).
@@ -308,7 +313,9 @@ def open_mmproj(path: str, llm_path: str, llm_hidden: int) -> tuple[VisionConfig
     hidden = logical_shape(sd["visual.patch_embed.proj.weight"])[0]
     layers = _count(names, r"^v\.blk\.(\d+)\.")
     heads = _number(gguf, "clip.vision.attention.head_count", int, 16)
-    pattern = _number(gguf, "clip.vision.n_wa_pattern", int, 0, positive=False)
+    # Every n_wa_pattern-th block attends to the whole image (Qwen2.5-VL's 8th of 32; a small model's
+    # pattern may pass its block count): a value of thousands is damage.
+    pattern = _number(gguf, "clip.vision.n_wa_pattern", int, 0, positive=False, at_most=1024)
     indexes = gguf.get("clip.vision.fullatt_block_indexes")
     if indexes is not None:
         if not (isinstance(indexes, np.ndarray) and indexes.dtype.kind in "iu"):

@@ -71,10 +71,22 @@ def _build(gguf: GGUFFile) -> Tokenizer:
                                    f"(supported: {', '.join(PRE_TOKENIZER_NAMES)})")
     rule = PRE_TOKENIZERS[PRE_TOKENIZER_NAMES[pre]]
     tokens = _strings(gguf, "tokenizer.ggml.tokens")
+    if not tokens:
+        raise GGUFError(gguf.path, "corrupt tokenizer: tokenizer.ggml.tokens is empty")
     types = _token_types(gguf, len(tokens))
-    vocab = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (NORMAL, CONTROL, USER_DEFINED)}
+    vocab = {}
+    for i, (text, kind) in enumerate(zip(tokens, types)):
+        if kind in (NORMAL, CONTROL, USER_DEFINED):
+            if text in vocab:  # one of the two ids could never be produced (a chat marker split into bytes)
+                raise GGUFError(gguf.path, f"corrupt tokenizer: tokens {vocab[text]} and {i} are both {text[:40]!r}")
+            vocab[text] = i
+    merge_list = _strings(gguf, "tokenizer.ggml.merges")
+    # A byte-level BPE's vocabulary beyond its 256 bytes is made of merges: without them every prompt
+    # would be encoded byte by byte, into ids the model never saw together.
+    if not merge_list and sum(kind == NORMAL for kind in types) > 256:
+        raise GGUFError(gguf.path, f"corrupt tokenizer: {len(tokens):,} tokens but tokenizer.ggml.merges is empty")
     merges = []
-    for i, merge in enumerate(_strings(gguf, "tokenizer.ggml.merges")):
+    for i, merge in enumerate(merge_list):
         pair = tuple(merge.split(" ", 1))
         if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:
             raise GGUFError(gguf.path, f"corrupt tokenizer: merge {i} ({merge[:40]!r}) names a token that is not in "
@@ -89,11 +101,10 @@ def _build(gguf: GGUFFile) -> Tokenizer:
     ])
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     # Added tokens are matched whole before BPE; control ones are "special" (skipped when decoding).
-    added = sorted((i, t, k) for i, (t, k) in enumerate(zip(tokens, types)) if k in (CONTROL, USER_DEFINED))
-    for _, text, kind in added:
-        token = AddedToken(text, special=kind == CONTROL, normalized=False, lstrip=False, rstrip=False,
-                           single_word=False)
-        tok.add_special_tokens([token]) if kind == CONTROL else tok.add_tokens([token])
+    # One call per kind: each call rebuilds the library's matcher of all added tokens.
+    for kind, add in ((CONTROL, tok.add_special_tokens), (USER_DEFINED, tok.add_tokens)):
+        add([AddedToken(text, special=kind == CONTROL, normalized=False, lstrip=False, rstrip=False,
+                        single_word=False) for text, k in zip(tokens, types) if k == kind])
     return tok
 
 
