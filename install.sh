@@ -128,7 +128,11 @@ check_python() {
 
 check_gpu() {
   if (( SKIP_GPU_CHECK )); then
-    say "GPU check skipped"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      say "GPU check skipped"
+    else
+      say "GPU check skipped; no NVIDIA driver here: on a machine without a GPU ComfyUI needs --cpu (install.sh ... -- --cpu)"
+    fi
     return
   fi
   command -v nvidia-smi >/dev/null 2>&1 \
@@ -142,6 +146,15 @@ check_gpu() {
 }
 
 # --- ComfyUI and this package ---------------------------------------------------------------------
+# The Python that will run ComfyUI must hold its environment (torch first): the system python3 beside
+# a ComfyUI with a virtual environment elsewhere installs this package's requirements and then fails
+# to start.
+check_torch() {
+  (( DRY_RUN )) && return 0
+  "$PYTHON" -c 'import torch' >/dev/null 2>&1 \
+    || fail "$PYTHON cannot import torch: it is not the Python ComfyUI in $COMFYUI runs with; pass that environment's with --python (e.g. --python /path/to/venv/bin/python)"
+}
+
 find_python() {
   [[ -n "$PYTHON" ]] && return
   local candidate
@@ -253,7 +266,7 @@ how_to_open() {
 
 start_comfyui() {
   if (( ! START )); then
-    say "Done. Start ComfyUI with: cd $COMFYUI && $PYTHON main.py --listen $LISTEN --port $PORT"
+    say "Done. Start ComfyUI with: cd $COMFYUI && $PYTHON main.py --listen $LISTEN --port $PORT${COMFY_ARGS[*]:+ ${COMFY_ARGS[*]}}"
     how_to_open
     return
   fi
@@ -274,6 +287,7 @@ install_comfyui
 find_python
 (( DRY_RUN )) && [[ ! -x "$PYTHON" ]] && ! command -v "$PYTHON" >/dev/null 2>&1 && PYTHON=python3
 check_python "$PYTHON"
+check_torch
 install_package
 download_models
 start_comfyui

@@ -16,6 +16,7 @@ else the size alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -136,6 +137,7 @@ def choose_quant(s: ModelSet, asked: str | None, choices: list[tuple[float, str,
 def plan(manifest: Manifest, set_names: list[str], quant: str | None = None,
          vram_gb: float | None = None) -> tuple[list[ModelFile], list[str]]:
     """The files to have for these sets, each once, and one line per set saying which quant and why."""
+    quant = quant.upper() if quant else quant  # quant names are upper case: q4_k_m means Q4_K_M
     unknown = [n for n in set_names if n not in manifest.sets]
     if unknown:
         raise DownloadError(f"unknown model set(s) {', '.join(unknown)}: choose from "
@@ -148,7 +150,7 @@ def plan(manifest: Manifest, set_names: list[str], quant: str | None = None,
         if not chosen:
             refused.append(name)
             continue
-        vram = f"{vram_gb:g} GB VRAM" if vram_gb else "VRAM unknown"
+        vram = f"{vram_gb:g} GB VRAM" if vram_gb is not None else "VRAM unknown"
         notes.append(f"{name}: diffusion model {chosen} ({why}; {vram})")
         for f in (s.quants[chosen], *s.files):
             files.setdefault(f.name, f)
@@ -297,6 +299,31 @@ def _gave_up(f: ModelFile, part: Path, tries: int, e: Exception) -> DownloadErro
     return DownloadError(f"{f.name}: the download failed after {tries} tries ({e}){kept}", retry=True)
 
 
+@contextlib.contextmanager
+def _only_download_of(f: ModelFile, part: Path) -> Iterator[None]:
+    """Held while ``part`` is written: a second download of the same file (another install.sh, or
+    ComfyUI's panel beside it) would append to the same partial file and ruin both."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks in the standard library that suit; none taken
+        yield
+        return
+    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DownloadError(f"{f.name}: another download of this file is running (a second install.sh, or "
+                                "ComfyUI's download panel); wait for it to finish") from None
+        try:
+            yield
+        finally:
+            if part.exists() and not part.stat().st_size:
+                part.unlink()  # made only to be locked
+    finally:
+        os.close(fd)
+
+
 def fetch(f: ModelFile, directory: str | os.PathLike, endpoint: str = DEFAULT_ENDPOINT, token: str | None = None,
           report: Callable[[Progress], None] = lambda p: None, cancelled: Callable[[], bool] = lambda: False,
           tries: int = TRIES) -> Path:
@@ -304,8 +331,16 @@ def fetch(f: ModelFile, directory: str | os.PathLike, endpoint: str = DEFAULT_EN
     file appears under its name only once its size and sha256 are checked."""
     dest = Path(directory) / f.name
     part = dest.with_name(dest.name + ".part")
-    url = f.url(endpoint)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with _only_download_of(f, part):
+        if present(f, directory):  # another download finished it while this one waited to start
+            return dest
+        return _fetch(f, dest, part, endpoint, token, report, cancelled, tries)
+
+
+def _fetch(f: ModelFile, dest: Path, part: Path, endpoint: str, token: str | None,
+           report: Callable[[Progress], None], cancelled: Callable[[], bool], tries: int) -> Path:
+    url = f.url(endpoint)
     progress = Progress(f.name, f.size)
     expected_sha = f.sha256 or published_sha256(url, token)
     for attempt in range(1, tries + 1):
@@ -452,9 +487,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             fetch(f, models_dir / f.folder, endpoint, token, report)
         except DownloadError as e:
-            again = "; run install.sh again to resume" if e.retry else ""
+            kept = partial_bytes(f, models_dir / f.folder)
+            again = f"; run install.sh again to {'resume' if kept else 'download it anew'}" if e.retry else ""
             print(f"install.sh: {e}{again}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            kept = partial_bytes(f, models_dir / f.folder)
+            print(f"\ninstall.sh: interrupted; the {human_bytes(kept)} of {f.name} downloaded so far are kept: run "
+                  "install.sh again to resume", file=sys.stderr)
+            return 130
         print(f"==> {f.name}: done")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -362,3 +363,88 @@ def test_repository_address_agrees_everywhere():
     readme = (REPO / "README.md").read_text()
     raw = url.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/install.sh"
     assert raw in readme and f"git clone {url}" in readme and raw in SCRIPT.read_text()
+
+
+@contextlib.contextmanager
+def slow_install(tmp_path, srv: Files, seconds_per_64k: float):
+    """An installer running in the background (its own process group), its diffusion model served
+    slowly; yields (the process, the manifest, the partial file) once the download is under way."""
+    serve(srv, ENTRIES)
+    man = manifest(tmp_path, ENTRIES)
+    srv.slow["/org/model/resolve/main/model-Q4_K_M.gguf"] = seconds_per_64k
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    (comfy / "main.py").touch()
+    proc = subprocess.Popen(["bash", str(SCRIPT), "--comfyui", str(comfy), "--python", sys.executable,
+                             "--skip-gpu-check", "--no-start", "--manifest", str(man), "--models", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "HF_ENDPOINT": srv.url})
+    part = comfy / "models" / "diffusion_models" / "model-Q4_K_M.gguf.part"
+    deadline = time.monotonic() + 120
+    try:
+        while not (part.exists() and part.stat().st_size > 64 << 10):
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.2)
+        yield proc, man, part
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+
+
+def test_a_second_download_of_the_same_file_waits_its_turn(tmp_path, files):
+    """Two installers (or one and ComfyUI's panel) appending to one partial file ruined both."""
+    # About 10 s for the first download: the second installer reaches its download well before.
+    with slow_install(tmp_path, files, 2.0) as (first, man, _):
+        second = install(tmp_path, files, man)
+        assert second.returncode != 0
+        last = second.stderr.strip().splitlines()[-1]
+        assert "model-Q4_K_M.gguf: another download of this file is running" in last, second.stderr
+        files.slow.clear()
+        out, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err + out
+    assert landed(tmp_path) == ENTRIES
+
+
+def test_an_interrupted_download_says_it_resumes(tmp_path, files):
+    with slow_install(tmp_path, files, 0.3) as (first, man, part):
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole foreground group
+        out, err = first.communicate(timeout=60)
+    assert first.returncode != 0 and "Traceback" not in err, err
+    assert "interrupted; the" in err and "model-Q4_K_M.gguf downloaded so far are kept" in err, err
+    assert part.stat().st_size > 64 << 10
+    files.slow.clear()
+    r = install(tmp_path, files, man)
+    assert r.returncode == 0 and "resuming at" in r.stdout, r.stderr + r.stdout
+    assert landed(tmp_path) == ENTRIES
+
+
+def test_choices_read_as_users_type_them(tmp_path):
+    """Found by a new user's walk: a lower-case quant was refused, 0 GB read as unknown, and the
+    arguments for ComfyUI after -- were left out of the command printed with --no-start."""
+    (tmp_path / "main.py").touch()
+    r = subprocess.run(["bash", str(SCRIPT), "--comfyui", str(tmp_path), "--python", sys.executable, "--skip-gpu-check",
+                        "--dry-run", "--vram", "0", "--quant", "q4_k_m", "--no-start", "--", "--cpu", "--lowvram"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "diffusion model Q4_K_M (as asked with --quant; 0 GB VRAM)" in r.stdout, r.stdout
+    assert re.search(r"Start ComfyUI with: cd .* main\.py --listen 127\.0\.0\.1 --port 8188 --cpu --lowvram$", r.stdout,
+                     re.M), r.stdout
+
+
+def test_a_python_without_torch_is_refused_before_installing(tmp_path, files):
+    """The system python3 beside a ComfyUI whose environment is elsewhere: the requirements went into it
+    and ComfyUI then failed to start."""
+    serve(files, ENTRIES)
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "custom_nodes").mkdir(parents=True)
+    (comfy / "main.py").touch()
+    r = subprocess.run(["bash", str(SCRIPT), "--comfyui", str(comfy), "--python", str(bare / "bin" / "python"),
+                        "--skip-gpu-check", "--no-start", "--manifest", str(manifest(tmp_path, ENTRIES)),
+                        "--models", "tiny"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_ENDPOINT": files.url})
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "cannot import torch" in last and "--python" in last, r.stderr
+    assert not (comfy / "custom_nodes" / PACKAGE).exists() and not landed(tmp_path)
