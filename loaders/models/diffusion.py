@@ -232,5 +232,4 @@ def open_diffusion_model(path: str) -> DiffusionModel:
     naming = next(m for m in NAME_MAPS if m.detect(names))
     sd = naming.fuse(load_state_dict(gguf, naming.rename), path)
     family, config, variant = model_config(sd, path)
-    sd.pop(INDEX_TIMESTEP_ZERO, None)
     return DiffusionModel(path, family, variant, config, sd, naming.name, quant_summary(gguf))

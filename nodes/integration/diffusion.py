@@ -65,9 +65,9 @@ def expected_tensors(dm: DiffusionModel) -> dict[str, tuple[int, ...]]:
     model_config.set_inference_dtype(torch.bfloat16, None)
     model_config.custom_operations = compat.shape_ops()
     model = model_config.get_model({}, "", device=torch.device("meta"))
-    # Zero-element entries are markers (Edit-2511's __index_timestep_zero__), not weights: the loader
-    # reads them into the config.
-    return {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items() if v.numel()}
+    # Zero-element entries are markers (Edit-2511's __index_timestep_zero__, which the config is read
+    # from): the model holds one exactly where the file does.
+    return {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()}
 
 
 def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
@@ -157,7 +157,8 @@ def _apply_mode(dm: DiffusionModel, model, mode: str, dtype: torch.dtype,
                  "multiplied with fp8 matmuls", dm.path, mode)
         return state_dict, None
     if mode == ON_THE_FLY or (mode == AUTO and not on_gpu):
-        log.info("GGUF %s: mode %s: on the fly (weights stay quantized, dequantized layer by layer)", dm.path, mode)
+        log.info("GGUF %s: mode %s: weights stay quantized, dequantized layer by layer when it runs", dm.path,
+                 "auto (on the fly on the CPU)" if mode == AUTO else mode)
         return state_dict, None
     free = comfy.model_management.get_free_memory(device)
     reserve = model.memory_required(RESERVE_LATENT) + comfy.model_management.minimum_inference_memory()

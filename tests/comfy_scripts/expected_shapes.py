@@ -1,8 +1,20 @@
 """The tensors a GGUF diffusion model is checked against, built as under ComfyUI's dynamic VRAM loader
-(whose Linear layers create no weight until loaded), against the file's own."""
+(whose Linear layers create no weight until loaded), against the file's own; and what ComfyUI's own
+loading of the weights warns of."""
+
+import logging
 
 import comfy.memory_management
 from script_helpers import loaded_module
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def run(cfg):
@@ -20,4 +32,11 @@ def run(cfg):
         out[name] = {"missing": sorted(set(expected) - set(held)), "unexpected": sorted(set(held) - set(expected)),
                      "misshaped": sorted(k for k in expected if k in held and expected[k] != held[k]),
                      "linear_weights": sum(k.endswith(".weight") and len(s) == 2 for k, s in expected.items())}
+        warnings = Warnings()
+        logging.getLogger().addHandler(warnings)
+        try:
+            diffusion.load_gguf_unet(f"{cfg['root']}/diffusion_models/{name}", "on the fly")
+        finally:
+            logging.getLogger().removeHandler(warnings)
+        out[name]["warnings"] = warnings.messages
     return out
