@@ -513,7 +513,8 @@ def test_a_missing_model_file_is_named_with_where_to_get_it(server):
     errors = {api[node]["class_type"]: json.dumps(e) for node, e in answer.get("node_errors", {}).items()}
     for loader in ("QwenImageGGUFUnetLoader", "QwenImageGGUFClipLoader", "QwenImageGGUFVAELoader"):
         assert loader in errors, answer
-        assert "download it with the 'Download' button" in errors[loader] and "install.sh" in errors[loader], errors
+        assert "download it with the 'Download' button" in errors[loader], errors
+        assert "install.sh --models z-image-turbo" in errors[loader], errors
     # Both text-encoder files missing: the one message (ComfyUI shows it at each input) names both inputs.
     api = load(WORKFLOWS / "api" / "Qwen-Image-2512 - 20 steps.json")
     clip = next(node for node in api.values() if node["class_type"] == "QwenImageGGUFClipLoader")["inputs"]

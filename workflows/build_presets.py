@@ -60,12 +60,20 @@ Qwen-Image is trained for these sizes (width x height):
 | 3:4 | 1140 x 1472 |
 """
 
-SMALL_GPU_NOTE = """### On a small GPU (12-16 GB)
-- The GGUF weights stay quantized in VRAM; ComfyUI offloads what does not fit by itself.
-- Lower the image size first (1024 x 1024 or 928 x 1664), then the quant (Q3_K_M, Q2_K).
-- The VAE decodes in tiles by itself when the image would not fit; lower its tile size if needed.
-- More steps cost time, not memory: 20 steps is the fast preview, 40 the default, 60 the finest.
-"""
+def small_gpu_note(edit: bool) -> str:
+    """What to know on a small GPU, for the text-to-image presets or the edit ones."""
+    size = ("- The input image is scaled to about one megapixel, its aspect ratio kept (FluxKontextImageScale), "
+            "whatever its size.\n" if edit else
+            "- A smaller image (1024 x 1024 or 928 x 1664) is faster; the smaller Q4_0 file (install.sh --quant "
+            "Q4_0) needs a little less memory.\n")
+    steps = ("- More steps cost time, not memory.\n" if edit else
+             "- More steps cost time, not memory: 20 steps is the fast preview, 40 the default, 60 the finest.\n")
+    return ("### On a small GPU\n"
+            "- The GGUF weights stay quantized in VRAM; ComfyUI keeps what does not fit in RAM and streams it to "
+            "the GPU: these presets complete with 8 GB of VRAM (and about 32-38 GB of RAM).\n"
+            + size
+            + "- The VAE decodes in tiles by itself when the image would not fit; lower its tile size if needed.\n"
+            + steps)
 
 
 def model_entry(name: str) -> dict:
@@ -287,7 +295,7 @@ def qwen_t2i(info: dict, steps: int) -> dict:
     g.add("MarkdownNote", (400, 620), (460, 300), text=(
         f"## Qwen-Image-2512 text to image, GGUF, {steps} steps\nQ4_K_M diffusion model, Qwen2.5-VL-7B Q4_K_M text "
         "encoder with its mmproj, Qwen VAE. DPM++ 2M with the Karras schedule, CFG 4, shift 3.1. The NaN Guard "
-        "redoes any step that overflows in fp32 instead of letting it turn the image black.\n\n" + SMALL_GPU_NOTE))
+        "redoes any step that overflows in fp32 instead of letting it turn the image black.\n\n" + small_gpu_note(False)))
     return g.to_json()
 
 
@@ -459,7 +467,7 @@ def qwen_edit(info: dict, images: int, lightning: bool = False) -> dict:
         f"## Qwen-Image-Edit-2511{', Lightning 4 steps' if lightning else ''}, GGUF\nThe mmproj file gives the text "
         "encoder its vision tower: without it the edit nodes cannot see the images (the loader says so). Replace the "
         f"input images with your own ({'one image' if images == 1 else 'image 1 is edited, image 2 is the reference'})."
-        + ("\n\n" + LIGHTNING_NOTE.format(steps=steps) if lightning else "\n\n" + SMALL_GPU_NOTE)))
+        + ("\n\n" + LIGHTNING_NOTE.format(steps=steps) if lightning else "\n\n" + small_gpu_note(True))))
     return g.to_json()
 
 

@@ -64,8 +64,9 @@ def missing_message(name: str, folder_key: str) -> str:
     if f is None:
         folders = ", ".join(folder_paths.get_folder_paths(folder_key))
         return f"{name} is not in ComfyUI's model folders for this input ({folders})"
+    sets = ",".join(n for n, s in MANIFEST.sets.items() if name in {g.name for g in (*s.quants.values(), *s.files)})
     return (f"{name} is not in models/{f.folder}: download it with the 'Download' button of the Qwen-Image GGUF "
-            f"panel (it opens when a workflow names a missing file), or with install.sh")
+            f"panel (it opens when a workflow names a missing file), or with install.sh --models {sets}")
 
 
 def validate(folder_key: str, name: str, substitute: bool = True) -> bool | str:
