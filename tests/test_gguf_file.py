@@ -306,10 +306,10 @@ def test_lengths_beyond_any_real_file_are_refused_before_being_read(tmp_path, mo
     expect_error(write(tmp_path, raw_gguf([("a", [8], T.F32, 0)], bytes(32))), "more metadata than memory holds")
 
 
-def _sparse_gguf(path, n_values: int, tail: bytes = b""):
+def _sparse_gguf(path, n_values: int, tail: bytes = b"", name: str = "w"):
     """A GGUF of one F32 tensor of ``n_values`` as a sparse file: zeros (no disk used) but for the
     header and ``tail``, its last bytes."""
-    head = raw_gguf([("w", [n_values], T.F32, 0)], b"")
+    head = raw_gguf([(name, [n_values], T.F32, 0)], b"")
     with open(path, "wb") as f:
         f.write(head)
         f.truncate(len(head) + 4 * n_values - len(tail))
@@ -328,8 +328,11 @@ def test_download_ending_in_reserved_zeros_is_refused(tmp_path):
     assert "control file" not in message
     (tmp_path / "model.gguf.aria2").write_bytes(b"\0")
     expect_error(tmp_path / "model.gguf", "aria2c's control file lies beside it")
-    # A small file is not judged by its zeros: a placeholder tensor may well be all zeros.
+    # A small file is not judged by its zeros: a placeholder tensor may well be all zeros. Nor is a
+    # language model's token table or output head, whose padding rows past the tokenizer may be.
     GGUFFile(_sparse_gguf(tmp_path / "small.gguf", (1 << 20) // 4))
+    for table in ("token_embd.weight", "output.weight"):
+        GGUFFile(_sparse_gguf(tmp_path / "table.gguf", n, name=table))
 
 
 def test_part_of_a_split_model_says_to_merge(tmp_path):

@@ -42,10 +42,14 @@ MAX_TENSOR_NAME = 4096
 MAX_STRING = 1 << 26
 MAX_ARRAY_ITEMS = 1 << 24
 # Trailing tensor bytes that are all zeros: what a downloader that reserves the file's whole size
-# first (aria2c) leaves where it stopped. Trained weights never hold this many zero bytes in a row; a
-# small file may (a placeholder tensor), and is no download worth resuming: only larger ones are checked.
+# first (aria2c) leaves where it stopped. Trained weights never hold this many zero bytes in a row,
+# but for a language model's token table or output head, whose last rows (the vocabulary padded past
+# the tokenizer's, 399 rows in Qwen2.5-VL-7B) may be untrained zeros; a small file may too (a
+# placeholder tensor), and is no download worth resuming. Only larger files are checked, and not
+# where the tail lies in such a table.
 ZERO_TAIL = 1 << 16
 ZERO_TAIL_CHECKED_FROM = 1 << 26
+VOCABULARY_TABLES = ("token_embd.weight", "output.weight", "embed_tokens.weight", "lm_head.weight")
 
 
 def absurd(dims) -> bool:
@@ -351,8 +355,9 @@ class GGUFFile:
                 raise GGUFError(self.path, f"corrupt header: the file holds {size - end:,} bytes past the end of its "
                                            f"last listed tensor ({len(infos)} listed): the tensor table does not "
                                            "describe the data section")
-            if end - data_start >= ZERO_TAIL_CHECKED_FROM and not np.frombuffer(
-                    self._buf, np.uint8, ZERO_TAIL, end - ZERO_TAIL).any():
+            tail = [t.name for t in ordered if data_start + t.offset + t.nbytes > end - ZERO_TAIL]
+            if (end - data_start >= ZERO_TAIL_CHECKED_FROM and not any(n.endswith(VOCABULARY_TABLES) for n in tail)
+                    and not np.frombuffer(self._buf, np.uint8, ZERO_TAIL, end - ZERO_TAIL).any()):
                 aria2 = " (and aria2c's control file lies beside it)" if os.path.exists(self.path + ".aria2") else ""
                 raise GGUFError(self.path, f"incomplete download: the last {ZERO_TAIL // 1024} KiB of its tensor data "
                                            f"are all zeros{aria2}. A downloader that reserves a file's full size "
