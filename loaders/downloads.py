@@ -267,7 +267,8 @@ def _stream(f: ModelFile, url: str, part: Path, token: str | None, progress: Pro
     except urllib.error.HTTPError as e:
         if e.code == 416:  # nothing after what we have: complete, or the remote file changed
             if f.size is None or have != f.size:
-                part.unlink(missing_ok=True)
+                if part.exists():  # emptied, not removed: the file is what _only_download_of locks
+                    os.truncate(part, 0)
                 raise DownloadError(f"{f.name}: the partial download does not fit the remote file", retry=True)
             return
         raise _http_fault(f, url, e.code) from None
@@ -302,24 +303,31 @@ def _gave_up(f: ModelFile, part: Path, tries: int, e: Exception) -> DownloadErro
 @contextlib.contextmanager
 def _only_download_of(f: ModelFile, part: Path) -> Iterator[None]:
     """Held while ``part`` is written: a second download of the same file (another install.sh, or
-    ComfyUI's panel beside it) would append to the same partial file and ruin both."""
+    ComfyUI's panel beside it) would append to the same partial file and ruin both. The lock is on
+    the partial file itself, which is therefore only ever emptied while held, never replaced, and
+    renamed into place last. Where no advisory lock can be had (Windows, a network filesystem
+    without locking) the download goes on without one."""
     try:
         import fcntl
-    except ImportError:  # Windows: no advisory locks in the standard library that suit; none taken
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
         yield
         return
-    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DownloadError(f"{f.name}: another download of this file is running (a second install.sh, or "
                                 "ComfyUI's download panel); wait for it to finish") from None
+        except OSError:
+            pass
         try:
             yield
         finally:
-            if part.exists() and not part.stat().st_size:
-                part.unlink()  # made only to be locked
+            # The partial file made only to be locked, if it is still ours and nothing was written.
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_size == 0 and os.stat(part).st_ino == os.fstat(fd).st_ino:
+                    part.unlink()
     finally:
         os.close(fd)
 
@@ -333,7 +341,10 @@ def fetch(f: ModelFile, directory: str | os.PathLike, endpoint: str = DEFAULT_EN
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _only_download_of(f, part):
-        if present(f, directory):  # another download finished it while this one waited to start
+        if present(f, directory):  # another download finished it since this one was asked for
+            done = Progress(f.name, f.size, done=f.size or 0)
+            done.state, done.message = "done", "already in place"
+            report(done)
             return dest
         return _fetch(f, dest, part, endpoint, token, report, cancelled, tries)
 
@@ -493,12 +504,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         except KeyboardInterrupt:
             kept = partial_bytes(f, models_dir / f.folder)
-            print(f"\ninstall.sh: interrupted; the {human_bytes(kept)} of {f.name} downloaded so far are kept: run "
-                  "install.sh again to resume", file=sys.stderr)
+            said = (f"the {human_bytes(kept)} of {f.name} downloaded so far are kept: run install.sh again to resume"
+                    if kept else "run install.sh again to download the rest")
+            print(f"\ninstall.sh: interrupted; {said}", file=sys.stderr)
             return 130
         print(f"==> {f.name}: done")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before any download: checking the sha256 of files in place takes minutes
+        print("\ninstall.sh: interrupted; run install.sh again to go on", file=sys.stderr)
+        sys.exit(130)

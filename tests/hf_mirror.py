@@ -86,7 +86,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for i in range(0, len(body), 1 << 16):
             self.wfile.write(body[i:i + (1 << 16)])
             self.wfile.flush()
-            time.sleep(delay)
+            # Read again as it goes, so that a test can hold a download and then let it finish.
+            waited = 0.0
+            while waited < srv.slow.get(path, 0.0):
+                time.sleep(0.05)
+                waited += 0.05
 
 
 def serve_manifest_files(srv: Files, manifest: dict, contents: dict[str, bytes]) -> dict:
