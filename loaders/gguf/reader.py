@@ -356,7 +356,8 @@ class GGUFFile:
                                            f"last listed tensor ({len(infos)} listed): the tensor table does not "
                                            "describe the data section")
             tail = [t.name for t in ordered if data_start + t.offset + t.nbytes > end - ZERO_TAIL]
-            if (end - data_start >= ZERO_TAIL_CHECKED_FROM and not any(n.endswith(VOCABULARY_TABLES) for n in tail)
+            if (end - data_start >= ZERO_TAIL_CHECKED_FROM
+                    and not any(n == t or n.endswith("." + t) for n in tail for t in VOCABULARY_TABLES)
                     and not np.frombuffer(self._buf, np.uint8, ZERO_TAIL, end - ZERO_TAIL).any()):
                 aria2 = " (and aria2c's control file lies beside it)" if os.path.exists(self.path + ".aria2") else ""
                 raise GGUFError(self.path, f"incomplete download: the last {ZERO_TAIL // 1024} KiB of its tensor data "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Callable
 
 import torch
 
@@ -109,18 +110,19 @@ def build_model_patcher(dm: DiffusionModel, mode: str = AUTO,
     return patcher
 
 
-def text_width_check(dm: DiffusionModel):
+def text_width_check(dm: DiffusionModel) -> Callable[..., Any]:
     """A wrapper of the model's forward refusing text features of another width than the model's:
     those of another encoder (Qwen2.5-VL-3B's 2048 for Qwen-Image's 3584) would otherwise fail deep
-    in the first block with a shape error naming neither file."""
+    in the first block with a shape error naming neither file. (It keeps only what it says: holding
+    ``dm`` would keep the file's state dict alive as long as the model.)"""
     key, encoder = TEXT_FEATURES[dm.family]
-    width = dm.unet_config[key]
+    width, path, variant = dm.unet_config[key], dm.path, dm.variant
 
     def check(executor, x, timestep, context, *args, **kwargs):
         if context is not None and context.shape[-1] != width:
-            raise GGUFError(dm.path, f"the prompt's conditioning is {context.shape[-1]} wide, but this {dm.variant} "
-                                     f"model takes {width}-wide text features: encode the prompt with its own text "
-                                     f"encoder ({encoder}; another model or size of it gives other widths)")
+            raise GGUFError(path, f"the prompt's conditioning is {context.shape[-1]} wide, but this {variant} "
+                                  f"model takes {width}-wide text features: encode the prompt with its own text "
+                                  f"encoder ({encoder}; another model or size of it gives other widths)")
         return executor(x, timestep, context, *args, **kwargs)
     return check
 
