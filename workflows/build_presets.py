@@ -70,7 +70,8 @@ def small_gpu_note(edit: bool) -> str:
              "- More steps cost time, not memory: 20 steps is the fast preview, 40 the default, 60 the finest.\n")
     return ("### On a small GPU\n"
             "- The GGUF weights stay quantized in VRAM; ComfyUI keeps what does not fit in RAM and streams it to "
-            "the GPU: these presets complete with 8 GB of VRAM (and about 32-38 GB of RAM).\n"
+            "the GPU. On an H100 with ComfyUI given 8 GB of VRAM, these presets completed using about 9 GB of the "
+            "GPU and 32-38 GB of RAM (README, Presets).\n"
             + size
             + "- The VAE decodes in tiles by itself when the image would not fit; lower its tile size if needed.\n"
             + steps)
