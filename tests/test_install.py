@@ -365,6 +365,12 @@ def test_repository_address_agrees_everywhere():
     assert raw in readme and f"git clone {url}" in readme and raw in SCRIPT.read_text()
 
 
+def _interruptible() -> None:
+    # As in a terminal: a suite run in the background (a CI job started with &) ignores SIGINT, and an
+    # ignored signal stays ignored in every process it starts.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def slow_install(tmp_path, srv: Files, seconds_per_64k: float):
     """An installer running in the background (its own process group), its diffusion model served
@@ -378,7 +384,7 @@ def slow_install(tmp_path, srv: Files, seconds_per_64k: float):
     proc = subprocess.Popen(["bash", str(SCRIPT), "--comfyui", str(comfy), "--python", sys.executable,
                              "--skip-gpu-check", "--no-start", "--manifest", str(man), "--models", "tiny"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "HF_ENDPOINT": srv.url})
+                            env={**os.environ, "HF_ENDPOINT": srv.url}, preexec_fn=_interruptible)
     part = comfy / "models" / "diffusion_models" / "model-Q4_K_M.gguf.part"
     deadline = time.monotonic() + 120
     try:
