@@ -34,6 +34,7 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 CONVERTER_DIMS = 5  # beyond GGUF's limit, but what some converters write for 3-D convolution kernels
 MAX_ELEMENTS = 1 << 40
+MAX_NESTING = 4  # arrays of arrays: llama.cpp writes none nested deeper than one level
 # GGUF's own limit on a key; llama.cpp's on a tensor name is 64 bytes, this leaves room for long prefixes.
 MAX_KEY = 65535
 MAX_TENSOR_NAME = 4096
@@ -56,7 +57,7 @@ def absurd(dims) -> bool:
     """Whether a shape is beyond any real tensor: more than MAX_ELEMENTS elements, counting its other
     dimensions where one is 0 (a shape of no elements must still be one torch can make)."""
     return float(np.prod([float(d) for d in dims if d])) > MAX_ELEMENTS
-MAX_NESTING = 4  # arrays of arrays: llama.cpp writes none nested deeper than one level
+
 
 # GGUF metadata value types -> struct codes (STRING = 8 and ARRAY = 9 are handled apart).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -355,14 +356,19 @@ class GGUFFile:
                 raise GGUFError(self.path, f"corrupt header: the file holds {size - end:,} bytes past the end of its "
                                            f"last listed tensor ({len(infos)} listed): the tensor table does not "
                                            "describe the data section")
-            tail = [t.name for t in ordered if data_start + t.offset + t.nbytes > end - ZERO_TAIL]
-            if (end - data_start >= ZERO_TAIL_CHECKED_FROM
-                    and not any(n == t or n.endswith("." + t) for n in tail for t in VOCABULARY_TABLES)
-                    and not np.frombuffer(self._buf, np.uint8, ZERO_TAIL, end - ZERO_TAIL).any()):
-                aria2 = " (and aria2c's control file lies beside it)" if os.path.exists(self.path + ".aria2") else ""
-                raise GGUFError(self.path, f"incomplete download: the last {ZERO_TAIL // 1024} KiB of its tensor data "
-                                           f"are all zeros{aria2}. A downloader that reserves a file's full size "
-                                           "first (aria2c) leaves zeros where it stopped; download it again")
+            if end - data_start >= ZERO_TAIL_CHECKED_FROM:
+                self._check_zero_tail(ordered, data_start, end)
+
+    def _check_zero_tail(self, ordered: list[TensorInfo], data_start: int, end: int) -> None:
+        """An unfinished download of the file's full size: its last ZERO_TAIL bytes all zeros."""
+        tail = [t.name for t in ordered if data_start + t.offset + t.nbytes > end - ZERO_TAIL]
+        if any(n == t or n.endswith("." + t) for n in tail for t in VOCABULARY_TABLES):
+            return
+        if not np.frombuffer(self._buf, np.uint8, ZERO_TAIL, end - ZERO_TAIL).any():
+            aria2 = " (and aria2c's control file lies beside it)" if os.path.exists(self.path + ".aria2") else ""
+            raise GGUFError(self.path, f"incomplete download: the last {ZERO_TAIL // 1024} KiB of its tensor data "
+                                       f"are all zeros{aria2}. A downloader that reserves a file's full size "
+                                       "first (aria2c) leaves zeros where it stopped; download it again")
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
