@@ -27,9 +27,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # "ours, on the fly + NaN guard" times the on-the-fly model with and without the guard, taking turns.
-# ComfyUI's native fp8 models do not hand all their VRAM back when unloaded: they come last, so that
-# no other model's peak VRAM includes their leftovers.
-MODELS = ["native bf16", "ours, on the fly + NaN guard", "ours, cached", "ours, fp8 compute", "ours, fp8 on the fly",
+# A variant can leave GPU memory behind for the next (fp8 on the fly once measured 1.38x and 3.3 GB
+# more after fp8 compute than alone after native bf16, docs/PERFORMANCE.md): the modes that make no
+# copies come first, and ComfyUI's native fp8 models, which do not hand all their VRAM back, last.
+MODELS = ["native bf16", "ours, on the fly + NaN guard", "ours, fp8 on the fly", "ours, cached", "ours, fp8 compute",
           "ours, auto", "native fp8_e4m3fn", "native fp8_e4m3fn_fast"]
 # Not run by default: our model on ComfyUI's classic patcher (no dynamic loader), for comparison.
 CLASSIC = ["ours, on the fly, classic loader", "ours, fp8 compute, classic loader"]
@@ -97,14 +98,14 @@ def main() -> None:
     print(f"GPU: {result['gpu']}; torch {result['torch']}; ComfyUI {result['comfyui']}; "
           f"dynamic VRAM: {result['dynamic_vram']}")
     print("| model | size | s/step (median) | vs native bf16 | first step (s) | load (s) | peak VRAM | "
-          "final latent vs native bf16 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "final latent vs native bf16 | in use before loading |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         base = next((r for r in result["rows"] if r["size"] == row["size"] and r["model"] == "native bf16"), None)
         ratio = f"{row['s_per_step'] / base['s_per_step']:.2f}x" if base else "-"
         print(f"| {row['model']} | {row['size']}x{row['size']} | {row['s_per_step']:.3f} | "
               f"{ratio} | {row['first_step_s']:.1f} | {row['load_s']:.1f} | "
-              f"{row['peak_vram_gb']:.1f} GB | {_error(row)} |")
+              f"{row['peak_vram_gb']:.1f} GB | {_error(row)} | {row['vram_before_load_gb']:.1f} GB |")
     guard_cost(result["rows"])
     for row in low_vram:
         print(f"| ours, auto, ComfyUI limited to {row['limit_gb']:.0f} GB | {row['size']}x{row['size']} | "
