@@ -27,9 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # "ours, on the fly + NaN guard" times the on-the-fly model with and without the guard, taking turns.
-# A variant can leave GPU memory behind for the next (fp8 on the fly once measured 1.38x and 3.3 GB
-# more after fp8 compute than alone after native bf16, docs/PERFORMANCE.md): the modes that make no
-# copies come first, and ComfyUI's native fp8 models, which do not hand all their VRAM back, last.
+# A variant can leave GPU memory behind that slows the next one and swells its peak: the modes that
+# make no copies come first, and ComfyUI's native fp8 models, which do not hand all their VRAM back,
+# last. The table shows the memory in use before each variant loads.
 MODELS = ["native bf16", "ours, on the fly + NaN guard", "ours, fp8 on the fly", "ours, cached", "ours, fp8 compute",
           "ours, auto", "native fp8_e4m3fn", "native fp8_e4m3fn_fast"]
 # Not run by default: our model on ComfyUI's classic patcher (no dynamic loader), for comparison.
