@@ -12,6 +12,7 @@ manual-cast path. ComfyUI's internals are reached through ``compat``.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -22,6 +23,8 @@ from ...loaders.quant.plan import DeviceCopies, FP8Plan, LinearPlan, bind
 from ...loaders.quant.weight import GGMLTensor, dequantize_bytes, wrap
 from . import compat
 from .lora import apply_patches
+
+log = logging.getLogger(__name__)
 
 # Layers that read the same input one after another, by name under one parent module (Qwen-Image's
 # attention projections of each stream, Z-Image's gated MLP): in fp8 mode they share its quantization.
@@ -158,18 +161,29 @@ def release_memory(model: torch.nn.Module, copies_too: bool) -> int:
     for plan in _plans(model):
         if isinstance(plan, FP8Plan):
             plan.forget_kept()
-    copies = getattr(model, compat.COPIES, None)
-    return copies.drop() if copies_too and copies is not None else 0
+    return _drop_copies(model, "ComfyUI asked the model for memory") if copies_too else 0
 
 
 def drop_device_state(model: torch.nn.Module) -> None:
     """Forget what the layers' plans hold for the loaded model (converted copies, LoRA factors, kept
     fp8 operands): when ComfyUI unloads it."""
-    copies = getattr(model, compat.COPIES, None)
-    if copies is not None:
-        copies.drop()
+    _drop_copies(model, "ComfyUI unloaded the model")
     for plan in _plans(model):
         plan.drop_device_state()
+
+
+def _drop_copies(model: torch.nn.Module, why: str) -> int:
+    """Free the model's converted copies, saying so where there were any: the steps after run slower
+    until they are made again, and a user timing images should be able to see why."""
+    copies = getattr(model, compat.COPIES, None)
+    if copies is None:
+        return 0
+    layers = len(copies.holders)
+    freed = copies.drop()
+    if layers:
+        log.info("GGUF: converted copies of %d layers (%.2f GiB) freed: %s; they are made again at their next use",
+                 layers, freed / 2**30, why)
+    return freed
 
 
 def cached_factor_count(model: torch.nn.Module) -> int:

@@ -6,6 +6,8 @@ load (in low-rank form, and a full-difference patch through ComfyUI's math), aft
 a clone, and in cached mode; and reports the memory ComfyUI accounts for the model.
 """
 
+import logging
+
 import torch
 
 import comfy.model_management as mm
@@ -144,9 +146,23 @@ def run(cfg):
     result["cached_quantized_params"] = n_quantized(cached)
     result["cached_model_size"] = cached.model_size()
     # ComfyUI asking the model for more memory than its bytes frees the copies; unloading frees them too.
-    cached.partially_unload(mm.unet_offload_device(), memory_to_free=1 << 40)
-    result["cached_copies_after_free"] = len(copies.holders)
-    forward(cached, full_load=True)
-    cached.detach()
-    result["cached_copies_after_detach"] = len(copies.holders)
+    # Each time copies go, one log line says how many and why (what a user timing images looks for).
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    ops_log = logging.getLogger(pkg.nodes.integration.ops.__name__)
+    ops_log.addHandler(handler)
+    level = ops_log.level
+    ops_log.setLevel(logging.INFO)  # ComfyUI's default (this runner configures no logging)
+    try:
+        cached.partially_unload(mm.unet_offload_device(), memory_to_free=1 << 40)
+        result["cached_copies_after_free"] = len(copies.holders)
+        forward(cached, full_load=True)
+        cached.detach()
+        result["cached_copies_after_detach"] = len(copies.holders)
+        cached.detach()  # nothing left to free: nothing said
+    finally:
+        ops_log.removeHandler(handler)
+        ops_log.setLevel(level)
+    result["copies_freed_said"] = said
     return result
