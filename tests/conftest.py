@@ -1,4 +1,10 @@
-"""Under CI=true a test may skip only for want of a GPU or of city96's ComfyUI-GGUF (on no registry CI
+"""The suite: ``unit/`` tests the library alone, ``integration/`` runs it inside real ComfyUI (its
+tiny models are written by ``integration/conftest.py``). The modules beside this file serve both:
+tiny random models and text encoders (tiny_models, tiny_text_encoders), llama.cpp's reference
+quantizer (llama_cpp_ref), a started ComfyUI and the graphs run in it (comfy_env, comfy_runner,
+comfy_server, comfy_graphs), a stand-in for Hugging Face (hf_mirror) and the fuzzer (fuzz_gguf).
+
+Under CI=true a test may skip only for want of a GPU or of city96's ComfyUI-GGUF (on no registry CI
 reaches): a ComfyUI or browser test that skips there means CI did not set up what it must, and counts
 as a failure."""
 

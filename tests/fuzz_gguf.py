@@ -4,7 +4,7 @@ GGUFError naming the file.
 
     python tests/fuzz_gguf.py --cases 20000 [--seed 0] [--workers 2]   # long runs: counts by outcome
 
-The suite runs a short campaign (test_fuzz.py). The campaign runs as a script inside ComfyUI (this
+The suite runs a short campaign (integration/test_fuzz.py). The campaign runs as a script inside ComfyUI (this
 package loaded by its custom-node loader, as users get it); each case runs in a forked child with a
 memory cap and an alarm, so a hang or a runaway allocation shows as its own outcome instead of
 stopping the run. The forward of each kind is what a graph does first with it: a one-step sample

@@ -19,7 +19,10 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants
+
+from loaders.gguf.writer import encode
 
 SDIST = "llama-cpp-python==0.3.36"
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "llama_cpp_ref"
@@ -113,3 +116,19 @@ def quantize_ref(lib: ctypes.CDLL, name: str, rows: np.ndarray, importance: np.n
         fn.restype = None
         fn(rows.ctypes.data, out.ctypes.data, rows.size)
     return out.reshape(-1, size)
+
+
+def expected(value: torch.Tensor, qtype: T) -> np.ndarray:
+    """What a tensor of ``value`` reads back as when stored as ``qtype``: llama.cpp's reference
+    quantizer's bytes (ours where it cannot be built) decoded by the gguf package."""
+    a = value.numpy().astype(np.float32)
+    if qtype == T.F32:
+        return a
+    if qtype == T.F16:
+        return a.astype(np.float16).astype(np.float32)
+    lib = reference()
+    if lib is not None and qtype not in (T.BF16,):
+        data = quantize_ref(lib, qtype.name.lower().replace("_k", "_K"), a.reshape(-1, a.shape[-1]))
+    else:
+        data = encode(a, qtype)
+    return quants.dequantize(data, qtype).reshape(a.shape).astype(np.float32)

@@ -7,9 +7,13 @@ values the GGUF decodes to, so a model loaded natively from the twin must match 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType as T, quants
 from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch
 
 from loaders.convert.recipes import IMAGE_ARCHS, LEVELS, Recipe, image_recipe, uniform_recipe
 from loaders.gguf.writer import encode, write_gguf
@@ -132,3 +136,35 @@ def write_lora(path, weights: dict, rank: int = 4, seed: int = 5) -> None:
         lora[f"diffusion_model.{target}.lora_down.weight"] = (rng.standard_normal((rank, in_f)) / np.sqrt(in_f)).astype(np.float32)
         lora[f"diffusion_model.{target}.alpha"] = np.array(float(rank), dtype=np.float32)
     save_file(lora, str(path))
+
+
+def tiny_qwen(tmp_path, dtype: str, extra: dict | None = None) -> tuple:
+    """A tiny Qwen-Image checkpoint stored in ``dtype`` (or Comfy-Org's fp8 layouts) and the float32
+    values it holds."""
+    weights = {k: torch.from_numpy(v) for k, v in random_weights(qwen_image_shapes(**QWEN_IMAGE), 0).items()}
+    stored, values, layers = {}, {}, {}
+    for name, w in weights.items():
+        if dtype.startswith("fp8") and w.ndim == 2:
+            scale = w.abs().max() / 448
+            q = (w / scale).to(torch.float8_e4m3fn)
+            stored[name] = q
+            if dtype == "fp8 scaled":
+                stored[name.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+            elif dtype == "fp8 metadata":  # the newer layout, described in the file's metadata
+                stored[name.removesuffix("weight") + "weight_scale"] = scale.reshape(())
+                layers[name.removesuffix(".weight")] = {"format": "float8_e4m3fn"}
+            else:  # the newer layout, described per layer
+                stored[name.removesuffix("weight") + "weight_scale"] = scale.reshape(())
+                stored[name.removesuffix("weight") + "comfy_quant"] = torch.tensor(
+                    list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+                stored[name.removesuffix("weight") + "input_scale"] = torch.tensor(1.5)
+            values[name] = q.float() * scale
+        else:
+            stored[name] = w.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32))
+            values[name] = stored[name].float()
+    if dtype == "fp8 scaled":
+        stored["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    stored.update(extra or {})
+    path = tmp_path / f"qwen-{dtype.replace(' ', '-')}.safetensors"
+    save_torch(stored, str(path), metadata={"_quantization_metadata": json.dumps({"layers": layers})} if layers else None)
+    return path, values

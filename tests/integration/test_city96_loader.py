@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as T, GGUFReader, quants
 from safetensors.torch import load_file, save_file
 
 from comfy_env import comfyui_path, requires_comfyui, run_prompts
-from test_comfy_unet import assert_close, gguf_loader, native_loader, sampling_graph, short_error
+from comfy_graphs import assert_close, gguf_loader, native_loader, sampling_graph, short_error
 from tiny_models import QWEN_IMAGE, Z_IMAGE, qwen_image_shapes, random_weights, z_image_shapes
 from loaders.convert.checkpoint import open_checkpoint
 from loaders.convert.to_gguf import convert

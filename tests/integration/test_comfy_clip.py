@@ -2,75 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import pytest
 import torch
-from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file
 
-from comfy_env import PACKAGE_NAME, REPO, comfyui_path, requires_comfyui, run_prompts, run_script
+from comfy_env import PACKAGE_NAME, REPO, requires_comfyui, run_prompts, run_script
+from comfy_graphs import encode_graph, gguf_clip, native_clip
 from loaders.models.text_encoder import open_text_encoder
-from tiny_text_encoders import QWEN3, QWEN25VL, VISION, write_llm, write_mmproj
 
 pytestmark = requires_comfyui
 
-PROMPT = "A red fox 🦊 在雪地里奔跑, 35mm photo"
-EDIT = "把天空变成紫色 and add a moon"
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("te_models")
-    te = root / "text_encoders"
-    te.mkdir()
-    tokenizer = comfyui_path() / "comfy" / "text_encoders" / "qwen25_tokenizer"
-    write_llm(te / "Qwen2.5-VL-tiny-Q4_K_M.gguf", "qwen2vl", QWEN25VL, tokenizer, te / "llm.st")
-    write_mmproj(te / "mmproj-F16.gguf", VISION, QWEN25VL["hidden"], te / "vision.st")
-    twin = {**load_numpy(str(te / "llm.st")), **load_numpy(str(te / "vision.st"))}
-    save_numpy(twin, str(te / "qwen25vl-tiny.safetensors"))
-    write_llm(te / "Qwen2.5-VL-tiny-notok.gguf", "qwen2", QWEN25VL, None, None)
-    write_llm(te / "Qwen3-tiny-Q4_K_M.gguf", "qwen3", QWEN3, tokenizer, te / "qwen3-tiny.safetensors")
-    write_llm(te / "Qwen2.5-VL-tiny-head.gguf", "qwen2vl", QWEN25VL, tokenizer, te / "qwen25vl-head.safetensors",
-              head=True)
-    for name in ("llm.st", "vision.st"):
-        (te / name).unlink()
-    return root
-
-
-def gguf_clip(llm: str, mmproj: str = "none") -> dict:
-    return {"class_type": "QwenImageGGUFClipLoader", "inputs": {"clip_name": llm, "mmproj_name": mmproj}}
-
-
-def native_clip(models, llm: str, twin: str, family: str, mmproj: str | None = None) -> dict:
-    te = open_text_encoder(str(models / "text_encoders" / llm),
-                           None if mmproj is None else str(models / "text_encoders" / mmproj))
-    vision = json.dumps(dataclasses.asdict(te.vision)) if te.vision else ""
-    return {"class_type": "TestNativeClipLoader", "inputs": {
-        "clip_name": twin, "family": family, "config_json": json.dumps(te.config), "vision_json": vision}}
-
-
-def encode_graph(loader: dict, out: str, images: int = 0, text: str = PROMPT) -> dict:
-    g = {"clip": loader, "save": {"class_type": "TestSaveConditioning", "inputs": {"conditioning": ["enc", 0], "path": out}}}
-    if images == 0:
-        g["enc"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": text}}
-        return g
-    g["enc"] = {"class_type": "TextEncodeQwenImageEditPlus", "inputs": {"clip": ["clip", 0], "prompt": EDIT}}
-    for i in range(images):
-        g[f"img{i}"] = {"class_type": "TestImage", "inputs": {"seed": i, "width": 56 + 28 * i, "height": 56}}
-        g["enc"]["inputs"][f"image{i + 1}"] = [f"img{i}", 0]
-    return g
-
-
-@pytest.fixture(scope="module")
-def conds(models, tmp_path_factory):
+def conds(te_models, tmp_path_factory):
     work = tmp_path_factory.mktemp("clip_run")
     qwen = gguf_clip("Qwen2.5-VL-tiny-Q4_K_M.gguf", "mmproj-F16.gguf")
-    qwen_native = native_clip(models, "Qwen2.5-VL-tiny-Q4_K_M.gguf", "qwen25vl-tiny.safetensors", "qwen25vl",
+    qwen_native = native_clip(te_models, "Qwen2.5-VL-tiny-Q4_K_M.gguf", "qwen25vl-tiny.safetensors", "qwen25vl",
                               "mmproj-F16.gguf")
     z = gguf_clip("Qwen3-tiny-Q4_K_M.gguf")
-    z_native = native_clip(models, "Qwen3-tiny-Q4_K_M.gguf", "qwen3-tiny.safetensors", "qwen3")
+    z_native = native_clip(te_models, "Qwen3-tiny-Q4_K_M.gguf", "qwen3-tiny.safetensors", "qwen3")
     cases = {
         "text": (qwen, 0), "text_native": (qwen_native, 0),
         "edit1": (qwen, 1), "edit1_native": (qwen_native, 1),
@@ -82,7 +31,7 @@ def conds(models, tmp_path_factory):
     prompts.append(encode_graph(gguf_clip("Qwen2.5-VL-tiny-Q4_K_M.gguf"), str(work / "never.st"), images=1))
     prompts.append(encode_graph(gguf_clip("Qwen2.5-VL-tiny-Q4_K_M.gguf", "Qwen3-tiny-Q4_K_M.gguf"),
                                 str(work / "never.st")))
-    results = run_prompts(work, models, prompts)
+    results = run_prompts(work, te_models, prompts)
     out = {}
     for name, result in zip(cases, results):
         assert result["success"], f"{name}: {result['error'] and (result['error'].get('exception_type'), result['error'].get('exception_message'), result['error'].get('traceback', [])[-3:])}"
@@ -124,10 +73,10 @@ def test_wrong_file_as_mmproj(conds):
     assert "Qwen3-tiny-Q4_K_M.gguf" in message and "not an mmproj" in message
 
 
-def test_gguf_tokenizer_ids_equal_comfyuis_for_every_family(models, tmp_path):
+def test_gguf_tokenizer_ids_equal_comfyuis_for_every_family(te_models, tmp_path):
     # Qwen-Image (text and the edit template with images) and Z-Image, against ComfyUI's own tokenizers.
-    te = models / "text_encoders"
-    r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "tokenizer_ids.py", package=PACKAGE_NAME,
+    te = te_models / "text_encoders"
+    r = run_script(tmp_path, te_models, REPO / "tests" / "comfy_scripts" / "tokenizer_ids.py", package=PACKAGE_NAME,
                    ggufs={"qwen25vl": str(te / "Qwen2.5-VL-tiny-Q4_K_M.gguf"),
                           "qwen3": str(te / "Qwen3-tiny-Q4_K_M.gguf")},
                    corpora=[str(REPO / "tests" / "data" / "tokenizer_corpus.txt"),
@@ -140,13 +89,13 @@ CHAT = ("<|im_start|>system\nRewrite the user's idea as a detailed image prompt.
 
 
 @pytest.mark.parametrize("gguf", ["Qwen2.5-VL-tiny-head.gguf", "Qwen3-tiny-Q4_K_M.gguf"])
-def test_greedy_generation_matches_transformers(models, tmp_path, gguf):
+def test_greedy_generation_matches_transformers(te_models, tmp_path, gguf):
     # ComfyUI's generation path (what its TextGenerate node runs) on our CLIP against Hugging Face's
     # model of the same dequantized weights: the same tokens, greedy. Qwen2.5-VL's file has its own
     # output head; Qwen3-4B's ties it to the token table.
     import transformers
-    r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "te_generate.py", package=PACKAGE_NAME,
-                   gguf=str(models / "text_encoders" / gguf), prompt=CHAT, max_length=12)
+    r = run_script(tmp_path, te_models, REPO / "tests" / "comfy_scripts" / "te_generate.py", package=PACKAGE_NAME,
+                   gguf=str(te_models / "text_encoders" / gguf), prompt=CHAT, max_length=12)
     assert r["prompt_ids"][0] == 151644, "the chat text is taken as it is (no template around it)"
     assert r["stop_tokens"] == [151643, 151645]
     # A model with its own output head keeps its quantized token table on the CPU when it is moved
@@ -154,7 +103,7 @@ def test_greedy_generation_matches_transformers(models, tmp_path, gguf):
     assert r["layer_after_move"] == "meta"
     assert (r["table_parameter"], r["loaders_see_table"], r["table_after_move"]) == \
         ((True, True, "meta") if "Qwen3" in gguf else (False, False, "cpu"))
-    te = open_text_encoder(str(models / "text_encoders" / gguf))
+    te = open_text_encoder(str(te_models / "text_encoders" / gguf))
     c = te.config
     qwen3 = te.family == "qwen3"
     config_class = transformers.Qwen3Config if qwen3 else transformers.Qwen2Config
@@ -164,7 +113,7 @@ def test_greedy_generation_matches_transformers(models, tmp_path, gguf):
                           head_dim=c["head_dim"], rope_theta=c["rope_theta"], rms_norm_eps=c["rms_norm_eps"],
                           tie_word_embeddings=not c["lm_head"], attn_implementation="eager")
     causal = (transformers.Qwen3ForCausalLM if qwen3 else transformers.Qwen2ForCausalLM)(config).eval()
-    twin = load_file(str(models / "text_encoders" /
+    twin = load_file(str(te_models / "text_encoders" /
                          ("qwen3-tiny.safetensors" if qwen3 else "qwen25vl-head.safetensors")))
     missing, unexpected = causal.load_state_dict(twin, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"} and (qwen3 or not missing), (missing, unexpected)

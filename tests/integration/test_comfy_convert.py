@@ -11,8 +11,8 @@ from gguf import GGMLQuantizationType as T, GGUFReader, quants
 from safetensors.torch import load_file, save_file
 
 from comfy_env import PACKAGE_NAME, REPO, requires_comfyui, run_prompts, run_script
-from test_convert import expected
-from test_comfy_unet import assert_close, gguf_loader, native_loader, sampling_graph, short_error
+from llama_cpp_ref import expected
+from comfy_graphs import assert_close, gguf_loader, native_loader, sampling_graph, short_error
 from tiny_models import (LORA_TARGETS, QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights,
                          write_lora, write_model, z_image_shapes)
 from loaders.convert.recipes import uniform_recipe

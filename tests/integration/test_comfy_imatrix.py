@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as T, GGUFReader
 from safetensors.torch import load_file
 
 from comfy_env import requires_comfyui, run_prompts
-from test_comfy_unet import gguf_loader, native_loader, sampling_graph, short_error
+from comfy_graphs import gguf_loader, native_loader, sampling_graph, short_error
 from tiny_models import QWEN_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_model
 from loaders.convert.imatrix import read_importance, read_sums
 from loaders.quant.formats import FORMATS

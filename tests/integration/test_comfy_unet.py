@@ -2,101 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
 from safetensors.torch import load_file
 
-from comfy_env import REPO, requires_comfyui, run_prompts, run_script
-from tiny_models import (QWEN_IMAGE, Z_IMAGE, qwen_image_recipe, qwen_image_shapes, random_weights, write_lora,
-                         write_model, z_image_shapes)
-from loaders.models.diffusion import open_diffusion_model
-from loaders.convert.recipes import uniform_recipe
-from loaders.gguf.writer import write_gguf
+from comfy_env import requires_comfyui, run_prompts
+from comfy_graphs import assert_close, gguf_loader, native_loader, sampling_graph, short_error
 
 pytestmark = requires_comfyui
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    dm = root / "diffusion_models"
-    (root / "loras").mkdir(parents=True)
-    dm.mkdir()
-    qwen = random_weights(qwen_image_shapes(**QWEN_IMAGE), seed=0)
-    write_model(dm / "qwen-tiny-Q4_K_M.gguf", qwen, qwen_image_recipe(), twin=str(dm / "qwen-tiny.safetensors"))
-    write_model(dm / "qwen-tiny-sdcpp.gguf", qwen, qwen_image_recipe(), arch=None, prefix="model.diffusion_model.")
-    marker = {"__index_timestep_zero__": np.zeros(0, dtype=np.float32)}
-    write_model(dm / "qwen-edit-2511-tiny.gguf", qwen, qwen_image_recipe(T.Q8_0), extra_tensors=marker,
-                twin=str(dm / "qwen-edit-2511-tiny.safetensors"))
-    zimg = random_weights(z_image_shapes(**Z_IMAGE), seed=1)
-    chosen = write_model(dm / "z-image-tiny-Q4_K.gguf", zimg, uniform_recipe(T.Q4_K), arch="lumina2",
-                         twin=str(dm / "z-image-tiny.safetensors"))
-    # As stable-diffusion.cpp writes Z-Image (leejet's files): sd.cpp names, no architecture, and ggml's
-    # writer dropping the pad tokens' leading 1 ([1, d] stored as [d]); the same types as the file above.
-    squeezed = {k: v.reshape(-1) if k.endswith("pad_token") else v for k, v in zimg.items()}
-    write_model(dm / "z-image-tiny-sdcpp.gguf", squeezed, lambda name, shape: chosen[name], arch=None,
-                prefix="model.diffusion_model.")
-    write_lora(root / "loras" / "tiny-lora.safetensors", qwen)
-    scripts = REPO / "tests" / "comfy_scripts"
-    for folder in ("controlnet", "vae"):
-        (root / folder).mkdir()
-    run_script(tmp_path_factory.mktemp("mk_cn"), root, scripts / "make_fun_controlnet.py", seed=3,
-               heads=QWEN_IMAGE["heads"], head_dim=QWEN_IMAGE["head_dim"],
-               out=str(root / "controlnet" / "tiny-fun-controlnet.safetensors"))
-    run_script(tmp_path_factory.mktemp("mk_vae"), root, scripts / "make_wan_vae.py", dim=16, seed=0,
-               out=str(root / "vae" / "qwen-vae-tiny.safetensors"))
-    # Broken files that used to load: a weight removed, a weight one row short.
-    write_model(dm / "qwen-missing.gguf", {k: v for k, v in qwen.items() if k != "transformer_blocks.1.attn.to_k.weight"},
-                qwen_image_recipe(T.Q8_0))
-    write_model(dm / "qwen-short.gguf", {**qwen, "transformer_blocks.2.img_mlp.net.0.proj.weight":
-                                         qwen["transformer_blocks.2.img_mlp.net.0.proj.weight"][:-1]},
-                qwen_image_recipe(T.Q8_0))
-    write_gguf(dm / "Qwen2.5-VL-tiny-Q4_K_M.gguf", {"token_embd.weight": np.zeros((8, 256), np.float32),
-                                                     "blk.0.attn_q.weight": np.zeros((256, 256), np.float32)},
-               uniform_recipe(T.Q4_K), arch="qwen2vl")
-    return root
-
-
-def sampling_graph(loader: dict, out: str, width: int, lora: str | None = None, reference: int = 0,
-                   patches: tuple = (), steps: int = 3, control: str | None = None) -> dict:
-    """A KSampler run of the model ``loader`` gives (with ``lora``, then each ComfyUI model-patching
-    node of ``patches``, (class_type, inputs), applied in turn, and the ControlNet ``control`` on
-    the conditioning), its final latent saved to ``out``."""
-    g = {"loader": loader,
-         "pos": {"class_type": "TestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": width,
-                                                              "reference": reference}},
-         "neg": {"class_type": "TestConditioning", "inputs": {"seed": 2, "tokens": 6, "width": width,
-                                                              "reference": reference}},
-         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-         "save": {"class_type": "TestSaveLatent", "inputs": {"samples": ["sampler", 0], "path": out}}}
-    model = ["loader", 0]
-    if lora:
-        g["lora"] = {"class_type": "LoraLoaderModelOnly",
-                     "inputs": {"model": model, "lora_name": lora, "strength_model": 1.0}}
-        model = ["lora", 0]
-    g["shift"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": model, "shift": 3.1}}
-    model = ["shift", 0]
-    for i, (class_type, inputs) in enumerate(patches):
-        g[f"patch{i}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
-        model = [f"patch{i}", 0]
-    positive, negative = ["pos", 0], ["neg", 0]
-    if control:
-        g["cn"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": control}}
-        g["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": "qwen-vae-tiny.safetensors"}}
-        g["hint"] = {"class_type": "TestImage", "inputs": {"seed": 4, "width": 64, "height": 64}}
-        g["apply"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-            "positive": positive, "negative": negative, "control_net": ["cn", 0], "image": ["hint", 0],
-            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "vae": ["vae", 0]}}
-        positive, negative = ["apply", 0], ["apply", 1]
-    g["sampler"] = {"class_type": "KSampler", "inputs": {
-        "model": model, "seed": 7, "steps": steps, "cfg": 4.0, "sampler_name": "dpmpp_2m",
-        "scheduler": "karras", "positive": positive, "negative": negative, "latent_image": ["latent", 0],
-        "denoise": 1.0}}
-    return g
-
 
 CACHE = {"reuse_threshold": 3.0, "start_percent": 0.0, "end_percent": 1.0, "verbose": True}
 CORE_NODE_CASES = {
@@ -108,17 +21,6 @@ CORE_NODE_CASES = {
     # Qwen-Image-2512's "Fun" ControlNet: it runs blocks of its own on the base model's own layers.
     "controlnet": (),
 }
-
-
-def gguf_loader(name: str, mode: str | None = None) -> dict:
-    return {"class_type": "QwenImageGGUFUnetLoader", "inputs": {"unet_name": name, **({"mode": mode} if mode else {})}}
-
-
-def native_loader(models, gguf_name: str, twin: str, family: str, weight_dtype: str = "default") -> dict:
-    config = open_diffusion_model(str(models / "diffusion_models" / gguf_name)).unet_config
-    return {"class_type": "TestNativeUnetLoader",
-            "inputs": {"unet_name": twin, "family": family, "config_json": json.dumps(config),
-                       "weight_dtype": weight_dtype}}
 
 
 @pytest.fixture(scope="module")
@@ -181,18 +83,6 @@ def latents(models, tmp_path_factory):
         out[name] = load_file(str(work / f"{name}.safetensors"))["samples"]
     out["wrong_kind"], out["narrow_text"] = results[-2:]
     return out
-
-
-def short_error(error) -> str:
-    if not isinstance(error, dict) or "exception_message" not in error:
-        return str(error)[:3000]
-    return error["exception_message"] + "".join(error.get("traceback", [])[-4:])
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.shape == b.shape and torch.isfinite(a).all()
-    err = (a - b).abs().max().item()
-    assert err <= 1e-4 * max(1.0, b.abs().max().item()), f"max abs difference {err}"
 
 
 def test_gguf_sampling_matches_native(latents):
@@ -294,6 +184,11 @@ def test_model_management_lifecycle(models, tmp_path):
     assert r["cached_bias_patch_effect"] > 1e-2 and r["cached_bias_patch"] < tol and r["cached_after_bias_patch"] < tol, r
     assert r["cached_model_size"] == r["model_size"], r
     assert r["cached_copies_after_free"] == 0 == r["cached_copies_after_detach"], r
+    n = r["cached_copies"]
+    assert len(r["copies_freed_said"]) == 2, r["copies_freed_said"]
+    freed_for_memory, freed_at_unload = r["copies_freed_said"]
+    assert f"converted copies of {n} layers" in freed_for_memory and "asked the model for memory" in freed_for_memory
+    assert f"converted copies of {n} layers" in freed_at_unload and "unloaded the model" in freed_at_unload
 
 
 def test_changed_comfyui_internals_take_their_fallbacks_with_one_line_each(models, tmp_path):
@@ -332,7 +227,7 @@ def test_fp8_group_lets_go_of_its_shared_quantization_on_every_path(tmp_path):
     assert r["patched_output_error"] < 1e-4, r
 
 
-def test_broken_tensor_sets_named_before_the_model_is_built(models, tmp_path):  # noqa: F811
+def test_broken_tensor_sets_named_before_the_model_is_built(models, tmp_path):
     prompts = [sampling_graph(gguf_loader(name), str(tmp_path / f"{name}.st"), 256)
                for name in ("qwen-missing.gguf", "qwen-short.gguf")]
     missing, short = run_prompts(tmp_path, models, prompts)

@@ -8,14 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_env import PACKAGE_NAME, REPO, comfyui_path, requires_comfyui, run_prompts, run_script
-from test_comfy_clip import PROMPT, encode_graph, gguf_clip, native_clip
-from test_comfy_clip import models as te_models  # noqa: F401  (the tiny text-encoder fixture)
-from test_comfy_unet import models  # noqa: F401  (the tiny-model fixture)
+from comfy_graphs import PROMPT, encode_graph, gguf_clip, native_clip
 
 pytestmark = [requires_comfyui, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
 
-def test_dynamic_vram_matches_native(models, tmp_path):  # noqa: F811
+def test_dynamic_vram_matches_native(models, tmp_path):
     r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "gpu_dynamic_vram.py", args=[],
                    package=PACKAGE_NAME, gguf="qwen-tiny-Q4_K_M.gguf", twin="qwen-tiny.safetensors",
                    lora="tiny-lora.safetensors")
@@ -46,7 +44,7 @@ def test_dynamic_vram_matches_native(models, tmp_path):  # noqa: F811
     assert r["fp8_kept_while_loaded"] > 0 and r["fp8_kept_after_unload"] == 0 and r["fp8_kept_equals_fresh"], r
 
 
-def test_triton_path_compiles_without_graph_breaks(models, tmp_path):  # noqa: F811
+def test_triton_path_compiles_without_graph_breaks(models, tmp_path):
     r = run_script(tmp_path, models, REPO / "tests" / "comfy_scripts" / "compile_check.py", args=[],
                    package=PACKAGE_NAME, gguf="qwen-tiny-Q4_K_M.gguf", backend="inductor")
     assert set(r) == {"Q4_K", "Q5_K", "Q6_K", "FP8_ROWS"}, r
@@ -55,7 +53,7 @@ def test_triton_path_compiles_without_graph_breaks(models, tmp_path):  # noqa: F
         assert result["max_diff"] <= 1e-2 * result["scale"], r
 
 
-def test_text_encoder_under_dynamic_vram_matches_native(te_models, tmp_path):  # noqa: F811
+def test_text_encoder_under_dynamic_vram_matches_native(te_models, tmp_path):
     # CLIPTextEncode on the GPU (ComfyUI's dynamic VRAM loader, our Triton kernels) against ComfyUI's own
     # encoder on the same weights, with and without an image, three times each (a full-size benchmark run
     # on an H200, on an earlier commit, saw the two differ by 0.21: this also checks that repeated
@@ -78,7 +76,7 @@ def test_text_encoder_under_dynamic_vram_matches_native(te_models, tmp_path):  #
             assert ((got - ref).norm() / ref.norm()).item() < 1e-2, (images, i)
 
 
-def test_text_encoder_with_its_own_head_under_dynamic_vram_matches_native(te_models, tmp_path):  # noqa: F811
+def test_text_encoder_with_its_own_head_under_dynamic_vram_matches_native(te_models, tmp_path):
     # Its token table stays on the CPU (held apart from the module's weight, which the dynamic loader
     # would otherwise force onto the GPU as a float table): the lookups read it there.
     llm = "Qwen2.5-VL-tiny-head.gguf"
@@ -95,7 +93,7 @@ def test_text_encoder_with_its_own_head_under_dynamic_vram_matches_native(te_mod
 
 
 @pytest.mark.parametrize("args", [["--disable-dynamic-vram"], ["--gpu-only"]])
-def test_text_encoder_under_the_classic_loader_runs_from_the_gpu(te_models, tmp_path, args):  # noqa: F811
+def test_text_encoder_under_the_classic_loader_runs_from_the_gpu(te_models, tmp_path, args):
     # Without the dynamic VRAM loader ComfyUI places a large text encoder on a roomy GPU (with
     # --gpu-only, any one) when the CLIP is built, before our weights are in it; it then counted the
     # model as loaded and every encode streamed the whole file from RAM (a 7B Q4_K_M: 0.75 s per

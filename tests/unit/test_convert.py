@@ -5,7 +5,6 @@ back against an independent decode (the ``gguf`` package's), and each refusal.""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import subprocess
@@ -15,19 +14,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T, GGUFReader, GGUFWriter, quants
+from gguf import GGMLQuantizationType as T, GGUFReader, GGUFWriter
 from safetensors.torch import save_file
 
 from comfy_env import REPO, comfyui_path
-from llama_cpp_ref import quantize_ref, reference
-from tiny_models import QWEN_IMAGE, Z_IMAGE, qwen_image_shapes, random_weights, z_image_shapes
+from llama_cpp_ref import expected
+from tiny_models import QWEN_IMAGE, Z_IMAGE, qwen_image_shapes, random_weights, tiny_qwen, z_image_shapes
 from tiny_text_encoders import HF_TO_GGUF_BLOCK, QWEN3, QWEN25VL, VISION, llm_shapes, vision_shapes
 from loaders.convert import to_gguf
 from loaders.convert.checkpoint import open_checkpoint, vision_pieces
 from loaders.convert.recipes import FALLBACK, IMAGE_ARCHS, LEVELS, fitted, float_recipe, image_recipe, llm_recipe
 from loaders.convert.to_gguf import convert
 from loaders.gguf.errors import GGUFError
-from loaders.gguf.writer import Planned, add_metadata, encode
+from loaders.gguf.writer import Planned, add_metadata
 from loaders.models.diffusion import open_diffusion_model
 from loaders.models.text_encoder import open_text_encoder
 from loaders.models.tokenizer import gguf_tokenizer_metadata
@@ -162,54 +161,6 @@ TABLE = {"Q2_K": (T.Q2_K, T.Q2_K, T.Q4_K), "Q3_K_S": (T.Q3_K, T.Q3_K, T.Q4_K), "
 
 def test_the_table_covers_every_level():
     assert set(TABLE) == set(LEVELS)
-
-
-def tiny_qwen(tmp_path, dtype: str, extra: dict | None = None) -> tuple:
-    """A tiny Qwen-Image checkpoint stored in ``dtype`` (or Comfy-Org's fp8 layouts) and the float32
-    values it holds."""
-    weights = {k: torch.from_numpy(v) for k, v in random_weights(qwen_image_shapes(**QWEN_IMAGE), 0).items()}
-    stored, values, layers = {}, {}, {}
-    for name, w in weights.items():
-        if dtype.startswith("fp8") and w.ndim == 2:
-            scale = w.abs().max() / 448
-            q = (w / scale).to(torch.float8_e4m3fn)
-            stored[name] = q
-            if dtype == "fp8 scaled":
-                stored[name.removesuffix("weight") + "scale_weight"] = scale.reshape(())
-            elif dtype == "fp8 metadata":  # the newer layout, described in the file's metadata
-                stored[name.removesuffix("weight") + "weight_scale"] = scale.reshape(())
-                layers[name.removesuffix(".weight")] = {"format": "float8_e4m3fn"}
-            else:  # the newer layout, described per layer
-                stored[name.removesuffix("weight") + "weight_scale"] = scale.reshape(())
-                stored[name.removesuffix("weight") + "comfy_quant"] = torch.tensor(
-                    list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
-                stored[name.removesuffix("weight") + "input_scale"] = torch.tensor(1.5)
-            values[name] = q.float() * scale
-        else:
-            stored[name] = w.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32))
-            values[name] = stored[name].float()
-    if dtype == "fp8 scaled":
-        stored["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    stored.update(extra or {})
-    path = tmp_path / f"qwen-{dtype.replace(' ', '-')}.safetensors"
-    save_file(stored, str(path), metadata={"_quantization_metadata": json.dumps({"layers": layers})} if layers else None)
-    return path, values
-
-
-def expected(value: torch.Tensor, qtype: T) -> np.ndarray:
-    """What a tensor of ``value`` reads back as when stored as ``qtype``: llama.cpp's reference
-    quantizer's bytes (ours where it cannot be built) decoded by the gguf package."""
-    a = value.numpy().astype(np.float32)
-    if qtype == T.F32:
-        return a
-    if qtype == T.F16:
-        return a.astype(np.float16).astype(np.float32)
-    lib = reference()
-    if lib is not None and qtype not in (T.BF16,):
-        data = quantize_ref(lib, qtype.name.lower().replace("_k", "_K"), a.reshape(-1, a.shape[-1]))
-    else:
-        data = encode(a, qtype)
-    return quants.dequantize(data, qtype).reshape(a.shape).astype(np.float32)
 
 
 def check_read_back(gguf_path, values: dict, level: str, layers: int, half: T = T.F16,

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as T
 from llama_cpp_ref import quantize_ref
 from loaders.quant.formats import ENCODE_PIECE, FORMATS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs"]

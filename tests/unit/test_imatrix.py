@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWrite
 
 from comfy_env import REPO
 from llama_cpp_ref import quantize_ref
-from test_convert import tiny_qwen
+from tiny_models import tiny_qwen
 from loaders.convert.imatrix import ImportanceCollector, read_importance
 from loaders.convert.to_gguf import convert
 from loaders.gguf.errors import GGUFError

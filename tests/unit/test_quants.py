@@ -296,6 +296,6 @@ def test_only_large_weights_split_the_fused_kernels_rows(monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_bandwidth_bench_names_a_type_without_a_kernel():
-    bench = Path(__file__).resolve().parent.parent / "bench" / "dequant_bandwidth.py"
+    bench = Path(__file__).resolve().parents[2] / "bench" / "dequant_bandwidth.py"
     r = subprocess.run([sys.executable, str(bench), "--types", "Q3_K, F16"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no kernel for F16" in r.stderr and "IQ4_XS" in r.stderr, r.stderr[-2000:]
