@@ -60,8 +60,8 @@ Options:
   --dry-run         print every step and download without doing it
   -- ARGS...        passed on to ComfyUI's main.py (e.g. -- --lowvram)
 
-The presets name Q4_K_M files; where another quant of the same model is installed, the loader uses
-it (and says so). Downloads resume, and are checked for size and sha256 (see README).
+The Qwen-Image presets name Q4_K_M files (Z-Image-Turbo its Q4_K); where another quant of the
+same model is installed, the loader uses it (and says so). Downloads resume, and are checked for size and sha256 (see README).
 Environment: HF_ENDPOINT (a Hugging Face mirror), HF_TOKEN, QWEN_GGUF_REPO_URL (clone from elsewhere).
 EOF
 }

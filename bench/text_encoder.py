@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # bf16 rounding through 28 layers compounds to about 1e-2 (ComfyUI's own bf16 encoder: 1.4e-2 from the
-# reference, on an H100); a wrong weight, mask or rope is 1e-1 or more. Same bound as tests/test_gpu.py.
+# reference, on an H100); a wrong weight, mask or rope is 1e-1 or more. Same bound as tests/integration/test_gpu.py.
 BOUND = 2.5e-2
 REFERENCE_NOTE = "ComfyUI's own encoder in fp32 on the CPU, classic loader, the file's values exactly"
 QWEN25_VL_7B = dict(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064)

@@ -4,7 +4,7 @@ for the text encoders, with llama.cpp's fallback for a row length a type cannot 
 city96's patched llama-quantize writes F16 there instead, which no Qwen-Image shape needs).
 
 The diffusion-model mixes reproduce the byte sizes of city96/Qwen-Image-gguf's Q2_K, Q3_K_S,
-Q3_K_M and Q4_K_M files from the model's shapes (``tests/test_convert.py``). The language-model
+Q3_K_M and Q4_K_M files from the model's shapes (``tests/unit/test_convert.py``). The language-model
 rules are llama.cpp's ``llama_tensor_get_type`` for these levels, for models without experts.
 """
 
