@@ -42,15 +42,15 @@ def main() -> None:
     print(f"GPU: {result['gpu']}; torch {result['torch']}; ComfyUI {result['comfyui']}; "
           f"dynamic VRAM: {result['dynamic_vram']}; {a.rows} rows per call")
     print("| model | host us per layer call (block average, median of rounds) | vs native bf16 on the same loader | "
-          "extra host per 60-block step | wall us per call, back to back |")
-    print("|---|---|---|---|---|")
+          "extra host per 60-block step | wall us per call, back to back | layers running a copy |")
+    print("|---|---|---|---|---|---|")
     rows, walls = result["rows"], result["walls"]
     for name, us in rows.items():
         # Each row against native bf16 under the same loader (the classic one's rows say so).
         base = rows.get("native bf16, classic loader" if name.endswith("classic loader") else "native bf16")
         ratio = f"{us / base:.2f}x" if base else "-"
         extra = f"{(us - base) * result['layers_per_block'] * 60 / 1000:+.1f} ms" if base else "-"
-        print(f"| {name} | {us:.1f} | {ratio} | {extra} | {walls[name]:.1f} |")
+        print(f"| {name} | {us:.1f} | {ratio} | {extra} | {walls[name]:.1f} | {result['copies'][name]} |")
 
 
 if __name__ == "__main__":

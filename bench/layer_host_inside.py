@@ -42,6 +42,17 @@ def block_pass(block, rows):
     return run
 
 
+def copies_run(block) -> str:
+    """How many of the block's layers run a converted copy (cached and fp8 modes), of those that could:
+    a layer whose copy was refused, or made from a bias it no longer holds, runs its bytes instead."""
+    plans = [(layer, getattr(layer, "plan", None)) for layer in (block.get_submodule(n) for n, _ in BLOCK_ORDER)]
+    able = [(layer, plan) for layer, plan in plans if getattr(plan, "copies", None) is not None]
+    if not able:
+        return "-"
+    used = sum(plan.copy is not None and plan.copy.made_from(layer.bias) for layer, plan in able)
+    return f"{used} of {len(able)}"
+
+
 def per_call_us(run, calls, layer_count):
     """(host, wall) microseconds per layer call. Host: the time the host spends issuing a pass, the GPU
     idle at its start (synchronized after each pass, outside the timing), so no launch waits on a full
@@ -115,6 +126,7 @@ def run(cfg):
                   ", ".join(f"{w:.1f}" for _, w in t), "us", flush=True)
         profiles = {name: profile_text(run_block, max(20, cfg["calls"] // 10))
                     for name, run_block in passes.items()} if cfg["profile"] else {}
-    return {"rows": rows, "walls": walls, "profiles": profiles, "layers_per_block": len(BLOCK_ORDER),
+        copies = {name: copies_run(model.model.diffusion_model.transformer_blocks[0]) for name, model in models.items()}
+    return {"rows": rows, "walls": walls, "profiles": profiles, "copies": copies, "layers_per_block": len(BLOCK_ORDER),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "comfyui": comfyui_version.__version__, "dynamic_vram": comfy.memory_management.aimdo_enabled}
