@@ -132,6 +132,16 @@ def _number(gguf: GGUFFile, key: str, kind: type, default, positive: bool = True
     return kind(value)
 
 
+def _check_block_count(gguf: GGUFFile, key: str, found: int, what: str) -> None:
+    """The header's block count against the blocks whose tensors the file holds. The config comes from
+    the tensors, so a file missing its last blocks would otherwise load as a shallower model and
+    encode silently wrong; llama.cpp refuses such a file too."""
+    declared = _number(gguf, key, int, None)
+    if declared is not None and declared != found:
+        raise GGUFError(gguf.path, f"its header says {declared} {what} ({key}) but it holds the tensors of {found}: "
+                                   "the file is incomplete or was made wrong; download or convert it again")
+
+
 def _shape_of(sd: dict, key: str, path: str, dims: int) -> tuple[int, ...]:
     if key not in sd:
         raise GGUFError(path, f"missing tensor for {key!r}: not a complete model")
@@ -177,11 +187,13 @@ def llm_config(gguf: GGUFFile, sd: dict) -> dict:
             or heads % (k_rows // head_dim):
         raise GGUFError(path, f"{heads} attention heads of width {head_dim} do not fit its q ({q_rows} rows) and "
                               f"k ({k_rows} rows) projections: damaged header or tensors")
+    layers = _count(sd, r"^model\.layers\.(\d+)\.")
+    _check_block_count(gguf, f"{arch}.block_count", layers, "layers")
     config = {
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": _shape_of(sd, "model.layers.0.mlp.up_proj.weight", path, 2)[0],
-        "num_hidden_layers": _count(sd, r"^model\.layers\.(\d+)\."),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": k_rows // head_dim,
         "head_dim": head_dim,
@@ -312,6 +324,7 @@ def open_mmproj(path: str, llm_path: str, llm_hidden: int) -> tuple[VisionConfig
 
     hidden = logical_shape(sd["visual.patch_embed.proj.weight"])[0]
     layers = _count(names, r"^v\.blk\.(\d+)\.")
+    _check_block_count(gguf, "clip.vision.block_count", layers, "vision blocks")
     heads = _number(gguf, "clip.vision.attention.head_count", int, 16)
     # Every n_wa_pattern-th block attends to the whole image (Qwen2.5-VL's 8th of 32; a small model's
     # pattern may pass its block count): a value of thousands is damage.

@@ -110,6 +110,16 @@ def test_mmproj_whose_full_attention_pattern_skips_every_block(tmp_path):
     assert str(info.value).startswith("mmproj.gguf: corrupt header: clip.vision.n_wa_pattern is 4294967295")
 
 
+def test_mmproj_without_its_last_blocks(tmp_path):
+    write_llm(tmp_path / "qwen25vl.gguf", "qwen2vl", dict(QWEN25VL, vocab=SMALL_VOCAB), None, None)
+    write_mmproj(tmp_path / "mmproj.gguf", VISION, QWEN25VL["hidden"], None,
+                 metadata={"clip.vision.block_count": VISION["layers"] + 2})
+    with pytest.raises(GGUFError) as info:
+        open_text_encoder(str(tmp_path / "qwen25vl.gguf"), str(tmp_path / "mmproj.gguf"))
+    assert str(info.value).startswith(f"mmproj.gguf: its header says {VISION['layers'] + 2} vision blocks "
+                                      f"(clip.vision.block_count) but it holds the tensors of {VISION['layers']}")
+
+
 def test_truncated_mmproj(files, tmp_path):
     data = (files / "mmproj-F16.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
@@ -226,6 +236,11 @@ def test_many_added_tokens_build_at_once(tmp_path):
     ({"qwen2vl.attention.layer_norm_rms_epsilon": 1e30}, (), ("layer_norm_rms_epsilon is 1.0", "beyond any model's (at most 0.01)")),
     ({"qwen2vl.rope.freq_base": 1.8e19}, (), ("freq_base is 1.8", "at most 1e+10")),
     ({}, ("blk.1.attn_v.weight",), ("missing model.layers.1.self_attn.v_proj.weight",)),
+    # A file without its last block's tensors would load as a shallower model (llama.cpp refuses it).
+    ({"qwen2vl.block_count": QWEN25VL["layers"] + 1}, (),
+     (f"header says {QWEN25VL['layers'] + 1} layers (qwen2vl.block_count) but it holds the tensors of "
+      f"{QWEN25VL['layers']}", "incomplete")),
+    ({"qwen2vl.block_count": 0}, (), ("block_count is 0",)),
     ({}, ("blk.0.attn_k.weight",), ("missing tensor for 'model.layers.0.self_attn.k_proj.weight'",)),
 ])
 def test_damaged_language_model_named_before_anything_is_built(tmp_path, metadata, drop, fragments):
