@@ -12,8 +12,9 @@ opening a GGUF with a 152k-token tokenizer (open_gguf.py), host time per layer c
 image grows (qwen_step.py at 512 to 2048 px) and whole presets over HTTP against the same graphs
 through ComfyUI's own loaders on bf16 and fp8 weights (presets.py). Each writes its whole output to DIR/<name>.log; DIR/summary.md gets every table, with
 the GPU, the versions, the date and the commands, and is printed at the end. --quick runs fewer steps;
---only runs the named ones (comma-separated). A log is written as its benchmark runs, so a run cut
-short keeps what it measured.
+--only runs the named ones (comma-separated); --limit SECONDS stops a benchmark that runs longer (with
+the processes it started) and goes on to the next. A log is written as its benchmark runs, so a run
+cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -61,6 +63,19 @@ def runs(quick: bool) -> list[tuple[str, list[str]]]:
     ]
 
 
+def run_limited(command: list[str], sink, limit: float | None) -> int | None:
+    """Run a benchmark, its output to ``sink``; past ``limit`` seconds it is stopped with everything it
+    started (its ComfyUI among them) and None is returned: what it printed so far stays in its log."""
+    proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        return proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
 def tables(text: str) -> str:
     """The lines a benchmark prints for the README: its tables and the lines around them."""
     keep = [line for line in text.splitlines()
@@ -72,6 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="seconds each benchmark may run; one cut there keeps what it printed (its log)")
     parser.add_argument("--only", default="", help="comma-separated names, from: " + ", ".join(n for n, _ in runs(False)))
     a = parser.parse_args()
     only = {n for n in a.only.split(",") if n}
@@ -89,10 +106,10 @@ def main() -> None:
         start = time.perf_counter()
         log = out / f"{name}.log"
         with log.open("w") as sink:
-            code = subprocess.run([sys.executable, str(BENCH / command[0]), *command[1:]], stdout=sink,
-                                  stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            code = run_limited([sys.executable, str(BENCH / command[0]), *command[1:]], sink, a.limit)
         seconds = time.perf_counter() - start
-        status = "" if code == 0 else f" FAILED (exit {code}, see {name}.log)"
+        status = ("" if code == 0 else f" CUT at the {a.limit:.0f} s limit (see {name}.log)" if code is None
+                  else f" FAILED (exit {code}, see {name}.log)")
         summary += [f"## {name}{status}", "", f"`python bench/{' '.join(command)}` ({seconds:.0f} s)", "",
                     tables(log.read_text()), ""]
         (out / "summary.md").write_text("\n".join(summary))
