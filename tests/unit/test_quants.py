@@ -170,6 +170,10 @@ def test_fused_matmul_equals_dequantize_then_matmul(name, rows):
             assert got.dtype == dtype and got.shape == (rows, n)
             err = (got.double() - expected).abs().max() / expected.abs().max()
             assert err < tol, (dtype, split, err)
+            # A batch of sequences (a layer's usual input) gives the same rows in its own shape.
+            batched = matmul.fused_linear(x.to(dtype).unsqueeze(0), blocks.reshape(n, -1), cls, (n, k), bias.to(dtype),
+                                          split=split)
+            assert batched.shape == (1, rows, n) and torch.equal(batched[0], got)
     if KERNEL_DEVICE == "cuda":
         # A layer's plan, with the kernel forced either way: the same result.
         from loaders.quant.plan import bind

@@ -134,33 +134,37 @@ class FusedMatmul:
         return launch, self.split, (self.grid_n, 1, self.split)
 
     def __call__(self, x: torch.Tensor, raw: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # Runs per layer per generated token, on a path that waits on the host: each tensor attribute
+        # is read once, and the output is allocated in the result's shape.
         n, k = self.n, self.k
+        lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        m = x2.shape[0]
+        m, stride = x2.shape[0], x2.stride(0)
         bm = _row_tile(m)
         has_bias = bias is not None
         launch, split, grid = self.bound[bm, has_bias, x.dtype]
         if m > bm:  # more rows than one tile: a row of programs per tile
             grid = (grid[0], triton.cdiv(m, bm), grid[2])
         if split == 1:
-            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+            out = torch.empty((*lead, n), dtype=x.dtype, device=x.device)
         else:
-            out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-        raw = aligned(raw, self.align)
+            out = torch.zeros((*lead, n), dtype=torch.float32, device=x.device)
         b = bias if has_bias else out
         if torch.compiler.is_compiling():
-            launch(grid, x2, raw, b, out, m, n, k, x2.stride(0), n)
+            launch(grid, x2, raw, b, out, m, n, k, stride, n)
         else:
+            address = raw.data_ptr()
+            if address % self.align:
+                raw = aligned(raw, self.align)
+                address = raw.data_ptr()
             # The output is a fresh allocation (aligned): what varies is the other tensors' alignment
             # and device, and the row count and stride.
-            key = (self.shape_key, x.dtype, x2.data_ptr() % 16 == 0, raw.data_ptr() % 16 == 0,
-                   b.dtype, b.data_ptr() % 16 == 0, x.get_device(), int_key(m), int_key(x2.stride(0)))
-            launch.keyed(key, grid, x2, raw, b, out, m, n, k, x2.stride(0), n)
-        if split != 1:
-            out = out.to(x.dtype)
-        return out.reshape(*x.shape[:-1], n)
+            key = (self.shape_key, x.dtype, x2.data_ptr() % 16 == 0, address % 16 == 0,
+                   b.dtype, b.data_ptr() % 16 == 0, x.get_device(), int_key(m), int_key(stride))
+            launch.keyed(key, grid, x2, raw, b, out, m, n, k, stride, n)
+        return out if split == 1 else out.to(x.dtype)
 
 
 def fused_linear(x: torch.Tensor, raw: torch.Tensor, fmt: type[BlockFormat], shape, bias: torch.Tensor | None = None,
