@@ -10,6 +10,14 @@ import { api } from "../../scripts/api.js";
 
 const PACKAGE = "ComfyUI-QwenImage-GGUF";
 const POLL_MS = 700;
+// ComfyUI's own widgets in the graph's bottom-right corner (its minimap and canvas controls): the
+// panel sits above the highest of them, so that it covers none.
+const CORNER_WIDGETS = ["minimap-container", "zoom-controls-button", "toggle-minimap-button"]
+  .map((id) => `[data-testid="${id}"]`).join(", ");
+const PANEL_WIDTH = 520;
+const MARGIN = 16;
+// Above the graph and its widgets, below ComfyUI's menus, dialogs and toasts (1800 and up).
+const PANEL_Z = 1000;
 
 async function getStatus() {
   const r = await api.fetchApi("/qwen_gguf/models", { cache: "no-store" });
@@ -99,6 +107,21 @@ class Panel {
     if (!this.el) this.build();
     this.render();
     this.el.style.display = "block";
+    this.place();
+    // The graph view may still be laying its widgets out (a workflow loaded at start-up).
+    requestAnimationFrame(() => this.place());
+  }
+
+  place() {
+    let bottom = MARGIN;
+    for (const widget of document.querySelectorAll(CORNER_WIDGETS)) {
+      const r = widget.getBoundingClientRect();
+      if (r.width && r.height && r.right > window.innerWidth - PANEL_WIDTH - 2 * MARGIN) {
+        bottom = Math.max(bottom, window.innerHeight - r.top + MARGIN / 2);
+      }
+    }
+    this.el.style.bottom = `${bottom}px`;
+    this.el.style.maxHeight = `${Math.max(160, Math.min(0.6 * window.innerHeight, window.innerHeight - bottom - 120))}px`;
   }
 
   hide() {
@@ -111,8 +134,9 @@ class Panel {
     el.setAttribute("role", "region");
     el.setAttribute("aria-label", "Qwen-Image GGUF model downloads");
     Object.assign(el.style, {
-      position: "fixed", right: "16px", bottom: "16px", width: "520px", maxHeight: "60vh", overflow: "auto",
-      zIndex: 10000, background: "var(--comfy-menu-bg, #202020)", color: "var(--fg-color, #ddd)",
+      position: "fixed", right: `${MARGIN}px`, bottom: `${MARGIN}px`, width: `${PANEL_WIDTH}px`, maxHeight: "60vh",
+      overflow: "auto",
+      zIndex: PANEL_Z, background: "var(--comfy-menu-bg, #202020)", color: "var(--fg-color, #ddd)",
       border: "1px solid var(--border-color, #444)", borderRadius: "8px", padding: "12px",
       font: "13px sans-serif", boxShadow: "0 4px 16px rgba(0,0,0,.5)",
     });
@@ -126,6 +150,9 @@ class Panel {
     el.querySelector(".qg-all").onclick = () => this.files.filter((f) => !f.installed).forEach((f) => this.start(f.name));
     document.body.appendChild(el);
     this.el = el;
+    window.addEventListener("resize", () => {
+      if (el.style.display !== "none") this.place();
+    });
   }
 
   render() {

@@ -661,6 +661,19 @@ def test_missing_files_downloaded_from_the_panel(browser_factory, empty_server, 
     rows = driver.execute_script(
         "return [...document.querySelectorAll('#qwen-gguf-downloads .qg-row')].map(r => r.dataset.name)")
     assert sorted(rows) == sorted(PANEL_FILES)
+    # The panel sits above ComfyUI's minimap and canvas controls in the bottom-right corner.
+    corner = driver.execute_script("""
+        const panel = document.querySelector('#qwen-gguf-downloads').getBoundingClientRect();
+        const ids = ['minimap-container', 'zoom-controls-button', 'toggle-minimap-button'];
+        return ids.flatMap(id => [...document.querySelectorAll(`[data-testid="${id}"]`)]).map(w => {
+            const r = w.getBoundingClientRect();
+            const visible = r.width > 0 && r.height > 0;
+            const covered = visible && r.left < panel.right && panel.left < r.right && r.top < panel.bottom
+                && panel.top < r.bottom;
+            return [w.dataset.testid, visible, covered];
+        });""")
+    assert any(visible for _, visible, _ in corner), f"no minimap or canvas controls found: {corner}"
+    assert not [name for name, _, covered in corner if covered], corner
     driver.execute_script("document.querySelector('#qwen-gguf-downloads .qg-all').click()")
     seen, deadline = set(), time.time() + 120
     while time.time() < deadline:
