@@ -9,6 +9,7 @@ mmproj whose projection width differs from the language model's hidden size is t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -24,6 +25,8 @@ from ..gguf.reader import GGUFFile
 from ..gguf.state_dict import check_tensors, quant_summary, tensor_from_file
 from ..quant.weight import cat_rows, dequantize, logical_shape
 from .tokenizer import build_tokenizer, has_tokenizer
+
+log = logging.getLogger(__name__)
 
 # llama.cpp block tensor names -> Hugging Face names, one entry per tensor kind.
 LLM_BLOCK_NAMES = {
@@ -130,6 +133,21 @@ def _number(gguf: GGUFFile, key: str, kind: type, default, positive: bool = True
     if at_most is not None and value > at_most:
         raise GGUFError(gguf.path, f"corrupt header: {key} is {value!r}, beyond any model's (at most {at_most:g})")
     return kind(value)
+
+
+def _warn_if_text_only(gguf: GGUFFile) -> None:
+    """A plain ``qwen2`` file is either Qwen2.5-VL's language model saved under that architecture or a
+    text-only Qwen2.5, of the same shapes; only the first gives Qwen-Image the conditioning it was
+    trained on, the other runs into wrong images. Only the names can tell them apart."""
+    if gguf.architecture != "qwen2":
+        return
+    # The name the converter took from the model, else the file's own.
+    name = next(n for n in (gguf.get("general.name"), gguf.get("general.basename"), os.path.basename(gguf.path))
+                if isinstance(n, str) and n)
+    if not re.search(r"vl", name, re.IGNORECASE):
+        log.warning("GGUF text encoder %s: a plain qwen2 language model named %r, not Qwen2.5-VL: Qwen-Image "
+                    "needs Qwen2.5-VL-7B-Instruct's language model; a text-only Qwen2.5 of the same size loads "
+                    "but gives wrong images", gguf.path, name)
 
 
 def _check_block_count(gguf: GGUFFile, key: str, found: int, what: str) -> None:
@@ -243,6 +261,7 @@ def open_text_encoder(llm_path: str, mmproj_path: str | None = None) -> TextEnco
     config = llm_config(gguf, sd)
     check_tensors(llm_path, sd, expected_llm_shapes(config), f"{arch} language model of {config['num_hidden_layers']} "
                                                            f"layers and width {config['hidden_size']}")
+    _warn_if_text_only(gguf)
     vision = None
     summary = quant_summary(gguf)
     if mmproj_path and FAMILY_OF_ARCH[arch] != "qwen25vl":

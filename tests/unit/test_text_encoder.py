@@ -139,6 +139,23 @@ def test_language_model_of_another_architecture(tmp_path):
                                "models, Qwen3 for Z-Image")
 
 
+@pytest.mark.parametrize("arch, file, metadata, warned", [
+    ("qwen2", "Qwen2.5-7B-Instruct-Q4_K_M.gguf", {}, True),
+    ("qwen2", "text_encoder.gguf", {"general.name": "Qwen2.5 7B Instruct"}, True),
+    ("qwen2", "text_encoder.gguf", {"general.name": "Qwen2.5 VL 7B Instruct"}, False),
+    ("qwen2", "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf", {}, False),
+    ("qwen2vl", "text_encoder.gguf", {}, False),
+])
+def test_a_plain_qwen2_not_named_vl_is_warned_about(tmp_path, caplog, arch, file, metadata, warned):
+    write_llm(tmp_path / file, arch, dict(QWEN25VL, vocab=SMALL_VOCAB), None, None, metadata=metadata)
+    with caplog.at_level("WARNING"):
+        open_text_encoder(str(tmp_path / file))
+    said = [r.getMessage() for r in caplog.records if "not Qwen2.5-VL" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert file in said[0] and "gives wrong images" in said[0]
+
+
 def tiny_tokenizer_file(path, pre: str = "qwen2", **changes) -> list[str]:
     """A byte-level vocabulary of the 256 byte symbols, two merges and two special tokens."""
     meta = byte_level_tokenizer(["he", "Ġhe"], [("<|im_start|>", 3), ("<think>", 4)], pre)
