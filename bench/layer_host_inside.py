@@ -42,14 +42,15 @@ def block_pass(block, rows):
     return run
 
 
-def copies_run(block) -> str:
+def copies_run(block, managed) -> str:
     """How many of the block's layers run a converted copy (cached and fp8 modes), of those that could:
-    a layer whose copy was refused, or made from a bias it no longer holds, runs its bytes instead."""
+    a layer whose copy was refused, or (outside the dynamic loader, ``managed`` telling) made from a
+    bias it no longer holds, runs its bytes instead, as the layer's forward decides."""
     plans = [(layer, getattr(layer, "plan", None)) for layer in (block.get_submodule(n) for n, _ in BLOCK_ORDER)]
     able = [(layer, plan) for layer, plan in plans if getattr(plan, "copies", None) is not None]
     if not able:
         return "-"
-    used = sum(plan.copy is not None and plan.copy.made_from(layer.bias) for layer, plan in able)
+    used = sum(plan.copy is not None and (managed(layer) or plan.copy.made_from(layer.bias)) for layer, plan in able)
     return f"{used} of {len(able)}"
 
 
@@ -126,7 +127,9 @@ def run(cfg):
                   ", ".join(f"{w:.1f}" for _, w in t), "us", flush=True)
         profiles = {name: profile_text(run_block, max(20, cfg["calls"] // 10))
                     for name, run_block in passes.items()} if cfg["profile"] else {}
-        copies = {name: copies_run(model.model.diffusion_model.transformer_blocks[0]) for name, model in models.items()}
+        managed = pkg.nodes.integration.compat.managed
+        copies = {name: copies_run(model.model.diffusion_model.transformer_blocks[0], managed)
+                  for name, model in models.items()}
     return {"rows": rows, "walls": walls, "profiles": profiles, "copies": copies, "layers_per_block": len(BLOCK_ORDER),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "comfyui": comfyui_version.__version__, "dynamic_vram": comfy.memory_management.aimdo_enabled}

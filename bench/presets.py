@@ -230,9 +230,10 @@ def run_preset(preset: str, quant: str, vram_gb: float, images: int, store: Path
     row["peak_vram_gib"] = round(peak.peak / 1024, 1)
     row["vram_before_gib"] = round(before / 1024, 1)
     row["ok"] = "error" not in row
-    # Our loaders' lines (copies freed among them), the VAE's tiling (another cost per image) and errors.
+    # Our loaders' lines (copies freed among them), the VAE's tiling, ours or ComfyUI's (another cost
+    # per image), and errors.
     row["log_tail"] = "\n".join(line for line in log.splitlines()
-                                if "GGUF" in line or "tiles" in line or "error" in line.lower())[-3000:]
+                                if "GGUF" in line or "tile" in line or "error" in line.lower())[-3000:]
     # EasyCache's own count, per sampling: "EasyCache - skipped 3/20 steps (1.18x speedup)."
     row["cache_skipped"] = re.findall(r"EasyCache - skipped (\d+/\d+) steps", log)
     return row
@@ -261,7 +262,7 @@ def main() -> None:
         if not row["ok"]:
             print(row["log_tail"], flush=True)
         else:  # what costs time per image beyond sampling, if it happened
-            print("\n".join(line for line in row["log_tail"].splitlines() if "copies" in line or "tiles" in line),
+            print("\n".join(line for line in row["log_tail"].splitlines() if "copies" in line or "tile" in line),
                   flush=True)
         if a.out:  # after every run: a time limit that cuts the last one keeps the others
             Path(a.out).write_text(json.dumps({"gpu": gpu, "rows": rows}, indent=1))

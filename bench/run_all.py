@@ -20,6 +20,7 @@ cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import signal
@@ -71,9 +72,14 @@ def run_limited(command: list[str], sink, limit: float | None) -> int | None:
     try:
         return proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         return None
+    finally:
+        # In a session of its own, it would outlive this script (stopped by Ctrl-C, SIGTERM or a
+        # limit of its own) and keep the GPU: whatever ends the wait ends the benchmark too.
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def tables(text: str) -> str:
@@ -91,6 +97,8 @@ def main() -> None:
                         help="seconds each benchmark may run; one cut there keeps what it printed (its log)")
     parser.add_argument("--only", default="", help="comma-separated names, from: " + ", ".join(n for n, _ in runs(False)))
     a = parser.parse_args()
+    # SIGTERM (a time limit around this script) unwinds like Ctrl-C, so the running benchmark is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     only = {n for n in a.only.split(",") if n}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
