@@ -28,6 +28,9 @@ from .tokenizer import build_tokenizer, has_tokenizer
 
 log = logging.getLogger(__name__)
 
+# How Qwen2.5-VL's files name it: "Qwen2.5-VL-7B-Instruct", "Qwen2.5 VL 7B", "qwen_2.5_vl_7b".
+QWEN25_VL_NAME = re.compile(r"qwen[-_ ]?2\.5[-_ ]?vl", re.IGNORECASE)
+
 # llama.cpp block tensor names -> Hugging Face names, one entry per tensor kind.
 LLM_BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
@@ -138,16 +141,16 @@ def _number(gguf: GGUFFile, key: str, kind: type, default, positive: bool = True
 def _warn_if_text_only(gguf: GGUFFile) -> None:
     """A plain ``qwen2`` file is either Qwen2.5-VL's language model saved under that architecture or a
     text-only Qwen2.5, of the same shapes; only the first gives Qwen-Image the conditioning it was
-    trained on, the other runs into wrong images. Only the names can tell them apart."""
+    trained on, the other runs into wrong images. Only the names can tell them apart: the model's
+    (``general.name``, ``general.basename``) or the file's."""
     if gguf.architecture != "qwen2":
         return
-    # The name the converter took from the model, else the file's own.
-    name = next(n for n in (gguf.get("general.name"), gguf.get("general.basename"), os.path.basename(gguf.path))
-                if isinstance(n, str) and n)
-    if not re.search(r"vl", name, re.IGNORECASE):
+    names = [n for n in (gguf.get("general.name"), gguf.get("general.basename"), os.path.basename(gguf.path))
+             if isinstance(n, str) and n]
+    if not any(QWEN25_VL_NAME.search(n) for n in names):
         log.warning("GGUF text encoder %s: a plain qwen2 language model named %r, not Qwen2.5-VL: Qwen-Image "
                     "needs Qwen2.5-VL-7B-Instruct's language model; a text-only Qwen2.5 of the same size loads "
-                    "but gives wrong images", gguf.path, name)
+                    "but gives wrong images", gguf.path, names[0])
 
 
 def _check_block_count(gguf: GGUFFile, key: str, found: int, what: str) -> None:
