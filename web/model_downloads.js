@@ -105,9 +105,8 @@ class Panel {
   show(files) {
     this.files = files;
     if (!this.el) this.build();
-    this.render();
     this.el.style.display = "block";
-    this.place();
+    this.render();
     // The graph view may still be laying its widgets out (a workflow loaded at start-up).
     requestAnimationFrame(() => this.place());
   }
@@ -156,6 +155,8 @@ class Panel {
   }
 
   render() {
+    // Also on every progress update: the user may have opened or closed the minimap meanwhile.
+    this.place();
     const rows = this.el.querySelector(".qg-rows");
     rows.innerHTML = "";
     for (const f of this.files) {

@@ -662,6 +662,10 @@ def test_missing_files_downloaded_from_the_panel(browser_factory, empty_server, 
         "return [...document.querySelectorAll('#qwen-gguf-downloads .qg-row')].map(r => r.dataset.name)")
     assert sorted(rows) == sorted(PANEL_FILES)
     # The panel sits above ComfyUI's minimap and canvas controls in the bottom-right corner.
+    on_screen = driver.execute_script("""
+        const r = document.querySelector('#qwen-gguf-downloads').getBoundingClientRect();
+        return r.top >= 0 && r.left >= 0 && r.bottom <= innerHeight && r.right <= innerWidth;""")
+    assert on_screen, "the panel is within the window"
     corner = driver.execute_script("""
         const panel = document.querySelector('#qwen-gguf-downloads').getBoundingClientRect();
         const ids = ['minimap-container', 'zoom-controls-button', 'toggle-minimap-button'];
