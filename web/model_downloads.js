@@ -133,9 +133,9 @@ class Panel {
     el.setAttribute("role", "region");
     el.setAttribute("aria-label", "Qwen-Image GGUF model downloads");
     Object.assign(el.style, {
-      position: "fixed", right: `${MARGIN}px`, bottom: `${MARGIN}px`, width: `${PANEL_WIDTH}px`, maxHeight: "60vh",
-      overflow: "auto",
-      zIndex: PANEL_Z, background: "var(--comfy-menu-bg, #202020)", color: "var(--fg-color, #ddd)",
+      // Its bottom and height are set by place(), at every render.
+      position: "fixed", right: `${MARGIN}px`, width: `${PANEL_WIDTH}px`, overflow: "auto", zIndex: PANEL_Z,
+      background: "var(--comfy-menu-bg, #202020)", color: "var(--fg-color, #ddd)",
       border: "1px solid var(--border-color, #444)", borderRadius: "8px", padding: "12px",
       font: "13px sans-serif", boxShadow: "0 4px 16px rgba(0,0,0,.5)",
     });

@@ -12,6 +12,7 @@ from loaders.models.text_encoder import open_text_encoder
 
 pytestmark = requires_comfyui
 
+
 @pytest.fixture(scope="module")
 def conds(te_models, tmp_path_factory):
     work = tmp_path_factory.mktemp("clip_run")
